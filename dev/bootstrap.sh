@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install everything imagecache needs on Debian 12, idempotently (run as root):
+# Debian packages, the tool virtualenv (.venv, exact versions from constraints.txt) and the
+# virtualenv of the real Glance the integration tests start (.venv-glance, glance-constraints.txt).
+# A second run with everything present takes a second or two.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBS=(qemu-utils curl dosfstools e2fsprogs util-linux procps python3-venv)
+missing=()
+for p in "${DEBS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+stamp() { sha1sum pyproject.toml constraints.txt "$@" | sha1sum | cut -d' ' -f1; }
+
+if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.stamp 2>/dev/null)" != "$(stamp)" ]; then
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 \
+    | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c 'import imagecache, oslo_config, fasteners, openstack' # fail loudly
+  stamp > .venv/.stamp
+fi
+
+if [ -f glance-constraints.txt ]; then
+  if [ ! -x .venv-glance/bin/gunicorn ] \
+     || [ "$(cat .venv-glance/.stamp 2>/dev/null)" != "$(sha1sum glance-constraints.txt)" ]; then
+    [ -x .venv-glance/bin/python ] || "$PY" -m venv .venv-glance
+    .venv-glance/bin/pip install -q --disable-pip-version-check -r glance-constraints.txt 2>&1 \
+      | grep -v "^WARNING: Location" || true
+    sha1sum glance-constraints.txt > .venv-glance/.stamp
+  fi
+fi
