@@ -8,7 +8,7 @@ boundary with ``raise X(...) from exc``; only the command line turns them into e
     ├── ConfigError                      exit 2: a bad option value, a missing or unparsable file
     ├── UsageError                       exit 2: a bad command line
     ├── ImageFormatError                 a header that cannot be parsed or is unsafe
-    │   └── UnsafeImageError             a valid image we refuse (backing file, data file, VMDK type)
+    │   └── UnsafeImageError             a valid image we refuse (backing or data file, VMDK type)
     ├── ObservationError                 a source of the view cannot be read (inventory, registry)
     ├── LockTimeout                      an entry lock was not obtained in time
     ├── EntryChanged                     a planned entry differs from what was observed
