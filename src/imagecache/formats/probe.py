@@ -1,0 +1,61 @@
+"""Recognise an image by its first bytes and parse its header: from bytes, or from a file."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from imagecache.formats import qcow2, vmdk
+from imagecache.formats.header import HEAD_BYTES, RAW, ByteSource, ImageHeader, ReadAt
+
+__all__ = ["parse_header", "read_header", "read_header_stat"]
+
+# O_NONBLOCK: opening a FIFO must not wait for a writer. O_NOCTTY: opening a tty must not make it
+# our controlling terminal. Neither changes how regular files or block devices are read.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+
+
+def parse_header(data: bytes, *, read_at: ReadAt | None = None) -> ImageHeader:
+    """Parse the header in ``data``, the first :data:`HEAD_BYTES` (or all) of a file.
+
+    ``read_at(offset, length)`` is called for anything a qcow2 or VMDK header points at beyond
+    ``data``; it returns fewer bytes at the end of the file. Anything not recognised is raw.
+
+    Raises ImageFormatError when a recognised magic is followed by a truncated, inconsistent or
+    out-of-bounds header, or by names that cannot be decoded.
+    """
+    src = ByteSource(data, read_at)
+    magic = data[:4]
+    if magic == qcow2.MAGIC:
+        return qcow2.parse_qcow2(src)
+    if magic == vmdk.SPARSE_MAGIC:
+        return vmdk.parse_sparse(src)
+    if vmdk.is_text_descriptor(data):
+        return vmdk.parse_descriptor(data)
+    return RAW
+
+
+def read_header(path: str | os.PathLike[str]) -> ImageHeader:
+    """Read and parse the header of the file at ``path``.
+
+    Anything but a regular file or a block device (a FIFO, a directory, a socket) is raw and is
+    not read. Raises OSError (unchanged) when the file cannot be opened or read, ImageFormatError
+    as :func:`parse_header`.
+    """
+    return read_header_stat(path)[0]
+
+
+def read_header_stat(path: str | os.PathLike[str]) -> tuple[ImageHeader, os.stat_result]:
+    """:func:`read_header`, with the ``fstat`` of the file that was read (for loop detection).
+
+    Raises as :func:`read_header`.
+    """
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            return RAW, st
+        data = os.read(fd, HEAD_BYTES)
+        return parse_header(data, read_at=lambda offset, length: os.pread(fd, length, offset)), st
+    finally:
+        os.close(fd)
