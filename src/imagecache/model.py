@@ -161,7 +161,11 @@ class Problem:
 
 @dataclass(frozen=True, slots=True)
 class Inventory:
-    """Everything one observation saw; the only input of ``decide()`` besides policy and now."""
+    """Everything one observation saw; the only input of ``decide()`` besides policy and now.
+
+    ``registry`` is Nova's ``compute_nodes`` file as read: (host, last registration epoch) pairs of
+    the hosts that share ``instances_path``.
+    """
 
     host: str
     instances_path: str
@@ -170,6 +174,7 @@ class Inventory:
     disks: tuple[Disk, ...] = ()
     instances: tuple[InstanceRecord, ...] = ()
     trash: tuple[TrashEntry, ...] = ()
+    registry: tuple[tuple[str, float], ...] = ()
     problems: tuple[Problem, ...] = ()
 
     @property

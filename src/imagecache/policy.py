@@ -1,0 +1,133 @@
+"""All the decisions of a pass, as one pure function: ``decide(inventory, policy, now) -> Plan``.
+
+No I/O, no clock, no globals. Each entry walks one table of rules, first match wins, and comes out
+with an action and the reason code of the rule that decided it. Age is ``now - last use`` where last
+use is the entry's mtime (refreshed for in-use entries every pass, as Nova does); removal happens
+at ``age >= threshold`` (Nova's boundary, nova-imagecache.md §3.3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from imagecache import naming
+from imagecache.model import (
+    Action,
+    CacheEntry,
+    Decision,
+    FileType,
+    Inventory,
+    Kind,
+    Plan,
+    Policy,
+    Reason,
+    User,
+)
+from imagecache.naming import Threshold
+from imagecache.usage import users_by_entry
+
+__all__ = ["decide", "threshold_seconds"]
+
+
+def threshold_seconds(kind: Kind, policy: Policy) -> int | None:
+    """The unused age after which an entry of ``kind`` may go; None for never."""
+    return {
+        Threshold.ORIGINAL: policy.original_age,
+        Threshold.RESIZED: policy.resized_age,
+        Threshold.TEMP: policy.stale_temp_age,
+        Threshold.NEVER: None,
+    }[naming.threshold_of(kind)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    entry: CacheEntry
+    users: tuple[User, ...]
+    age: float
+    threshold: int | None
+    complete: bool
+    policy: Policy
+
+
+def _expired_action(f: _Facts) -> Action:
+    if f.entry.kind is Kind.TEMP:
+        return Action.REAP
+    return Action.QUARANTINE if f.policy.quarantine_seconds > 0 else Action.REMOVE
+
+
+# (reason, applies?, action) in order. Everything that keeps comes before everything that removes,
+# so a removal needs every keep rule to have said no.
+_RULES: tuple[tuple[Reason, Callable[[_Facts], bool], Callable[[_Facts], Action]], ...] = (
+    (Reason.NOT_A_FILE, lambda f: f.entry.file_type is not FileType.FILE, lambda f: Action.KEEP),
+    (Reason.UNKNOWN_KIND, lambda f: f.entry.kind is Kind.UNKNOWN, lambda f: Action.KEEP),
+    (Reason.IN_USE, lambda f: bool(f.users), lambda f: Action.KEEP),
+    (
+        Reason.LEGACY_ID_DISABLED,
+        lambda f: f.entry.kind is Kind.LEGACY_ID and not f.policy.remove_unused_kernels,
+        lambda f: Action.KEEP,
+    ),
+    (Reason.CLOCK_SKEW, lambda f: f.age < 0, lambda f: Action.KEEP),
+    (
+        Reason.TEMP_TOO_YOUNG,
+        lambda f: f.entry.kind is Kind.TEMP and f.age < (f.threshold or 0),
+        lambda f: Action.KEEP,
+    ),
+    (Reason.TOO_YOUNG, lambda f: f.age < (f.threshold or 0), lambda f: Action.KEEP),
+    (Reason.INCOMPLETE_VIEW, lambda f: not f.complete, lambda f: Action.KEEP),
+    (Reason.REMOVAL_DISABLED, lambda f: not f.policy.remove_unused, lambda f: Action.KEEP),
+    (Reason.STALE_TEMP, lambda f: f.entry.kind is Kind.TEMP, _expired_action),
+    (Reason.UNUSED_EXPIRED, lambda f: True, _expired_action),
+)
+
+
+# Reasons after which an entry becomes removable by itself once old enough.
+_WAITING = frozenset({Reason.TOO_YOUNG, Reason.TEMP_TOO_YOUNG, Reason.CLOCK_SKEW})
+
+
+def _decide_one(f: _Facts) -> Decision:
+    reason, _, action_of = next(rule for rule in _RULES if rule[1](f))
+    waiting = f.threshold is not None and not f.users and reason in _WAITING
+    return Decision(
+        entry=f.entry,
+        action=action_of(f),
+        reason=reason,
+        users=f.users,
+        last_used=f.entry.mtime,
+        age_seconds=f.age,
+        threshold=f.threshold,
+        removable_at=f.entry.mtime + f.threshold if waiting and f.threshold is not None else None,
+    )
+
+
+def decide(inventory: Inventory, policy: Policy, now: float) -> Plan:
+    """Decide the action and reason for every cache entry; pure.
+
+    An incomplete view (any blocking problem) removes nothing; report-only mode
+    (``remove_unused`` false) removes nothing; unknown names, symlinks and directories are never
+    removed; a negative age (a clock step) never removes.
+    """
+    users = users_by_entry(inventory, policy)
+    complete = inventory.complete
+    decisions = tuple(
+        _decide_one(
+            _Facts(
+                entry=entry,
+                users=users.get(entry.name, ()) if entry.kind is not Kind.TEMP else (),
+                age=now - entry.mtime,
+                threshold=threshold_seconds(entry.kind, policy),
+                complete=complete,
+                policy=policy,
+            )
+        )
+        for entry in inventory.entries
+    )
+    return Plan(
+        host=inventory.host,
+        cache_dir=inventory.cache_dir,
+        now=now,
+        complete=complete,
+        decisions=decisions,
+        problems=inventory.problems,
+        policy=policy,
+    )

@@ -1,0 +1,265 @@
+"""Render a plan: the JSON document of DESIGN.md §6 and the human tables. Pure: values to text.
+
+``status``, ``plan``, ``explain`` and (later) ``clean`` all render the same :class:`Plan`, so what
+an operator reads is exactly what a pass would do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from imagecache import naming
+from imagecache.model import Action, Decision, Plan, Problem, Reason, User
+
+__all__ = [
+    "REASON_TEXT",
+    "find_decisions",
+    "human_bytes",
+    "human_seconds",
+    "plan_id",
+    "plan_to_dict",
+    "render_explain",
+    "render_plan",
+    "render_status",
+]
+
+REASON_TEXT: dict[Reason, str] = {
+    Reason.IN_USE: "in use",
+    Reason.TOO_YOUNG: "unused, not old enough yet",
+    Reason.REMOVAL_DISABLED: "unused and old, but removal is disabled (report only)",
+    Reason.UNUSED_EXPIRED: "unused longer than its threshold",
+    Reason.UNKNOWN_KIND: "name matches no known kind: never removed",
+    Reason.NOT_A_FILE: "symlink or directory: never removed",
+    Reason.INCOMPLETE_VIEW: "unused and old, but the view is incomplete: nothing is removed",
+    Reason.LEGACY_ID_DISABLED: "legacy kernel/ramdisk under its raw id: remove_unused_kernels off",
+    Reason.STALE_TEMP: "stale partial download or conversion",
+    Reason.TEMP_TOO_YOUNG: "partial download or conversion, maybe still being written",
+    Reason.CLOCK_SKEW: "modified in the future (clock step?): kept",
+}
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_seconds(seconds: float) -> str:
+    sign, s = ("-", -seconds) if seconds < 0 else ("", seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{sign}{s / size:.1f}{unit}"
+    return f"{sign}{s:.0f}s"
+
+
+def _user(u: User) -> dict[str, str]:
+    out = {"source": str(u.source), "ref": u.ref}
+    if u.detail:
+        out["detail"] = u.detail
+    return out
+
+
+def _problem(p: Problem) -> dict[str, Any]:
+    return {"source": p.source, "ref": p.ref, "message": p.message, "blocking": p.blocking}
+
+
+def _entry(d: Decision) -> dict[str, Any]:
+    e = d.entry
+    return {
+        "name": e.name,
+        "kind": str(e.kind),
+        "file_type": str(e.file_type),
+        "bytes": e.bytes_allocated,
+        "apparent_bytes": e.bytes_apparent,
+        "mtime": e.mtime,
+        "inode": e.inode,
+        "age_seconds": round(d.age_seconds, 3),
+        "threshold_seconds": d.threshold,
+        "in_use": d.in_use,
+        "users": [_user(u) for u in d.users],
+        "action": str(d.action),
+        "reason": str(d.reason),
+        "removable_at": iso(d.removable_at) if d.removable_at is not None else None,
+    }
+
+
+def plan_id(plan: Plan) -> str:
+    """A stable id of what a plan decided (same observations and decisions, same id)."""
+    digest = hashlib.sha256()
+    digest.update(f"{plan.host}\0{plan.cache_dir}\0{plan.now}".encode())
+    for d in plan.decisions:
+        e = d.entry
+        digest.update(f"\0{e.name}\0{e.inode}\0{e.mtime}\0{d.action}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _summary(decisions: Iterable[Decision]) -> dict[str, Any]:
+    decisions = list(decisions)
+    freed = sum(d.entry.bytes_allocated for d in decisions if d.action is not Action.KEEP)
+    return {
+        "entries": len(decisions),
+        "bytes": sum(d.entry.bytes_allocated for d in decisions),
+        "in_use": sum(1 for d in decisions if d.in_use),
+        "actions": dict(sorted(Counter(str(d.action) for d in decisions).items())),
+        "reasons": dict(sorted(Counter(str(d.reason) for d in decisions).items())),
+        "bytes_to_free": freed,
+    }
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    """The ``plan --json`` document (DESIGN.md §6)."""
+    return {
+        "plan_id": plan_id(plan),
+        "host": plan.host,
+        "cache_dir": plan.cache_dir,
+        "now": iso(plan.now),
+        "now_epoch": plan.now,
+        "complete": plan.complete,
+        "problems": [_problem(p) for p in plan.problems],
+        "policy": {
+            "remove_unused": plan.policy.remove_unused,
+            "original_age_seconds": plan.policy.original_age,
+            "resized_age_seconds": plan.policy.resized_age,
+            "remove_unused_kernels": plan.policy.remove_unused_kernels,
+            "stale_temp_seconds": plan.policy.stale_temp_age,
+            "quarantine_seconds": plan.policy.quarantine_seconds,
+        },
+        "summary": _summary(plan.decisions),
+        "entries": [_entry(d) for d in plan.decisions],
+    }
+
+
+def dumps(doc: Any) -> str:
+    return json.dumps(doc, indent=2, sort_keys=False)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def _short_users(users: tuple[User, ...], limit: int = 2) -> str:
+    if not users:
+        return "-"
+    names = [f"{u.source}:{_short_ref(u.ref)}" for u in users[:limit]]
+    more = f" +{len(users) - limit}" if len(users) > limit else ""
+    return ", ".join(names) + more
+
+
+def _short_ref(ref: str) -> str:
+    # A disk path reads best as <instance dir>/<disk>.
+    parts = ref.rsplit(os.sep, 2)
+    return os.sep.join(parts[-2:]) if len(parts) >= 3 else ref
+
+
+def _problems_text(plan: Plan) -> list[str]:
+    lines = []
+    if not plan.complete:
+        lines.append("VIEW INCOMPLETE: nothing will be removed until these are fixed:")
+    for p in plan.problems:
+        mark = "!" if p.blocking else "~"
+        lines.append(f"  {mark} {p.source} {p.ref}: {p.message}")
+    return lines
+
+
+def _footer(plan: Plan) -> list[str]:
+    s = _summary(plan.decisions)
+    acts = ", ".join(f"{k} {v}" for k, v in s["actions"].items()) or "nothing"
+    return [
+        f"{s['entries']} entries, {human_bytes(s['bytes'])} on disk, {s['in_use']} in use; "
+        f"{acts}; {human_bytes(s['bytes_to_free'])} to free",
+    ]
+
+
+def render_status(plan: Plan) -> str:
+    rows = [
+        [
+            d.entry.name,
+            str(d.entry.kind),
+            human_bytes(d.entry.bytes_allocated),
+            human_seconds(d.age_seconds),
+            _short_users(d.users),
+            str(d.action),
+        ]
+        for d in plan.decisions
+    ]
+    head = [f"cache {plan.cache_dir} on {plan.host} at {iso(plan.now)}"]
+    table = _table(rows, ["NAME", "KIND", "SIZE", "AGE", "USED BY", "ACTION"])
+    return "\n".join([*head, table, *_footer(plan), *_problems_text(plan)])
+
+
+def render_plan(plan: Plan) -> str:
+    rows = [
+        [
+            str(d.action),
+            d.entry.name,
+            str(d.entry.kind),
+            human_bytes(d.entry.bytes_allocated),
+            _reason_line(d),
+        ]
+        for d in sorted(plan.decisions, key=lambda d: (d.action is Action.KEEP, d.entry.name))
+    ]
+    head = [f"plan {plan_id(plan)} for {plan.cache_dir} on {plan.host} at {iso(plan.now)}"]
+    table = _table(rows, ["ACTION", "NAME", "KIND", "SIZE", "REASON"])
+    return "\n".join([*head, table, *_footer(plan), *_problems_text(plan)])
+
+
+def _reason_line(d: Decision) -> str:
+    text = f"{d.reason}: {REASON_TEXT[d.reason]}"
+    if d.reason is Reason.IN_USE:
+        text += f" ({len(d.users)} user{'s' if len(d.users) != 1 else ''})"
+    if d.removable_at is not None:
+        text += f", removable in {human_seconds(d.removable_at - d.last_used - d.age_seconds)}"
+    return text
+
+
+def find_decisions(plan: Plan, query: str) -> list[Decision]:
+    """Decisions for a name or an image id (its original, ``_sm``, resized and raw-id entries)."""
+    fp = naming.fingerprint(query)
+    return [
+        d
+        for d in plan.decisions
+        if d.entry.name in (query, fp) or naming.image_prefix(d.entry.name) in (query, fp)
+    ]
+
+
+def render_explain(plan: Plan, query: str) -> str:
+    found = find_decisions(plan, query)
+    if not found:
+        return (
+            f"no cache entry named {query} (nor for image id {query}: {naming.fingerprint(query)})"
+        )
+    out: list[str] = []
+    for d in found:
+        e = d.entry
+        out.append(
+            f"{e.name}: {e.kind}, {human_bytes(e.bytes_allocated)} on disk, "
+            f"last used {iso(d.last_used)} ({human_seconds(d.age_seconds)} ago)"
+        )
+        out.append(f"  decision: {d.action} ({d.reason}: {REASON_TEXT[d.reason]})")
+        for u in d.users:
+            out.append(f"  used by {u.source} {u.ref}" + (f" ({u.detail})" if u.detail else ""))
+        if d.threshold is not None and not d.users:
+            out.append(f"  threshold: unused for {human_seconds(d.threshold)}")
+        if d.removable_at is not None:
+            out.append(f"  becomes removable at {iso(d.removable_at)} if still unused")
+        if d.reason is Reason.INCOMPLETE_VIEW:
+            out.extend(_problems_text(plan))
+    return "\n".join(out)

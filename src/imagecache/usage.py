@@ -1,0 +1,62 @@
+"""Who uses which cache entry: a pure index from entry name to users (DESIGN.md §2, §7).
+
+Two kinds of evidence, both kept: the backing chains of instance disks (what QEMU will actually
+open) and instance records (what Nova will ask for next boot: image, kernel, ramdisk, swap and
+ephemeral names). A chain counts by *basename*, whatever directory it names, as Nova does, so a
+disk that points at another host's ``_base_<ip>`` still protects our entry of the same name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+
+from imagecache import naming
+from imagecache.model import InstanceRecord, Inventory, Policy, Source, User
+
+__all__ = ["counted_records", "record_claims", "users_by_entry"]
+
+_ID_FIELDS = ("image_ref", "kernel_id", "ramdisk_id")
+
+
+def counted_records(inventory: Inventory) -> tuple[InstanceRecord, ...]:
+    """Records that protect entries here: this host's, unassigned ones, and registered peers'.
+
+    A peer counts as long as it is in the registry at all, however old its heartbeat: Nova's 24 h
+    window is how a host that was down lost its base images (LP 1078594 class).
+    """
+    sharing = {inventory.host} | {host for host, _ in inventory.registry}
+    return tuple(r for r in inventory.instances if r.host is None or r.host in sharing)
+
+
+def record_claims(record: InstanceRecord, policy: Policy) -> Iterator[tuple[str, str]]:
+    """(entry name, detail) pairs an instance record protects."""
+    for field in _ID_FIELDS:
+        image_id = getattr(record, field)
+        if not image_id:  # volume-booted instances have image_ref "" (nova-imagecache.md §9.19)
+            continue
+        detail = f"{field}={image_id}"
+        fp = naming.fingerprint(image_id)
+        yield fp, detail
+        yield fp + "_sm", detail
+        yield image_id, detail  # a legacy kernel/ramdisk cached under its raw id
+    if record.swap_mb:
+        yield naming.swap_name(record.swap_mb), f"swap_mb={record.swap_mb}"
+    if record.ephemeral_gb:
+        fs_format = record.ephemeral_format or policy.default_ephemeral_format
+        name = naming.ephemeral_name(record.ephemeral_gb, fs_format)
+        yield name, f"ephemeral_gb={record.ephemeral_gb} format={fs_format or 'vfat'}"
+
+
+def users_by_entry(inventory: Inventory, policy: Policy) -> Mapping[str, tuple[User, ...]]:
+    """Every user of every name, keyed by entry name (names need not exist in the cache)."""
+    users: defaultdict[str, list[User]] = defaultdict(list)
+    for disk in inventory.disks:
+        for depth, link in enumerate(disk.chain, start=1):
+            detail = "direct backing file" if depth == 1 else f"backing chain depth {depth}"
+            users[os.path.basename(link)].append(User(Source.BACKING, disk.path, detail))
+    for record in counted_records(inventory):
+        for name, detail in record_claims(record, policy):
+            users[name].append(User(Source.INSTANCE, record.uuid, detail))
+    return {name: tuple(dict.fromkeys(found)) for name, found in users.items()}
