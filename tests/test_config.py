@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imagecache.config import load_settings
+from imagecache.errors import ConfigError
+
+
+def conf(tmp_path: Path, text: str, name: str = "nova.conf") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_are_novas(tmp_path: Path) -> None:
+    s = load_settings([conf(tmp_path, "[DEFAULT]\nhost = h1\nmy_ip = 10.0.0.1\n")])
+    assert s.instances_path == "/var/lib/nova/instances"
+    assert s.cache_dir == "/var/lib/nova/instances/_base"
+    assert (s.manager_interval, s.pass_interval) == (2400, 2400)
+    assert s.remove_unused_base_images is True
+    assert s.remove_unused_original_minimum_age_seconds == 86400
+    assert s.remove_unused_resized_minimum_age_seconds == 3600
+    assert (s.checksum_base_images, s.checksum_interval_seconds) == (False, 3600)
+    assert (s.remove_unused_kernels, s.precache_concurrency, s.force_raw_images) == (
+        False, 1, True)  # fmt: skip
+    assert (s.lock_timeout_seconds, s.quarantine_seconds, s.stale_temp_seconds) == (
+        60.0, 86400, 86400)  # fmt: skip
+
+
+def test_old_option_names_still_work(tmp_path: Path) -> None:
+    # A Train-era nova.conf: everything under DEFAULT and libvirt.
+    path = conf(
+        tmp_path,
+        "[DEFAULT]\nstate_path = /srv/nova\nmy_ip = 10.1.2.3\n"
+        "image_cache_manager_interval = 0\nimage_cache_subdirectory_name = _base_$my_ip\n"
+        "remove_unused_base_images = false\nremove_unused_original_minimum_age_seconds = 7\n"
+        "[libvirt]\nremove_unused_resized_minimum_age_seconds = 8\n"
+        "checksum_base_images = true\nremove_unused_kernels = true\n"
+        "[glance]\napi_servers = http://glance:9292\n",  # unrelated sections are fine
+    )
+    s = load_settings([path])
+    assert s.cache_dir == "/srv/nova/instances/_base_10.1.2.3"
+    assert (s.manager_interval, s.pass_interval) == (0, 60)
+    assert s.remove_unused_base_images is False
+    assert s.remove_unused_original_minimum_age_seconds == 7
+    assert s.remove_unused_resized_minimum_age_seconds == 8
+    assert s.checksum_base_images and s.remove_unused_kernels
+    assert s.policy.original_age == 7 and not s.policy.remove_unused
+
+
+def test_new_name_wins_over_old_and_later_files_win(tmp_path: Path) -> None:
+    a = conf(tmp_path, "[DEFAULT]\nimage_cache_manager_interval = 10\n"
+             "[image_cache]\nmanager_interval = 20\n", "a.conf")  # fmt: skip
+    d = tmp_path / "nova.conf.d"
+    d.mkdir()
+    (d / "10-override.conf").write_text("[image_cache]\nmanager_interval = -1\n")
+    assert load_settings([a]).manager_interval == 20
+    s = load_settings([a], [str(d)])
+    assert (s.manager_interval, s.pass_interval) == (-1, None)
+
+
+def test_command_line_overrides_take_part_in_interpolation(tmp_path: Path) -> None:
+    path = conf(tmp_path, "[DEFAULT]\ninstances_path = /nope\nhost = h1\n")
+    s = load_settings([path], instances_path=str(tmp_path / "inst"), host="h2")
+    assert s.cache_dir == str(tmp_path / "inst" / "_base") and s.host == "h2"
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("[image_cache]\nmanager_interval = soon\n", "[image_cache] manager_interval"),
+        ("[DEFAULT]\nimage_cache_manager_interval = soon\n", "image_cache_manager_interval"),
+        (
+            "[image_cache]\nremove_unused_original_minimum_age_seconds = -1\n",
+            "remove_unused_original_minimum_age_seconds",
+        ),
+        (
+            "[libvirt]\nremove_unused_resized_minimum_age_seconds = -5\n",
+            "remove_unused_resized_minimum_age_seconds",
+        ),
+        ("[image_cache]\nremove_unused_base_images = maybe\n", "remove_unused_base_images"),
+        ("[imagecache]\nquarantine_seconds = -1\n", "[imagecache] quarantine_seconds"),
+        ("[image_cache]\nsubdirectory_name = a/b\n", "subdirectory_name"),
+    ],
+)
+def test_bad_values_name_the_option(tmp_path: Path, text: str, names: str) -> None:
+    with pytest.raises(ConfigError, match=names.replace("[", r"\[").replace("]", r"\]")):
+        load_settings([conf(tmp_path, text)])
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="missing.conf"):
+        load_settings([str(tmp_path / "missing.conf")])
+    with pytest.raises(ConfigError, match="parse"):
+        load_settings([conf(tmp_path, "[DEFAULT\nx")])
+    assert ConfigError.exit_code == 2
