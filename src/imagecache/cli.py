@@ -1,0 +1,153 @@
+"""The ``imagecache`` command line (DESIGN.md §6): the only place that reads argv and exits.
+
+Exit codes: 0 done; 1 done with problems (errors, refused removals, incomplete view); 2 usage or
+configuration error. ``--json`` prints exactly one JSON document on stdout; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from imagecache import manager, report
+from imagecache.config import Settings, load_settings
+from imagecache.errors import ImageCacheError
+
+__all__ = ["main"]
+
+LOG = logging.getLogger("imagecache")
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What every command gets: validated settings, the parsed arguments and the clock."""
+
+    settings: Settings
+    args: argparse.Namespace
+    inventory_files: tuple[str, ...]
+    clock: Callable[[], float] = time.time
+
+    @property
+    def json(self) -> bool:
+        return bool(self.args.json)
+
+
+def _emit(ctx: Context, doc: object, text: str) -> None:
+    sys.stdout.write((report.dumps(doc) if ctx.json else text) + "\n")
+
+
+def cmd_status(ctx: Context) -> int:
+    plan = manager.plan_pass(ctx.settings, inventory_files=ctx.inventory_files, now=ctx.clock())
+    _emit(ctx, report.plan_to_dict(plan), report.render_status(plan))
+    return 0 if plan.complete else 1
+
+
+def cmd_plan(ctx: Context) -> int:
+    plan = manager.plan_pass(ctx.settings, inventory_files=ctx.inventory_files, now=ctx.clock())
+    doc = report.plan_to_dict(plan)
+    if ctx.args.output:
+        manager.save_plan(ctx.args.output, doc)
+    _emit(ctx, doc, report.render_plan(plan))
+    return 0 if plan.complete else 1
+
+
+def cmd_explain(ctx: Context) -> int:
+    plan = manager.plan_pass(ctx.settings, inventory_files=ctx.inventory_files, now=ctx.clock())
+    found = report.find_decisions(plan, ctx.args.target)
+    doc = {**report.plan_to_dict(plan), "query": ctx.args.target}
+    doc["entries"] = [e for e in doc["entries"] if e["name"] in {d.entry.name for d in found}]
+    _emit(ctx, doc, report.render_explain(plan, ctx.args.target))
+    return 0 if found and plan.complete else 1
+
+
+def _global_options(parser: argparse.ArgumentParser, *, sub: bool) -> None:
+    # On subcommands the defaults are suppressed so `imagecache --json plan` and
+    # `imagecache plan --json` both work without one overwriting the other.
+    d = argparse.SUPPRESS if sub else None
+    g = parser.add_argument_group("global options")
+    g.add_argument(
+        "--config-file",
+        action="append",
+        default=d,
+        metavar="FILE",
+        help="nova.conf / imagecache.conf (repeatable; default: /etc/nova/nova.conf "
+        "and /etc/imagecache/imagecache.conf where they exist)",
+    )
+    g.add_argument(
+        "--config-dir",
+        action="append",
+        default=d,
+        metavar="DIR",
+        help="directory of *.conf files read after --config-file (repeatable)",
+    )
+    g.add_argument(
+        "--instances-path", default=d, metavar="DIR", help="override [DEFAULT] instances_path"
+    )
+    g.add_argument(
+        "--inventory",
+        action="append",
+        default=d,
+        metavar="FILE",
+        help="instance records JSON (DESIGN.md §7; repeatable)",
+    )
+    g.add_argument("--host", default=d, metavar="NAME", help="override [DEFAULT] host")
+    g.add_argument(
+        "--json", action="store_true", default=d or False, help="print one JSON document on stdout"
+    )
+    g.add_argument("-v", "--verbose", action="count", default=d or 0, help="more logging")
+
+
+Command = Callable[[Context], int]
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    parser = argparse.ArgumentParser(
+        prog="imagecache",
+        description="Safe image cache manager for libvirt/QEMU hosts (Nova _base compatible).",
+    )
+    _global_options(parser, sub=False)
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands: dict[str, Command] = {}
+
+    def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
+        p = subs.add_parser(name, help=help_text, description=help_text)
+        _global_options(p, sub=True)
+        commands[name] = func
+        return p
+
+    add("status", cmd_status, "every cache entry: kind, size, age, users, planned action")
+    p = add("plan", cmd_plan, "what one pass would do, with a reason per entry (changes nothing)")
+    p.add_argument("-o", "--output", metavar="FILE", help="also save the plan as JSON to FILE")
+    p = add("explain", cmd_explain, "why an entry is kept, or when it becomes removable")
+    p.add_argument("target", metavar="NAME|IMAGE_ID", help="cache entry name or image id")
+    return parser, commands
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = load_settings(
+            args.config_file,
+            args.config_dir or (),
+            instances_path=args.instances_path,
+            host=args.host,
+        )
+        ctx = Context(settings=settings, args=args, inventory_files=tuple(args.inventory or ()))
+        return commands[args.command](ctx)
+    except ImageCacheError as exc:
+        print(f"imagecache: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Observe a host, read-only: the cache directory, every instance disk, instance records, registry.
+
+Each function owns one outside resource and turns everything that goes wrong with it into a
+:class:`Problem` in the observation, never an exception: a disk that cannot be read or parsed makes
+the view incomplete (so nothing is removed) and the pass goes on. Headers are read from the files
+themselves (``imagecache.formats``); no process is spawned per disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from imagecache import naming
+from imagecache.errors import ImageFormatError
+from imagecache.formats import resolve_chain
+from imagecache.model import (
+    CacheEntry,
+    Disk,
+    FileType,
+    InstanceRecord,
+    Inventory,
+    Problem,
+)
+
+__all__ = [
+    "OWN_STATE_DIR",
+    "load_instance_records",
+    "observe",
+    "read_registry",
+    "scan_cache",
+    "scan_instances",
+]
+
+OWN_STATE_DIR = ".imagecache"
+REGISTRY_FILE = "compute_nodes"
+LOCKS_DIR = "locks"
+
+_FILE_TYPES = (
+    (stat.S_ISREG, FileType.FILE),
+    (stat.S_ISLNK, FileType.SYMLINK),
+    (stat.S_ISDIR, FileType.DIRECTORY),
+)
+
+
+def _file_type(mode: int) -> FileType:
+    return next((ft for test, ft in _FILE_TYPES if test(mode)), FileType.OTHER)
+
+
+def scan_cache(cache_dir: str) -> tuple[tuple[CacheEntry, ...], tuple[Problem, ...]]:
+    """Every name directly in the cache directory, classified, from ``lstat`` only.
+
+    A name that vanishes between listing and ``lstat`` is simply gone. A missing cache directory is
+    an empty cache (Nova creates it on first download), reported as a non-blocking problem.
+    """
+    entries: list[CacheEntry] = []
+    try:
+        with os.scandir(cache_dir) as it:
+            listing = [e for e in it if e.name != OWN_STATE_DIR]
+    except FileNotFoundError:
+        return (), (Problem("cache", cache_dir, "cache directory does not exist", blocking=False),)
+    except OSError as exc:
+        return (), (Problem("cache", cache_dir, f"cannot list cache directory: {exc.strerror}"),)
+    problems: list[Problem] = []
+    for item in listing:
+        try:
+            st = item.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            problems.append(Problem("cache", item.path, f"cannot stat: {exc.strerror}"))
+            continue
+        ftype = _file_type(st.st_mode)
+        entries.append(
+            CacheEntry(
+                name=item.name,
+                kind=naming.classify(item.name, ftype),
+                file_type=ftype,
+                bytes_allocated=st.st_blocks * 512,
+                bytes_apparent=st.st_size,
+                mtime=st.st_mtime,
+                inode=st.st_ino,
+                device=st.st_dev,
+            )
+        )
+    entries.sort(key=lambda e: e.name)
+    return tuple(entries), tuple(problems)
+
+
+def _instance_dirs(instances_path: str, skip: frozenset[str]) -> Iterator[os.DirEntry[str]]:
+    with os.scandir(instances_path) as it:
+        for item in it:
+            if item.name not in skip and item.is_dir(follow_symlinks=False):
+                yield item
+
+
+def scan_instances(
+    instances_path: str, *, cache_dir_name: str
+) -> tuple[tuple[Disk, ...], tuple[Problem, ...]]:
+    """Every disk image in every instance directory, with its whole backing chain.
+
+    Every directory under ``instances_path`` except the cache and ``locks`` is an instance
+    directory, listed by an inventory or not, and every regular file in it is inspected whatever
+    its name (``disk``, ``disk.local``, ``disk.swap``, ``disk.rescue``, ...). Files whose header is
+    not a disk image (raw disks, ``console.log``, ``disk.info``) have no backing file: left out.
+    """
+    disks: list[Disk] = []
+    problems: list[Problem] = []
+    skip = frozenset({cache_dir_name, LOCKS_DIR})
+    try:
+        dirs = sorted(_instance_dirs(instances_path, skip), key=lambda d: d.name)
+    except FileNotFoundError:
+        return (), (Problem("instances", instances_path, "instances path does not exist"),)
+    except OSError as exc:
+        return (), (Problem("instances", instances_path, f"cannot list: {exc.strerror}"),)
+    for directory in dirs:
+        try:
+            with os.scandir(directory.path) as it:
+                files = sorted((f for f in it if f.is_file()), key=lambda f: f.name)
+        except OSError as exc:
+            problems.append(Problem("instance", directory.path, f"cannot list: {exc.strerror}"))
+            continue
+        for item in files:
+            disk, problem = _inspect_disk(item.path, directory.name)
+            if disk is not None:
+                disks.append(disk)
+            if problem is not None:
+                problems.append(problem)
+    return tuple(disks), tuple(problems)
+
+
+def _inspect_disk(path: str, instance: str) -> tuple[Disk | None, Problem | None]:
+    try:
+        chain = resolve_chain(path)
+    except FileNotFoundError:
+        return None, Problem("disk", path, "vanished while the instance was scanned")
+    except OSError as exc:
+        return None, Problem("disk", path, f"cannot read header: {exc.strerror}")
+    except ImageFormatError as exc:
+        return None, Problem("disk", path, f"unparsable header: {exc}")
+    if not chain.header.is_disk_image:
+        return None, None
+    disk = Disk(
+        path=path,
+        instance=instance,
+        format=chain.header.format,
+        chain=chain.links,
+        missing=chain.missing,
+    )
+    if chain.error is not None:
+        return disk, Problem("disk", path, f"backing chain not resolved: {chain.error}")
+    if chain.missing is not None:
+        # A broken instance, not a gap in the view: its missing base is reported, nothing else.
+        return disk, Problem("disk", path, f"backing file missing: {chain.missing}", blocking=False)
+    return disk, None
+
+
+def load_instance_records(path: str) -> tuple[tuple[InstanceRecord, ...], tuple[Problem, ...]]:
+    """Instance records from an inventory file (DESIGN.md §7); unknown fields are ignored.
+
+    An unreadable or malformed file is one blocking problem: without it the view is incomplete.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except OSError as exc:
+        return (), (Problem("inventory", path, f"cannot read: {exc.strerror}"),)
+    except ValueError as exc:
+        return (), (Problem("inventory", path, f"not valid JSON: {exc}"),)
+    items = doc.get("instances") if isinstance(doc, dict) else None
+    if not isinstance(items, list):
+        return (), (Problem("inventory", path, 'expected {"instances": [...]}'),)
+    records: list[InstanceRecord] = []
+    problems: list[Problem] = []
+    for index, item in enumerate(items):
+        try:
+            records.append(_record(item))
+        except (TypeError, ValueError) as exc:
+            problems.append(Problem("inventory", f"{path}#instances[{index}]", str(exc)))
+    return tuple(records), tuple(problems)
+
+
+_STR_FIELDS = ("name", "host", "image_ref", "kernel_id", "ramdisk_id", "ephemeral_format")
+_STATE_FIELDS = ("vm_state", "task_state")
+_INT_FIELDS = ("swap_mb", "ephemeral_gb")
+
+
+def _record(item: Any) -> InstanceRecord:
+    if not isinstance(item, dict) or not isinstance(item.get("uuid"), str) or not item["uuid"]:
+        raise ValueError("every instance needs a non-empty string 'uuid'")
+    values: dict[str, Any] = {"uuid": item["uuid"]}
+    for key in (*_STR_FIELDS, *_STATE_FIELDS):
+        value = item.get(key)
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"instance {item['uuid']}: {key} must be a string or null")
+        values[key] = value
+    for key in _INT_FIELDS:
+        value = item.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"instance {item['uuid']}: {key} must be an integer or null")
+        values[key] = value
+    return InstanceRecord(**values)
+
+
+def read_registry(instances_path: str) -> tuple[tuple[tuple[str, float], ...], tuple[Problem, ...]]:
+    """Nova's ``compute_nodes`` registry: the hosts that share ``instances_path``.
+
+    Missing means only this host. Undecodable is a blocking problem, not an empty registry: Nova
+    treating it as empty (LP 1252659) let hosts delete what other hosts' instances use.
+    """
+    path = os.path.join(instances_path, REGISTRY_FILE)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except FileNotFoundError:
+        return (), ()
+    except OSError as exc:
+        return (), (Problem("registry", path, f"cannot read: {exc.strerror}"),)
+    except ValueError as exc:
+        return (), (Problem("registry", path, f"not valid JSON: {exc}"),)
+    if not isinstance(doc, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in doc.values()
+    ):
+        return (), (Problem("registry", path, "expected {host: epoch seconds}"),)
+    return tuple(sorted((str(k), float(v)) for k, v in doc.items())), ()
+
+
+def observe(
+    *,
+    host: str,
+    instances_path: str,
+    cache_dir: str,
+    inventory_files: Iterable[str] = (),
+    extra_problems: Iterable[Problem] = (),
+) -> Inventory:
+    """One read-only observation of a host: everything :func:`imagecache.policy.decide` needs."""
+    entries, cache_problems = scan_cache(cache_dir)
+    disks, disk_problems = scan_instances(
+        instances_path, cache_dir_name=os.path.basename(cache_dir)
+    )
+    records: list[InstanceRecord] = []
+    record_problems: list[Problem] = []
+    for path in inventory_files:
+        found, problems = load_instance_records(path)
+        records.extend(found)
+        record_problems.extend(problems)
+    registry, registry_problems = read_registry(instances_path)
+    return Inventory(
+        host=host,
+        instances_path=instances_path,
+        cache_dir=cache_dir,
+        entries=entries,
+        disks=disks,
+        instances=tuple(records),
+        registry=registry,
+        problems=(
+            *cache_problems,
+            *disk_problems,
+            *record_problems,
+            *registry_problems,
+            *extra_problems,
+        ),
+    )

@@ -1,0 +1,123 @@
+"""The command line end to end on the sample host (real qcow2 overlays made by qemu-img)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagecache import naming, sample
+from imagecache.cli import main
+
+COMMANDS = ["status", "plan", "explain"]
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> sample.SampleHost:
+    return sample.build(tmp_path / "host", now=time.time())
+
+
+def run(host: sample.SampleHost, *args: str) -> list[str]:
+    return ["--config-file", str(host.config), "--inventory", str(host.inventory), *args]
+
+
+def plan_json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, dict[str, Any]]:
+    code = main(argv)
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_plan_json_decides_every_sample_entry_right(
+    host: sample.SampleHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, doc = plan_json(capsys, run(host, "plan", "--json"))
+    assert code == 0 and doc["complete"] is True and doc["problems"] == []
+    got = {e["name"]: (e["kind"], e["action"], e["reason"]) for e in doc["entries"]}
+    assert got == sample.EXPECTED
+    assert doc["host"] == sample.HOST and doc["cache_dir"] == str(host.cache_dir)
+
+
+def test_users_name_the_disk_or_the_record(
+    host: sample.SampleHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, doc = plan_json(capsys, run(host, "--json", "plan"))
+    users = {e["name"]: {(u["source"], Path(u["ref"]).name) for u in e["users"]}
+             for e in doc["entries"]}  # fmt: skip
+    fp = naming.fingerprint
+    assert users[fp(sample.IMG_DEEP_BOTTOM)] == {("backing", "disk"), ("backing", "disk.snap")}
+    assert ("backing", "disk.rescue") in users[fp(sample.IMG_RESCUE)]
+    assert users["swap_512"] == {("backing", "disk.swap")}
+    assert users[naming.ephemeral_name(4, "ext4")] == {("backing", "disk.local")}
+    assert {s for s, _ in users[fp(sample.KERNEL)]} == {"instance"}
+    assert {s for s, _ in users[fp(sample.IMG_RECORD_ONLY)]} == {"instance"}
+    assert users[fp(sample.IMG_RELATIVE) + "_20"] == {("backing", "disk")}
+    deep = next(e for e in doc["entries"] if e["name"] == fp(sample.IMG_DEEP_BOTTOM))
+    assert {u.get("detail") for u in deep["users"]} == {
+        "backing chain depth 2", "backing chain depth 3"}  # fmt: skip
+
+
+def test_one_unreadable_disk_plans_no_removal_and_names_it(
+    host: sample.SampleHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = host.instances_path / "4f9e8d7c-0000-4000-8000-000000000009" / "disk.local"
+    broken.write_bytes(b"QFI\xfb\x00\x00\x00\x09" + b"\x00" * 200)  # qcow2 magic, version 9
+    code, doc = plan_json(capsys, run(host, "plan", "--json"))
+    assert code == 1 and doc["complete"] is False
+    assert [p["ref"] for p in doc["problems"]] == [str(broken)]
+    assert {e["action"] for e in doc["entries"]} == {"keep"}
+    assert "incomplete-view" in {e["reason"] for e in doc["entries"]}
+
+
+def test_plan_output_file_is_the_same_document(
+    host: sample.SampleHost, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "plan.json"
+    code, doc = plan_json(capsys, run(host, "plan", "--json", "-o", str(out)))
+    assert code == 0 and json.loads(out.read_text()) == doc
+
+
+def test_human_tables(host: sample.SampleHost, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(run(host, "status")) == 0
+    status = capsys.readouterr().out
+    assert "4.0 MiB" in status and "backing:" in status and "instance:" in status
+    assert main(run(host, "plan")) == 0
+    plan = capsys.readouterr().out
+    assert "quarantine" in plan and "unused-expired" in plan and "to free" in plan
+
+
+def test_explain_by_image_id_and_by_name(
+    host: sample.SampleHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(run(host, "explain", sample.IMG_USED)) == 0
+    text = capsys.readouterr().out
+    assert naming.fingerprint(sample.IMG_USED) + "_sm" in text  # its small copy too
+    assert "used by backing" in text and "used by instance" in text
+    assert main(run(host, "explain", sample.IMG_YOUNG)) == 0
+    assert "becomes removable at" in capsys.readouterr().out
+    assert main(run(host, "explain", "no-such-thing")) == 1
+    assert "no cache entry" in capsys.readouterr().out
+
+
+def test_bad_config_exits_2_naming_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conf = tmp_path / "nova.conf"
+    conf.write_text("[image_cache]\nmanager_interval = soon\n")
+    assert main(["--config-file", str(conf), "status"]) == 2
+    err = capsys.readouterr().err
+    assert "manager_interval" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_on_every_command(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and "usage: imagecache" in capsys.readouterr().out
+
+
+def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frobnicate"])
+    assert exit_info.value.code == 2

@@ -1,0 +1,133 @@
+"""The observer on real files: real qcow2 overlays made by qemu-img, real garbage."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from imagecache import naming, scan
+from imagecache.model import FileType, Kind
+from tests.qemu import make_overlay, make_raw
+
+FP = naming.fingerprint("img-1")
+
+
+def host(tmp_path: Path) -> tuple[Path, Path]:
+    inst = tmp_path / "instances"
+    base = inst / "_base"
+    base.mkdir(parents=True)
+    return inst, base
+
+
+def test_cache_scan_uses_lstat_and_classifies(tmp_path: Path) -> None:
+    _, base = host(tmp_path)
+    (base / FP).write_bytes(b"x" * 10000)
+    (base / "latest").symlink_to(FP)
+    (base / "subdir").mkdir()
+    (base / ".imagecache").mkdir()  # our own state is not an entry
+    entries, problems = scan.scan_cache(str(base))
+    assert problems == ()
+    by_name = {e.name: e for e in entries}
+    assert set(by_name) == {FP, "latest", "subdir"}
+    assert by_name[FP].kind is Kind.ORIGINAL and by_name[FP].bytes_apparent == 10000
+    assert by_name[FP].bytes_allocated >= 10000
+    assert by_name["latest"].file_type is FileType.SYMLINK
+    assert by_name["latest"].kind is Kind.UNKNOWN
+    assert by_name["subdir"].file_type is FileType.DIRECTORY
+
+
+def test_missing_cache_dir_is_an_empty_cache(tmp_path: Path) -> None:
+    entries, problems = scan.scan_cache(str(tmp_path / "nope"))
+    assert entries == () and len(problems) == 1 and not problems[0].blocking
+
+
+def test_every_disk_of_every_instance_dir_whatever_its_name(tmp_path: Path) -> None:
+    inst, base = host(tmp_path)
+    make_raw(base / FP)
+    make_raw(base / "swap_512")
+    for name in ("disk", "disk.local", "disk.swap", "disk.rescue", "disk.eph3", "odd-name"):
+        make_overlay(inst / "u1" / name, base / (FP if name != "disk.swap" else "swap_512"))
+    (inst / "u1" / "console.log").write_text("hello")
+    (inst / "u1" / "disk.info").write_text("{}")
+    make_overlay(inst / "not-in-any-inventory" / "disk", base / FP)
+    make_overlay(inst / "locks" / "disk", base / FP)  # not an instance dir
+    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    assert problems == ()
+    got = sorted((d.instance, os.path.basename(d.path)) for d in disks)
+    assert got == [
+        ("not-in-any-inventory", "disk"),
+        ("u1", "disk"), ("u1", "disk.eph3"), ("u1", "disk.local"), ("u1", "disk.rescue"),
+        ("u1", "disk.swap"), ("u1", "odd-name"),
+    ]  # fmt: skip
+    swap = next(d for d in disks if d.path.endswith("disk.swap"))
+    assert swap.chain == (str(base / "swap_512"),)
+
+
+def test_relative_and_deep_chains_resolve_to_cache_paths(tmp_path: Path) -> None:
+    inst, base = host(tmp_path)
+    make_raw(base / FP)
+    make_overlay(base / "snap", base / FP)
+    make_overlay(inst / "u1" / "mid", Path("..") / "_base" / "snap", backing_fmt="qcow2")
+    make_overlay(inst / "u1" / "disk", "mid", backing_fmt="qcow2")
+    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    assert problems == ()
+    top = next(d for d in disks if d.path.endswith("/disk"))
+    assert top.chain == (str(inst / "u1" / "mid"), str(base / "snap"), str(base / FP))
+
+
+def test_unreadable_headers_are_problems_not_crashes(tmp_path: Path) -> None:
+    inst, base = host(tmp_path)
+    make_raw(base / FP)
+    make_overlay(inst / "good" / "disk", base / FP)
+    bad = inst / "bad" / "disk"
+    bad.parent.mkdir()
+    bad.write_bytes(b"QFI\xfb" + b"\xff" * 100)  # qcow2 magic, garbage after it
+    truncated = inst / "bad" / "disk.local"
+    truncated.write_bytes((inst / "good" / "disk").read_bytes()[:30])
+    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    assert [d.instance for d in disks] == ["good"]
+    assert sorted(p.ref for p in problems) == sorted([str(bad), str(truncated)])
+    assert all(p.blocking and p.source == "disk" for p in problems)
+
+
+def test_json_backing_name_makes_the_view_incomplete_for_that_disk(tmp_path: Path) -> None:
+    inst, _ = host(tmp_path)
+    target = inst / "u1" / "disk"
+    spec = 'json:{"file": {"driver": "file", "filename": "/x"}}'
+    make_overlay(target, spec, unsafe_size="1M")
+    _, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    assert len(problems) == 1 and problems[0].ref == str(target) and problems[0].blocking
+
+
+def test_missing_backing_file_is_reported_but_does_not_block(tmp_path: Path) -> None:
+    inst, base = host(tmp_path)
+    make_overlay(inst / "u1" / "disk", base / FP, unsafe_size="1M")
+    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    assert disks[0].missing == str(base / FP) and disks[0].chain == (str(base / FP),)
+    assert len(problems) == 1 and not problems[0].blocking
+
+
+def test_inventory_file_records_and_errors(tmp_path: Path) -> None:
+    good = tmp_path / "inv.json"
+    good.write_text(json.dumps({"instances": [
+        {"uuid": "u1", "image_ref": "1", "kernel_id": "21", "swap_mb": 256, "extra": [1]},
+        {"uuid": "u2", "swap_mb": "lots"},
+        {"name": "no uuid"},
+    ]}))  # fmt: skip
+    records, problems = scan.load_instance_records(str(good))
+    assert [r.uuid for r in records] == ["u1"] and records[0].swap_mb == 256
+    assert len(problems) == 2 and all(p.blocking for p in problems)
+    (tmp_path / "bad.json").write_text("{not json")
+    assert scan.load_instance_records(str(tmp_path / "bad.json"))[1][0].blocking
+    assert scan.load_instance_records(str(tmp_path / "missing.json"))[1][0].blocking
+
+
+def test_registry_read_and_corruption(tmp_path: Path) -> None:
+    inst, _ = host(tmp_path)
+    assert scan.read_registry(str(inst)) == ((), ())
+    (inst / "compute_nodes").write_text(json.dumps({"h2": 5, "h1": 7.5}))
+    assert scan.read_registry(str(inst)) == ((("h1", 7.5), ("h2", 5.0)), ())
+    (inst / "compute_nodes").write_text("")  # LP 1252659: an empty file is not "no peers"
+    registry, problems = scan.read_registry(str(inst))
+    assert registry == () and problems[0].blocking
