@@ -55,3 +55,47 @@ def info_chain(path: Path) -> list[dict[str, Any]]:
     out = qemu_img("info", "-U", "--backing-chain", "--output=json", path)
     chain: list[dict[str, Any]] = json.loads(out)
     return chain
+
+
+def info(path: Path) -> dict[str, Any]:
+    """``qemu-img info --output=json`` of one image, without opening its backing file."""
+    out: dict[str, Any] = json.loads(qemu_img("info", "-U", "--output=json", path))
+    return out
+
+
+def rebase_unsafe(path: Path, backing: str, *, backing_fmt: str = "qcow2") -> Path:
+    """Rewrite the backing name of ``path`` without looking at it (``rebase -u``): loops, json:."""
+    qemu_img("rebase", "-u", "-F", backing_fmt, "-b", backing, path)
+    return path
+
+
+def drop_backing_format(path: Path) -> Path:
+    """Turn the qcow2 backing-format extension into an unknown one, as old qemu wrote no format.
+
+    qemu 7.2 refuses ``-b`` without ``-F``, so a legacy overlay is made by patching: the extension
+    type 0xE2792ACA becomes 0x12345678, which qemu skips (``qemu-img check`` stays clean).
+    """
+    data = bytearray(path.read_bytes()[:65536])
+    # Extensions start after the fixed header (72 bytes for v2, header_length for v3).
+    at = data.find(b"\xe2\x79\x2a\xca", 72)
+    if at < 0:
+        raise ValueError(f"{path} has no backing-format extension")
+    data[at : at + 4] = b"\x12\x34\x56\x78"
+    with path.open("r+b") as f:
+        f.write(data[: at + 4])
+    return path
+
+
+def make_vmdk(
+    path: Path, size: str = "1M", *, backing: str | Path | None = None, subformat: str | None = None
+) -> Path:
+    """A VMDK made by qemu-img (monolithicSparse unless ``subformat``), optionally a child of
+    ``backing`` (a VMDK), which qemu records as ``parentFileNameHint``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    args: list[str | Path] = ["create", "-q", "-f", "vmdk"]
+    if subformat:
+        args += ["-o", f"subformat={subformat}"]
+    if backing is not None:
+        args += ["-F", "vmdk", "-b", str(backing)]
+    qemu_img(*args, path, size)
+    return path
