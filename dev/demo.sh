@@ -9,7 +9,7 @@ work=${1:-$(mktemp -d /tmp/imagecache-demo.XXXXXX)}
 python -m imagecache.sample "$work" >/dev/null
 echo "== sample host in $work (config $work/nova.conf)"
 echo "== imagecache status"
-imagecache --config-file "$work/nova.conf" --inventory "$work/inventory.json" status || true
+imagecache --config-file "$work/nova.conf" --inventory "$work/inventory.json" status
 echo
 echo "== imagecache plan"
-imagecache --config-file "$work/nova.conf" --inventory "$work/inventory.json" plan || true
+imagecache --config-file "$work/nova.conf" --inventory "$work/inventory.json" plan

@@ -61,7 +61,7 @@ def test_users_name_the_disk_or_the_record(
 def test_one_unreadable_disk_plans_no_removal_and_names_it(
     host: sample.SampleHost, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    broken = host.instances_path / "4f9e8d7c-0000-4000-8000-000000000009" / "disk.local"
+    broken = host.instances_path / "00000009-7c0e-4000-8000-4f9e8d7c0000" / "disk.local"
     broken.write_bytes(b"QFI\xfb\x00\x00\x00\x09" + b"\x00" * 200)  # qcow2 magic, version 9
     code, doc = plan_json(capsys, run(host, "plan", "--json"))
     assert code == 1 and doc["complete"] is False

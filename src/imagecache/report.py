@@ -155,18 +155,31 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _short_users(users: tuple[User, ...], limit: int = 2) -> str:
+_NOUNS = {"backing": "disk", "instance": "record", "libvirt": "domain", "peer": "peer"}
+
+
+def _short_users(users: tuple[User, ...]) -> str:
+    """``2 disks (u1/disk, ...), 1 record (4f9e8d7c)``: counts per source, first ref of each."""
     if not users:
         return "-"
-    names = [f"{u.source}:{_short_ref(u.ref)}" for u in users[:limit]]
-    more = f" +{len(users) - limit}" if len(users) > limit else ""
-    return ", ".join(names) + more
+    groups: dict[str, list[str]] = {}
+    for u in users:
+        groups.setdefault(str(u.source), []).append(u.ref)
+    parts = []
+    for source, refs in groups.items():
+        noun = _NOUNS.get(source, source)
+        first = _short_ref(refs[0])
+        more = ", ..." if len(refs) > 1 else ""
+        parts.append(f"{len(refs)} {noun}{'s' if len(refs) > 1 else ''} ({first}{more})")
+    return ", ".join(parts)
 
 
 def _short_ref(ref: str) -> str:
-    # A disk path reads best as <instance dir>/<disk>.
+    # A disk path reads best as <instance dir>/<disk>; uuids by their first group.
     parts = ref.rsplit(os.sep, 2)
-    return os.sep.join(parts[-2:]) if len(parts) >= 3 else ref
+    if len(parts) >= 3:
+        return f"{parts[-2][:8]}/{parts[-1]}"
+    return ref[:8] if len(ref) == 36 else ref
 
 
 def _problems_text(plan: Plan) -> list[str]:
@@ -212,7 +225,7 @@ def render_plan(plan: Plan) -> str:
             d.entry.name,
             str(d.entry.kind),
             human_bytes(d.entry.bytes_allocated),
-            _reason_line(d),
+            _reason_line(d, plan.now),
         ]
         for d in sorted(plan.decisions, key=lambda d: (d.action is Action.KEEP, d.entry.name))
     ]
@@ -221,12 +234,12 @@ def render_plan(plan: Plan) -> str:
     return "\n".join([*head, table, *_footer(plan), *_problems_text(plan)])
 
 
-def _reason_line(d: Decision) -> str:
-    text = f"{d.reason}: {REASON_TEXT[d.reason]}"
+def _reason_line(d: Decision, now: float) -> str:
+    text = str(d.reason)
     if d.reason is Reason.IN_USE:
-        text += f" ({len(d.users)} user{'s' if len(d.users) != 1 else ''})"
+        text += f" ({_short_users(d.users)})"
     if d.removable_at is not None:
-        text += f", removable in {human_seconds(d.removable_at - d.last_used - d.age_seconds)}"
+        text += f", removable in {human_seconds(d.removable_at - now)}"
     return text
 
 

@@ -126,7 +126,7 @@ def build(root: Path, *, now: float | None = None) -> SampleHost:
     (base / "notes.txt").write_text("operator notes: do not delete\n")
     (base / "latest").symlink_to(fp(IMG_USED))
 
-    uuids = [f"4f9e8d7c-0000-4000-8000-{i:012d}" for i in range(1, 13)]
+    uuids = [f"{i:08d}-7c0e-4000-8000-4f9e8d7c0000" for i in range(1, 13)]
     records: list[dict[str, object]] = []
     for i, uuid in enumerate(uuids):
         d = inst / uuid
@@ -165,13 +165,13 @@ def build(root: Path, *, now: float | None = None) -> SampleHost:
     # A resize in progress: the old copy lives in <uuid>_resize and still uses the base.
     _overlay(inst / f"{uuids[7]}_resize" / "disk", base / fp(IMG_USED))
     # A shelved-offloaded instance: no directory, only its record protects its image.
-    records.append({"uuid": "4f9e8d7c-0000-4000-8000-999999999999", "host": HOST,
+    records.append({"uuid": "99999999-7c0e-4000-8000-4f9e8d7c0000", "host": HOST,
                     "image_ref": IMG_RECORD_ONLY, "vm_state": "shelved_offloaded"})  # fmt: skip
     # An instance of a host that does not share this storage protects nothing here.
-    records.append({"uuid": "4f9e8d7c-0000-4000-8000-888888888888", "host": "elsewhere",
+    records.append({"uuid": "88888888-7c0e-4000-8000-4f9e8d7c0000", "host": "elsewhere",
                     "image_ref": IMG_OTHER_HOST})  # fmt: skip
     # A volume-booted instance: image_ref "" must not be hashed into a name.
-    records.append({"uuid": "4f9e8d7c-0000-4000-8000-777777777777", "host": HOST, "image_ref": ""})
+    records.append({"uuid": "77777777-7c0e-4000-8000-4f9e8d7c0000", "host": HOST, "image_ref": ""})
 
     (inst / "compute_nodes").write_text(json.dumps({HOST: now - 600}))
     inventory = root / "inventory.json"
