@@ -81,7 +81,8 @@ def test_plan_output_file_is_the_same_document(
 def test_human_tables(host: sample.SampleHost, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(run(host, "status")) == 0
     status = capsys.readouterr().out
-    assert "4.0 MiB" in status and "backing:" in status and "instance:" in status
+    assert "4.0 MiB" in status and "1 disk (00000002/disk.swap)" in status
+    assert "11 records (00000001, ...)" in status
     assert main(run(host, "plan")) == 0
     plan = capsys.readouterr().out
     assert "quarantine" in plan and "unused-expired" in plan and "to free" in plan
