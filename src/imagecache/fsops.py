@@ -1,0 +1,343 @@
+"""Every mutation of the filesystem, each one crash-safe (DESIGN.md §4, STYLE.md habit 7).
+
+A process killed at any instant leaves every file either as it was or as it was meant to become:
+
+- new content is written under a temporary name in the same directory, fsynced, then renamed over
+  the final name (:func:`atomic_write`), or renamed into a name that must not exist yet
+  (:func:`atomic_publish`);
+- removal goes through a quarantine: :func:`quarantine` renames an entry into
+  ``<cache>/.imagecache/trash/<name>@<epoch>`` (same filesystem, one atomic rename), from where
+  :func:`restore` brings it back and :func:`purge` deletes it after the grace period
+  (nova-imagecache.md §9.1 item 7);
+- every rename and unlink is followed by an fsync of the directories it changed, so it survives a
+  power loss too.
+
+None of these functions lock anything: the caller holds the entry lock
+(:func:`imagecache.locks.entry_lock`) of the entry it changes and has re-checked it under the lock.
+Functions that free space return the bytes they freed, measured (``st_blocks * 512`` of an
+``lstat`` just before), not estimated.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import secrets
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import cast
+
+from imagecache import naming
+from imagecache.errors import EntryChanged
+from imagecache.model import TrashEntry
+
+__all__ = [
+    "TRASH_DIR",
+    "atomic_publish",
+    "atomic_write",
+    "list_trash",
+    "purge",
+    "quarantine",
+    "remove",
+    "restore",
+    "touch",
+    "trash_dir",
+]
+
+TRASH_DIR = ".imagecache/trash"
+
+StrPath = str | os.PathLike[str]
+
+_TRASH_NAME = re.compile(r"(?P<name>.+)@(?P<epoch>[0-9]+)")
+
+# Linux renameat2(2): fail with EEXIST instead of replacing the target, atomically.
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+# What renameat2 answers where it cannot help: an old kernel, or a filesystem (NFS, some FUSE)
+# without RENAME_NOREPLACE support.
+_NOREPLACE_UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP})
+
+
+def _load_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    func = getattr(libc, "renameat2", None)  # glibc >= 2.28, musl >= 1.2.2
+    if func is None:
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return cast("Callable[[int, bytes, int, bytes, int], int]", func)
+
+
+_renameat2 = _load_renameat2()
+
+
+def _check_name(name: str) -> None:
+    if not name or name in {".", ".."} or "/" in name or "\0" in name:
+        raise ValueError(f"not a valid entry name: {name!r}")
+
+
+def _freed(st: os.stat_result) -> int:
+    # A file with another hard link frees nothing when one name goes.
+    return st.st_blocks * 512 if st.st_nlink <= 1 else 0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some filesystems cannot fsync a directory; their renames are as durable as they get.
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ensure_dir(path: Path) -> None:
+    """Create ``path`` and missing parents, each made durable in its parent directory."""
+    if path.is_dir():
+        return
+    _ensure_dir(path.parent)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    _fsync_dir(path.parent)
+
+
+def _link_and_unlink(src: Path, dst: Path) -> None:
+    # link(2) never replaces an existing name either. A crash between the two calls leaves two
+    # names of one inode: no data is lost and no name is clobbered, one extra link remains.
+    os.link(src, dst, follow_symlinks=False)
+    src.unlink()
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists; raise FileExistsError if it does."""
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE):
+            code = ctypes.get_errno()
+            if code not in _NOREPLACE_UNSUPPORTED:
+                raise OSError(code, os.strerror(code), str(src), None, str(dst))
+        else:
+            return
+    _link_and_unlink(src, dst)
+
+
+def atomic_write(path: StrPath, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace the file ``path`` with ``data``, all or nothing, durably.
+
+    The bytes go to ``naming.temp_name(<name>, pid, token)`` in the same directory (a temp name the
+    reaper recognises, should we die), which is fsynced, given exactly ``mode``, renamed over
+    ``path``, and the directory is fsynced. Readers see the old content or the new one, never a
+    mix, even if the process is killed.
+
+    Raises:
+        OSError: the directory does not exist or is not writable, the disk is full, or ``path`` is a
+            directory. The temp file is removed on failure.
+    """
+    final = Path(path)
+    temp = final.with_name(naming.temp_name(final.name, os.getpid(), secrets.token_hex(4)))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temp, flags, mode)
+    try:
+        with open(fd, "wb") as stream:
+            os.fchmod(fd, mode)  # exactly the documented mode, whatever the umask
+            stream.write(data)
+            stream.flush()
+            os.fsync(fd)
+        temp.replace(final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(final.parent)
+
+
+def atomic_publish(temp_path: StrPath, final_path: StrPath) -> None:
+    """Give the finished file ``temp_path`` its final name ``final_path``, never replacing one.
+
+    The file is fsynced, then renamed with ``renameat2(RENAME_NOREPLACE)`` so an entry that appeared
+    meanwhile (another fetcher, Nova) is never clobbered, then the directories are fsynced. Where
+    the filesystem lacks RENAME_NOREPLACE (NFS) it falls back to ``link`` + ``unlink``, which never
+    replaces either; a crash in between leaves the temp name as a second link to the published
+    file, which the temp reaper removes later.
+
+    Raises:
+        EntryChanged: ``final_path`` exists; ``temp_path`` is left in place for the caller.
+        OSError: ``temp_path`` is missing, or the rename or a sync failed.
+    """
+    temp, final = Path(temp_path), Path(final_path)
+    _fsync_file(temp)
+    try:
+        _rename_noreplace(temp, final)
+    except FileExistsError as exc:
+        raise EntryChanged(f"{final} already exists; {temp.name} was not published") from exc
+    _fsync_dir(final.parent)
+    if temp.parent != final.parent:
+        _fsync_dir(temp.parent)
+
+
+def touch(path: StrPath, now: float | None = None) -> None:
+    """Set the access and modification times of ``path`` to ``now`` (the current time if None).
+
+    A symlink itself is touched, never its target. With ``now=None`` the filesystem supplies the
+    time (on NFS the server's clock, as Nova's touch does).
+
+    Raises:
+        OSError: ``path`` is gone (FileNotFoundError) or belongs to someone else
+            (PermissionError); callers report it and carry on, as Nova ignores EACCES.
+    """
+    os.utime(path, None if now is None else (now, now), follow_symlinks=False)
+
+
+def trash_dir(cache_dir: StrPath) -> Path:
+    """``<cache_dir>/.imagecache/trash``, where quarantined entries wait for their purge."""
+    return Path(cache_dir, TRASH_DIR)
+
+
+def quarantine(cache_dir: StrPath, name: str, *, now: float) -> str:
+    """Move entry ``name`` into the trash as ``<name>@<int(now)>`` and return that trash name.
+
+    One atomic rename within the cache directory's filesystem (the trash directories are created
+    first), followed by an fsync of both directories: after a crash the entry is in exactly one of
+    the two places. Space is freed only by :func:`purge`.
+
+    Raises:
+        ValueError: ``name`` is not a plain entry name.
+        EntryChanged: the entry vanished, or the trash already holds that trash name (the same
+            name quarantined in the same second); nothing was moved.
+        OSError: the trash cannot be created, or the rename or a sync failed.
+    """
+    _check_name(name)
+    cache, trash = Path(cache_dir), trash_dir(cache_dir)
+    trash_name = f"{name}@{int(now)}"
+    _ensure_dir(trash)
+    try:
+        _rename_noreplace(cache / name, trash / trash_name)
+    except FileExistsError as exc:
+        raise EntryChanged(
+            f"cannot quarantine {name}: the trash already holds {trash_name}"
+        ) from exc
+    except FileNotFoundError as exc:
+        raise EntryChanged(f"cannot quarantine {name}: it is gone from {cache}") from exc
+    _fsync_dir(trash)
+    _fsync_dir(cache)
+    return trash_name
+
+
+def _parse_trash_name(trash_name: str) -> tuple[str, int] | None:
+    match = _TRASH_NAME.fullmatch(trash_name)
+    if match is None or "/" in trash_name or "\0" in trash_name:
+        return None
+    name = match["name"]
+    if name in {".", ".."}:
+        return None
+    return name, int(match["epoch"])
+
+
+def restore(cache_dir: StrPath, trash_name: str) -> str:
+    """Move a quarantined entry back to its name in the cache directory; return that name.
+
+    The rename never replaces: if an entry of the same name has appeared since (Nova fetched the
+    image again), it is left alone and the trash entry stays. The caller holds the entry's lock.
+
+    Raises:
+        ValueError: ``trash_name`` is not ``<name>@<epoch>``.
+        EntryChanged: an entry of that name exists again in the cache directory.
+        OSError: the trash entry does not exist (FileNotFoundError), or the rename failed.
+    """
+    parsed = _parse_trash_name(trash_name)
+    if parsed is None:
+        raise ValueError(f"not a trash name (<name>@<epoch>): {trash_name!r}")
+    name = parsed[0]
+    cache, trash = Path(cache_dir), trash_dir(cache_dir)
+    try:
+        _rename_noreplace(trash / trash_name, cache / name)
+    except FileExistsError as exc:
+        raise EntryChanged(
+            f"cannot restore {trash_name}: an entry named {name} exists again in {cache}"
+        ) from exc
+    _fsync_dir(cache)
+    _fsync_dir(trash)
+    return name
+
+
+def purge(cache_dir: StrPath, trash_name: str) -> int:
+    """Delete a quarantined entry for good; return the bytes freed.
+
+    Raises:
+        ValueError: ``trash_name`` is not ``<name>@<epoch>``.
+        OSError: it is gone (FileNotFoundError), or it cannot be unlinked.
+    """
+    if _parse_trash_name(trash_name) is None:
+        raise ValueError(f"not a trash name (<name>@<epoch>): {trash_name!r}")
+    return remove(trash_dir(cache_dir) / trash_name)
+
+
+def remove(path: StrPath) -> int:
+    """Unlink ``path`` (a file or symlink, never a directory) durably; return the bytes freed.
+
+    The bytes are ``st_blocks * 512`` from an ``lstat`` just before, or 0 when the file has other
+    hard links. A process that still has the file open keeps the space until it closes it.
+
+    Raises:
+        OSError: ``path`` is gone (FileNotFoundError), is a directory, or cannot be unlinked.
+    """
+    target = Path(path)
+    freed = _freed(target.lstat())
+    target.unlink()
+    _fsync_dir(target.parent)
+    return freed
+
+
+def list_trash(cache_dir: StrPath) -> tuple[TrashEntry, ...]:
+    """The quarantined entries of ``cache_dir``, ordered by trash name.
+
+    Names that are not ``<name>@<epoch>`` and anything that is not a regular file are skipped (they
+    are not ours); an entry that vanishes while listing is skipped; a missing trash is empty.
+
+    Raises:
+        OSError: the trash exists but cannot be listed.
+    """
+    try:
+        children = sorted(trash_dir(cache_dir).iterdir())
+    except FileNotFoundError:
+        return ()
+    entries = []
+    for child in children:
+        parsed = _parse_trash_name(child.name)
+        if parsed is None:
+            continue
+        try:
+            st = child.lstat()
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        name, epoch = parsed
+        entries.append(
+            TrashEntry(
+                name=name,
+                trash_name=child.name,
+                bytes_allocated=st.st_blocks * 512,
+                quarantined_at=float(epoch),
+                inode=st.st_ino,
+            )
+        )
+    return tuple(entries)
