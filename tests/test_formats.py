@@ -201,27 +201,63 @@ def test_read_at_is_used_only_beyond_the_buffer(tmp_path: Path) -> None:
     assert calls
 
 
-QCOW2_DAMAGE: dict[str, Callable[[bytes], bytes]] = {
-    "truncated-fixed-header": lambda d: d[:50],
-    "truncated-before-header-length": lambda d: d[:100],
-    "truncated-in-extensions": lambda d: d[:120],
-    "version-1": lambda d: _patch(d, 4, ">I", 1),
-    "version-4": lambda d: _patch(d, 4, ">I", 4),
-    "cluster-bits-too-small": lambda d: _patch(d, 20, ">I", 8),
-    "cluster-bits-too-large": lambda d: _patch(d, 20, ">I", 22),
-    "header-length-too-small": lambda d: _patch(d, 100, ">I", 96),
-    "header-length-beyond-cluster": lambda d: _patch(d, 100, ">I", 65544),
-    "backing-offset-beyond-cluster": lambda d: _patch(d, 8, ">Q", 65536 + 8),
-    "backing-offset-inside-header": lambda d: _patch(d, 8, ">Q", 16),
-    "backing-offset-huge": lambda d: _patch(d, 8, ">Q", 2**64 - 8),
-    "backing-size-over-1023": lambda d: _patch(d, 16, ">I", 1024),
+# damage -> the reason the parser must give (so each check is exercised, not a neighbour)
+QCOW2_DAMAGE: dict[str, tuple[Callable[[bytes], bytes], str]] = {
+    "truncated-fixed-header": (
+        lambda d: d[:20],
+        r"qcow2 header at offset 0 \(\+32\) lies beyond the end",
+    ),
+    "truncated-before-header-length": (lambda d: d[:100], "header_length at offset 100"),
+    "truncated-in-extensions": (lambda d: d[:120], "backing format at offset 120"),
+    "version-1": (lambda d: _patch(d, 4, ">I", 1), "unsupported qcow2 version 1"),
+    "version-4": (lambda d: _patch(d, 4, ">I", 4), "unsupported qcow2 version 4"),
+    "cluster-bits-too-small": (lambda d: _patch(d, 20, ">I", 8), "cluster_bits 8"),
+    "cluster-bits-too-large": (lambda d: _patch(d, 20, ">I", 22), "cluster_bits 22"),
+    "header-length-too-small": (lambda d: _patch(d, 100, ">I", 96), "96 is too small"),
+    "header-length-beyond-cluster": (
+        lambda d: _patch(d, 100, ">I", 65544),
+        "65544 exceeds the cluster size",
+    ),
+    "backing-offset-beyond-cluster": (
+        lambda d: _patch(d, 8, ">Q", 65536 + 8),
+        "backing file offset 65544 is out of bounds",
+    ),
+    "backing-offset-inside-header": (
+        lambda d: _patch(d, 8, ">Q", 16),
+        "backing file offset 16 is out of bounds",
+    ),
+    "backing-offset-huge": (lambda d: _patch(d, 8, ">Q", 2**64 - 8), "out of bounds"),
+    "backing-size-over-1023": (lambda d: _patch(d, 16, ">I", 1024), "length 1024 is too large"),
     # 8 bytes left in the 64 KiB cluster for a 10-byte name
-    "backing-name-past-cluster": lambda d: _patch(d, 8, ">Q", 65536 - 8),
-    "backing-name-not-utf8": lambda d: d.replace(b"base.qcow2", b"base\xff\xfeow2"),
-    "backing-name-with-nul": lambda d: d.replace(b"base.qcow2", b"base\0qcow2"),
-    "extension-longer-than-area": lambda d: _patch(d, 112 + 4, ">I", 60000),
-    "backing-format-too-long": lambda d: _patch(d, 112 + 4, ">I", 16),
-    "backing-format-not-utf8": lambda d: d.replace(b"qcow2\0\0\0", b"qc\xffw2\0\0\0", 1),
+    "backing-name-past-cluster": (
+        lambda d: _patch(d, 8, ">Q", 65536 - 8),
+        "name length 10 is too large",
+    ),
+    "backing-name-not-utf8": (
+        lambda d: d.replace(b"base.qcow2", b"base\xff\xfecow2"),
+        "backing file name is not valid UTF-8",
+    ),
+    "backing-name-with-nul": (
+        lambda d: d.replace(b"base.qcow2", b"base\0qcow2"),
+        "backing file name contains a NUL",
+    ),
+    "extension-longer-than-area": (
+        lambda d: _patch(d, 112 + 4, ">I", 60000),
+        "extension 0xe2792aca is too large",
+    ),
+    "extension-header-past-area": (
+        # the backing name moved to 4 bytes after the extension area starts
+        lambda d: _patch(d, 8, ">Q", 116),
+        "extension at 112 is too large",
+    ),
+    "backing-format-too-long": (
+        lambda d: _patch(d, 112 + 4, ">I", 16),
+        "format name length 16 is too large",
+    ),
+    "backing-format-not-utf8": (
+        lambda d: d.replace(b"qcow2\0\0\0", b"qc\xffw2\0\0\0", 1),
+        "backing format is not valid UTF-8",
+    ),
 }
 
 
@@ -229,14 +265,15 @@ QCOW2_DAMAGE: dict[str, Callable[[bytes], bytes]] = {
 def test_damaged_qcow2_is_an_image_format_error(tmp_path: Path, damage: str) -> None:
     good = _v3_overlay(tmp_path)
     assert good[112:116] == b"\xe2\x79\x2a\xca"  # the offsets patched above are the real ones
-    bad = QCOW2_DAMAGE[damage](good)
+    spoil, reason = QCOW2_DAMAGE[damage]
+    bad = spoil(good)
     assert bad != good
-    with pytest.raises(ImageFormatError):
+    with pytest.raises(ImageFormatError, match=reason):
         parse_header(bad, read_at=_reader(bad))
     # The same bytes on disk: read_header sees them through the file, pread included.
     image = tmp_path / "bad.qcow2"
     image.write_bytes(bad)
-    with pytest.raises(ImageFormatError):
+    with pytest.raises(ImageFormatError, match=reason):
         read_header(image)
 
 

@@ -60,7 +60,6 @@ def parse_qcow2(src: ByteSource) -> ImageHeader:
     # The whole fixed header must be present, not just the fields we use.
     src.get(0, header_length, "qcow2 header")
 
-    backing_file = None
     if backing_offset:
         # qemu only bounds the offset by the cluster size; a name inside the fixed header is
         # garbage that qemu never writes, so it is refused too.
@@ -68,13 +67,15 @@ def parse_qcow2(src: ByteSource) -> ImageHeader:
             raise ImageFormatError(f"qcow2 backing file offset {backing_offset} is out of bounds")
         if backing_size > min(_MAX_BACKING_NAME, cluster_size - backing_offset):
             raise ImageFormatError(f"qcow2 backing file name length {backing_size} is too large")
+
+    # Extensions lie between the header and the backing name (or the end of the first cluster);
+    # they are read before the name, as qemu does, so damage is reported on the same field.
+    backing_format, data_file = _read_extensions(src, header_length, backing_offset or cluster_size)
+    backing_file = None
+    if backing_offset:
         raw = src.get(backing_offset, backing_size, "qcow2 backing file name")
         # qemu treats an empty name as "no backing file".
         backing_file = decode_name(raw, "qcow2 backing file name") or None
-
-    # Extensions lie between the header and the backing name (or the end of the first cluster).
-    end = backing_offset or cluster_size
-    backing_format, data_file = _read_extensions(src, header_length, end)
     return ImageHeader(
         format="qcow2",
         backing_file=backing_file,
