@@ -127,6 +127,20 @@ def test_threads_of_one_process_exclude_each_other(instances: Path) -> None:
         pass
 
 
+def test_relative_and_absolute_paths_share_one_guard(
+    instances: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(instances.parent)
+    with locks.entry_lock(instances, SHA, timeout=0):
+        assert locks.is_locked(instances.name, SHA)
+        with (
+            pytest.raises(LockTimeout, match="another thread"),
+            locks.entry_lock(instances.name, SHA, timeout=0),
+        ):
+            pytest.fail("one entry lock held twice in one process")
+        assert nova_tries(instances, SHA) == "busy"
+
+
 def test_is_locked_does_not_create_lock_files(instances: Path) -> None:
     assert not locks.is_locked(instances, SHA)
     assert not (instances / "locks").exists()

@@ -60,11 +60,14 @@ _guards_lock = threading.Lock()
 
 
 def _guard(path: str) -> threading.Lock:
+    # Keyed by the absolute path, so that callers passing relative and absolute instances paths
+    # still share one guard.
+    key = str(Path(path).absolute())
     with _guards_lock:
-        guard = _guards.get(path)
+        guard = _guards.get(key)
         if guard is None:
             guard = threading.Lock()
-            _guards[path] = guard
+            _guards[key] = guard
         return guard
 
 
@@ -90,7 +93,7 @@ def _held(
     """Hold the guard and the file lock of ``path``, waiting at most ``timeout`` seconds in all."""
     if timeout < 0 or poll <= 0:
         raise ValueError(f"timeout must be >= 0 and poll > 0, got {timeout!r} and {poll!r}")
-    # The wait is bounded by the monotonic clock, the one clock read of this module.
+    # The wait is bounded by the monotonic clock: the only clock this module reads.
     deadline = time.monotonic() + timeout
     guard = _guard(path)
     got_guard = guard.acquire(timeout=timeout) if timeout > 0 else guard.acquire(blocking=False)
