@@ -51,7 +51,7 @@ def make_overlay(
 
 
 def info_chain(path: Path) -> list[dict[str, Any]]:
-    """``qemu-img info --backing-chain --output=json``: the reference our parser is checked against."""
+    """``qemu-img info --backing-chain --output=json``: the reference for our parser."""
     out = qemu_img("info", "-U", "--backing-chain", "--output=json", path)
     chain: list[dict[str, Any]] = json.loads(out)
     return chain
