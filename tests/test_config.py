@@ -91,7 +91,7 @@ def test_bad_values_name_the_option(tmp_path: Path, text: str, names: str) -> No
 
 
 def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="missing.conf"):
+    with pytest.raises(ConfigError, match=r"missing\.conf"):
         load_settings([str(tmp_path / "missing.conf")])
     with pytest.raises(ConfigError, match="parse"):
         load_settings([conf(tmp_path, "[DEFAULT\nx")])
