@@ -2,9 +2,9 @@
 
 The library in one screen::
 
-    settings = load_settings(["/etc/nova/nova.conf"])        # ConfigError on a bad value
-    inventory = observe(settings, inventory_files=[...])      # read-only, never raises for a bad disk
-    plan = decide(inventory, settings.policy, now=time.time())  # pure: an action and reason per entry
+    settings = load_settings(["/etc/nova/nova.conf"])  # ConfigError on a bad value
+    inventory = observe(settings, inventory_files=[...])  # read-only; a bad disk is a Problem
+    plan = decide(inventory, settings.policy, now=time.time())  # pure: action + reason per entry
 """
 
 from __future__ import annotations
