@@ -83,14 +83,14 @@ class ImageMeta:
     """What the image service says about an image (for a URL, only what HTTP or stat can say)."""
 
     id: str
-    name: str | None
     status: str
-    disk_format: str | None
-    container_format: str | None
-    size: int | None
-    checksum: str | None  # MD5 hex, Glance's legacy checksum
-    hash_algo: str | None  # Glance's os_hash_algo, e.g. "sha512"
-    hash_value: str | None  # Glance's os_hash_value
+    name: str | None = None
+    disk_format: str | None = None
+    container_format: str | None = None
+    size: int | None = None
+    checksum: str | None = None  # MD5 hex, Glance's legacy checksum
+    hash_algo: str | None = None  # Glance's os_hash_algo, e.g. "sha512"
+    hash_value: str | None = None  # Glance's os_hash_value
     kernel_id: str | None = None
     ramdisk_id: str | None = None
     virtual_size: int | None = None
@@ -109,7 +109,7 @@ class ImageSource(Protocol):
     def close(self) -> None: ...
 
 
-# Which of our errors an HTTP status means. Anything else >= 400 is a plain ImageServiceError.
+# What an HTTP status other than 200 from Glance or a URL means; any other: ImageServiceError.
 _BY_STATUS: Mapping[int, type[ImageServiceError]] = MappingProxyType(
     {
         204: ImageUnavailable,  # Glance's answer for an image without data (queued)
@@ -128,7 +128,12 @@ _BY_TYPE: tuple[tuple[type[BaseException], type[ImageServiceError]], ...] = (
     (ks_exc.SSLError, ImageServiceError),  # a certificate problem is not an outage
     (ks_exc.ConnectionError, ImageServiceUnreachable),  # refused, DNS, connect timeout
     (ks_exc.RetriableConnectionFailure, ImageServiceUnreachable),  # a mixin, not a subclass
-    (ks_exc.ClientException, ImageServiceError),  # auth, catalog, discovery, HTTP from Keystone
+    # Glance's answers are checked by status (raise_exc=False); HTTP errors raised by
+    # keystoneauth come from Keystone, and a 404 there is no ImageNotFound.
+    (ks_exc.BadGateway, ImageServiceUnreachable),
+    (ks_exc.ServiceUnavailable, ImageServiceUnreachable),
+    (ks_exc.GatewayTimeout, ImageServiceUnreachable),
+    (ks_exc.ClientException, ImageServiceError),  # auth, catalog, discovery, other HTTP
     (requests.exceptions.SSLError, ImageServiceError),
     (requests.exceptions.ConnectionError, ImageServiceUnreachable),
     (requests.exceptions.Timeout, ImageServiceUnreachable),
@@ -147,22 +152,8 @@ _BY_TYPE: tuple[tuple[type[BaseException], type[ImageServiceError]], ...] = (
 _HANDLED = tuple(foreign for foreign, _ in _BY_TYPE)
 
 
-def _status_of(exc: BaseException) -> int | None:
-    if isinstance(exc, ks_exc.HttpError):
-        status: int | None = exc.http_status
-        return status
-    response = getattr(exc, "response", None)  # requests' HTTPError, when it has one
-    if isinstance(exc, requests.exceptions.HTTPError) and response is not None:
-        code: int = response.status_code
-        return code
-    return None
-
-
 def _translate(exc: BaseException, what: str) -> ImageServiceError:
     """Our error for a foreign exception met while doing ``what`` (``raise ... from exc``)."""
-    status = _status_of(exc)
-    if status is not None:
-        return _BY_STATUS.get(status, ImageServiceError)(f"{what}: HTTP {status}: {_describe(exc)}")
     ours = next((ours for foreign, ours in _BY_TYPE if isinstance(exc, foreign)), None)
     return (ours or ImageServiceError)(f"{what}: {_describe(exc)}")
 
@@ -411,17 +402,7 @@ class UrlSource:
             with self._request(image_ref, what) as resp:
                 length = resp.headers.get("Content-Length", "")
                 size = int(length) if length.isdigit() else None
-        return ImageMeta(
-            id=image_ref,
-            name=name,
-            status="active",
-            disk_format=None,
-            container_format=None,
-            size=size,
-            checksum=None,
-            hash_algo=None,
-            hash_value=None,
-        )
+        return ImageMeta(id=image_ref, status="active", name=name, size=size)
 
     @contextlib.contextmanager
     def open_stream(self, image_ref: str) -> Iterator[Iterator[bytes]]:
