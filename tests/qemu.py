@@ -8,9 +8,14 @@ from pathlib import Path
 from typing import Any
 
 
-def qemu_img(*args: str | Path) -> str:
-    """Run ``qemu-img`` and return its stdout; raise CalledProcessError with stderr on failure."""
-    done = subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True, text=True)
+def qemu_img(*args: str | Path, cwd: Path | None = None) -> str:
+    """Run ``qemu-img`` and return its stdout; raise CalledProcessError with stderr on failure.
+
+    ``cwd`` matters for options qemu-img resolves against the working directory (``data_file``).
+    """
+    done = subprocess.run(
+        ["qemu-img", *map(str, args)], check=True, capture_output=True, text=True, cwd=cwd
+    )
     return done.stdout
 
 

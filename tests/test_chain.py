@@ -42,7 +42,7 @@ def _vmdk(tmp: Path, name: str) -> str:
 def _data_file_overlay(tmp: Path) -> Path:
     qemu.make_raw(tmp / "b.raw")
     args = ["create", "-q", "-f", "qcow2", "-o", "data_file=data.raw", "-F", "raw", "-b", "b.raw"]
-    qemu.qemu_img(*args, tmp / "o.qcow2", "1M")
+    qemu.qemu_img(*args, tmp / "o.qcow2", "1M", cwd=tmp)
     return tmp / "o.qcow2"
 
 

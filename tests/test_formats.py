@@ -92,7 +92,7 @@ def _data_file(tmp: Path, *, backing: bool) -> Path:
     if backing:
         qemu.make_raw(tmp / "b.raw")
         args += ["-F", "raw", "-b", "b.raw"]
-    qemu.qemu_img(*args, tmp / "o.qcow2", "1M")
+    qemu.qemu_img(*args, tmp / "o.qcow2", "1M", cwd=tmp)
     return tmp / "o.qcow2"
 
 
