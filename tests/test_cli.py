@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -122,3 +124,21 @@ def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["frobnicate"])
     assert exit_info.value.code == 2
+
+
+def test_permission_denied_disk_is_a_problem_not_a_crash(host: sample.SampleHost) -> None:
+    # Root reads anything; drop the capabilities that let it, so mode 000 really denies.
+    denied = host.instances_path / "00000003-7c0e-4000-8000-4f9e8d7c0000" / "disk"
+    denied.chmod(0)
+    no_dac = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
+    done = subprocess.run(
+        [*no_dac, sys.executable, "-m", "imagecache.cli", *run(host, "plan", "--json")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    doc = json.loads(done.stdout)
+    assert [(p["ref"], p["blocking"]) for p in doc["problems"]] == [(str(denied), True)]
+    assert "Permission denied" in doc["problems"][0]["message"]
+    assert {e["action"] for e in doc["entries"]} == {"keep"}

@@ -131,3 +131,11 @@ def test_registry_read_and_corruption(tmp_path: Path) -> None:
     (inst / "compute_nodes").write_text("")  # LP 1252659: an empty file is not "no peers"
     registry, problems = scan.read_registry(str(inst))
     assert registry == () and problems[0].blocking
+
+
+def test_disk_vanished_between_listing_and_reading_is_a_problem(tmp_path: Path) -> None:
+    # The listing saw it; by the time the header is read it is gone (instance deleted mid-scan).
+    gone = tmp_path / "u1" / "disk"
+    disk, problem = scan._inspect_disk(str(gone), "u1")
+    assert disk is None and problem is not None
+    assert problem.blocking and "vanished" in problem.message and problem.ref == str(gone)
