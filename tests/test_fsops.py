@@ -265,3 +265,47 @@ def test_atomic_write_survives_sigkill(tmp_path: Path) -> None:
     # A killed writer may leave its temp file behind, under a name the reaper recognises.
     for leftover in tmp_path.iterdir():
         assert leftover == path or naming.classify(leftover.name) is Kind.TEMP
+
+
+# temp_path / temp_file
+
+
+def test_temp_file_is_a_unique_temp_name_with_the_exact_mode(cache: Path) -> None:
+    old_umask = os.umask(0o077)
+    try:
+        with fsops.temp_file(cache, SHA) as (one, f), fsops.temp_file(cache, SHA) as (two, _):
+            f.write(b"data")
+    finally:
+        os.umask(old_umask)
+    assert one != two and one.parent == cache
+    assert naming.classify(one.name) is Kind.TEMP and naming.entry_of_temp(one.name) == SHA
+    assert one.name.startswith(f"{SHA}.{os.getpid()}.") and one.name != f"{SHA}.part"
+    assert one.read_bytes() == b"data" and stat.S_IMODE(one.stat().st_mode) == 0o644
+
+
+def test_temp_file_is_removed_when_the_block_raises(cache: Path) -> None:
+    with pytest.raises(RuntimeError), fsops.temp_file(cache, SHA) as (temp, f):
+        f.write(b"half")
+        raise RuntimeError("download failed")
+    assert not temp.exists() and list(cache.iterdir()) == []
+
+
+def test_temp_path_creates_nothing_and_cleans_what_the_block_made(cache: Path) -> None:
+    with fsops.temp_path(cache, SHA) as temp:
+        assert not temp.exists()
+    with pytest.raises(KeyboardInterrupt), fsops.temp_path(cache, SHA) as temp:
+        temp.write_bytes(b"converted")
+        raise KeyboardInterrupt
+    assert list(cache.iterdir()) == []
+
+
+def test_temp_file_then_publish_leaves_only_the_final_name(cache: Path) -> None:
+    with fsops.temp_file(cache, SHA) as (temp, f):
+        f.write(b"image")
+    fsops.atomic_publish(temp, cache / SHA)
+    assert [p.name for p in cache.iterdir()] == [SHA]
+
+
+def test_temp_names_refuse_paths(cache: Path) -> None:
+    with pytest.raises(ValueError), fsops.temp_path(cache, "../x"):
+        pass

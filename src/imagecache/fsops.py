@@ -26,9 +26,10 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import cast
+from typing import BinaryIO, cast
 
 from imagecache import naming
 from imagecache.errors import EntryChanged
@@ -43,6 +44,8 @@ __all__ = [
     "quarantine",
     "remove",
     "restore",
+    "temp_file",
+    "temp_path",
     "touch",
     "trash_dir",
 ]
@@ -167,6 +170,48 @@ def atomic_write(path: StrPath, data: bytes, *, mode: int = 0o644) -> None:
         temp.unlink(missing_ok=True)
         raise
     _fsync_dir(final.parent)
+
+
+@contextmanager
+def temp_path(directory: StrPath, entry: str) -> Iterator[Path]:
+    """A fresh temp name for ``entry`` in ``directory``, removed if the ``with`` block raises.
+
+    The name is ``naming.temp_name(entry, pid, token)``: unique per writer (never Nova's own
+    ``<entry>.part``), and what the reaper recognises if we die before cleaning up. Nothing is
+    created: the block (or the process it runs, ``qemu-img convert``) creates the file. On
+    success the block has published or removed it; whatever is left stays (for the reaper).
+
+    Raises:
+        ValueError: ``entry`` is not a plain entry name.
+    """
+    _check_name(entry)
+    temp = Path(directory, naming.temp_name(entry, os.getpid(), secrets.token_hex(4)))
+    try:
+        yield temp
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def temp_file(
+    directory: StrPath, entry: str, *, mode: int = 0o644
+) -> Iterator[tuple[Path, BinaryIO]]:
+    """A new temp file for ``entry`` (see :func:`temp_path`), open for writing, unbuffered.
+
+    The file is created exclusively with exactly ``mode`` and closed when the block ends; it is
+    removed if the block raises. Publish it with :func:`atomic_publish` after the block.
+
+    Raises:
+        ValueError: ``entry`` is not a plain entry name.
+        OSError: the file cannot be created (no directory, no space, no permission).
+    """
+    with temp_path(directory, entry) as temp:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temp, flags, mode)
+        with open(fd, "wb", buffering=0) as stream:
+            os.fchmod(fd, mode)  # exactly the documented mode, whatever the umask
+            yield temp, stream
 
 
 def atomic_publish(temp_path: StrPath, final_path: StrPath) -> None:
