@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from imagecache import manager, report
+from imagecache import manager, outcome, planfile, report
 from imagecache.config import Settings, load_settings
 from imagecache.errors import ImageCacheError
 
@@ -49,7 +49,7 @@ def cmd_status(ctx: Context) -> int:
 def cmd_plan(ctx: Context) -> int:
     plan = manager.plan_pass(ctx.settings, inventory_files=ctx.inventory_files, now=ctx.clock())
     doc = report.plan_to_dict(plan)
-    if ctx.args.output:
+    if getattr(ctx.args, "output", None):  # `clean --dry-run` has no -o
         manager.save_plan(ctx.args.output, doc)
     _emit(ctx, doc, report.render_plan(plan))
     return 0 if plan.complete else 1
@@ -62,6 +62,35 @@ def cmd_explain(ctx: Context) -> int:
     doc["entries"] = [e for e in doc["entries"] if e["name"] in {d.entry.name for d in found}]
     _emit(ctx, doc, report.render_explain(plan, ctx.args.target))
     return 0 if found and plan.complete else 1
+
+
+def cmd_clean(ctx: Context) -> int:
+    if ctx.args.dry_run and ctx.args.plan:
+        print("imagecache: error: clean: --dry-run and --plan exclude each other", file=sys.stderr)
+        return 2
+    if ctx.args.dry_run:
+        return cmd_plan(ctx)
+    s = ctx.settings
+    if ctx.args.plan:
+        plan = planfile.load_plan(ctx.args.plan)
+        if (plan.host, plan.cache_dir) != (s.host, s.cache_dir):
+            print(
+                f"imagecache: error: {ctx.args.plan} is a plan for {plan.cache_dir} on "
+                f"{plan.host}, not {s.cache_dir} on {s.host}",
+                file=sys.stderr,
+            )
+            return 2
+        done = manager.apply_plan(s, plan, inventory_files=ctx.inventory_files, clock=ctx.clock)
+    else:
+        plan, done = manager.run_pass(s, inventory_files=ctx.inventory_files, clock=ctx.clock)
+    _emit(ctx, outcome.clean_to_dict(plan, done), outcome.render_clean(plan, done))
+    return 0 if plan.complete and done.ok else 1
+
+
+def cmd_restore(ctx: Context) -> int:
+    done = manager.restore(ctx.settings, ctx.args.name, clock=ctx.clock)
+    _emit(ctx, outcome.report_to_dict(done), outcome.render_restore(done))
+    return 0 if done.ok else 1
 
 
 def _global_options(parser: argparse.ArgumentParser, *, sub: bool) -> None:
@@ -124,10 +153,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     p.add_argument("-o", "--output", metavar="FILE", help="also save the plan as JSON to FILE")
     p = add("explain", cmd_explain, "why an entry is kept, or when it becomes removable")
     p.add_argument("target", metavar="NAME|IMAGE_ID", help="cache entry name or image id")
+    p = add("clean", cmd_clean, "run one pass and apply its plan, re-checking each entry")
+    p.add_argument("--dry-run", action="store_true", help="only show the plan (same as `plan`)")
+    p.add_argument("--plan", metavar="FILE", help="apply exactly the plan saved by `plan -o FILE`")
+    p = add("restore", cmd_restore, "bring a quarantined entry back from the trash")
+    p.add_argument("name", metavar="NAME", help="entry name (or its trash name NAME@EPOCH)")
     return parser, commands
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, clock: Callable[[], float] = time.time) -> int:
+    """Run the command line; ``clock`` is the one clock every command reads (tests pass theirs)."""
     parser, commands = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -142,7 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             instances_path=args.instances_path,
             host=args.host,
         )
-        ctx = Context(settings=settings, args=args, inventory_files=tuple(args.inventory or ()))
+        ctx = Context(
+            settings=settings,
+            args=args,
+            inventory_files=tuple(args.inventory or ()),
+            clock=clock,
+        )
         return commands[args.command](ctx)
     except ImageCacheError as exc:
         print(f"imagecache: error: {exc}", file=sys.stderr)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from oslo_config import cfg
@@ -21,7 +22,7 @@ from oslo_config import cfg
 from imagecache.errors import ConfigError
 from imagecache.model import Policy
 
-__all__ = ["DEFAULT_CONFIG_FILES", "Settings", "load_settings"]
+__all__ = ["DEFAULT_CONFIG_FILES", "GlanceSettings", "Settings", "load_settings"]
 
 DEFAULT_CONFIG_FILES = ("/etc/nova/nova.conf", "/etc/imagecache/imagecache.conf")
 
@@ -95,6 +96,7 @@ _IMAGECACHE_OPTS = [
     cfg.IntOpt("quarantine_seconds", default=86400, min=0),
     cfg.IntOpt("stale_temp_seconds", default=86400, min=0),
     cfg.StrOpt("audit_log", default="/var/log/imagecache/audit.jsonl"),
+    cfg.BoolOpt("touch_in_use", default=True),
     cfg.ListOpt(
         "vmdk_allowed_types",
         default=["streamOptimized", "monolithicSparse"],
@@ -102,12 +104,47 @@ _IMAGECACHE_OPTS = [
     ),
 ]
 
+# nova.conf [glance]: where Glance is and how to authenticate (keystoneauth's session and adapter
+# options that matter here; the auth plugin's own options are registered once auth_type is known,
+# from keystoneauth1.loading, so any plugin works). Not in _GROUPS: they build GlanceSettings.
+_GLANCE_OPTS = [
+    cfg.ListOpt("api_servers"),
+    cfg.StrOpt("endpoint_override"),
+    cfg.StrOpt("auth_type"),
+    cfg.StrOpt("region_name"),
+    cfg.ListOpt("valid_interfaces", default=["internal", "public"]),
+    cfg.BoolOpt("insecure", default=False),
+    cfg.StrOpt("cafile"),
+    cfg.FloatOpt("timeout", min=0),
+]
+_NO_AUTH = ("none", "noauth")
+
 _GROUPS: tuple[tuple[str, list[Any]], ...] = (
     ("DEFAULT", _DEFAULT_OPTS),
     ("image_cache", _IMAGE_CACHE_OPTS),
     ("libvirt", _LIBVIRT_OPTS),
     ("imagecache", _IMAGECACHE_OPTS),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class GlanceSettings:
+    """How to reach Glance: nova.conf ``[glance]`` or a clouds.yaml cloud (``--os-cloud``).
+
+    Defined here, not in ``glance.py``, so that reading the configuration does not import
+    keystoneauth and requests (``plan`` and ``status`` start without them).
+    """
+
+    api_servers: tuple[str, ...] = ()  # empty: find the endpoint in the catalog via auth
+    os_cloud: str | None = None  # a clouds.yaml cloud; its settings replace auth_* below
+    clouds_yaml: str | None = None  # that file; None: openstacksdk's usual search path
+    auth_type: str | None = None  # keystoneauth plugin ("password", ...); "none"/"noauth"
+    auth_options: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    insecure: bool = False
+    cafile: str | None = None
+    timeout: float | None = None
+    region_name: str | None = None
+    valid_interfaces: tuple[str, ...] = ("internal", "public")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +170,10 @@ class Settings:
     quarantine_seconds: int = 86400
     stale_temp_seconds: int = 86400
     audit_log: str = "/var/log/imagecache/audit.jsonl"
+    touch_in_use: bool = True
     vmdk_allowed_types: tuple[str, ...] = ("streamOptimized", "monolithicSparse")
     config_files: tuple[str, ...] = ()
+    glance: GlanceSettings = field(default_factory=GlanceSettings)
 
     @property
     def cache_dir(self) -> str:
@@ -166,11 +205,13 @@ def load_settings(
     *,
     instances_path: str | None = None,
     host: str | None = None,
+    os_cloud: str | None = None,
 ) -> Settings:
     """Read the configuration files and return validated settings.
 
     ``config_files`` None means the defaults of DESIGN.md §5 that exist. Command-line overrides
     (``instances_path``, ``host``) win over the files and take part in ``$name`` interpolation.
+    ``os_cloud`` names a clouds.yaml cloud to reach Glance through, instead of ``[glance]``.
 
     Raises:
         ConfigError: a file is missing or unparsable, or an option has a bad value (the message
@@ -181,6 +222,7 @@ def load_settings(
     conf = cfg.ConfigOpts()
     for group, opts in _GROUPS:
         conf.register_opts(opts, group=None if group == "DEFAULT" else group)
+    conf.register_opts(_GLANCE_OPTS, group="glance")
     args: list[str] = []
     for path in config_files:
         args += ["--config-file", path]
@@ -214,8 +256,45 @@ def load_settings(
             "[image_cache] subdirectory_name: must be a directory name under instances_path, "
             f"got {values['subdirectory_name']!r}"
         )
+    values["glance"] = _glance(conf, os_cloud)
     fields = {f.name for f in dataclasses.fields(Settings)}
     return Settings(**{k: v for k, v in values.items() if k in fields})
+
+
+def _glance(conf: cfg.ConfigOpts, os_cloud: str | None) -> GlanceSettings:
+    """``[glance]`` as :class:`GlanceSettings`; Nova's ``endpoint_override`` is used when
+    ``api_servers`` is empty (Nova prefers ``api_servers`` too)."""
+    section = conf.glance
+    read = {o.dest: _read(section, f"[glance] {o.dest}", o.dest) for o in _GLANCE_OPTS}
+    auth_type = read["auth_type"]
+    auth_options: dict[str, str] = {}
+    if auth_type and auth_type not in _NO_AUTH and not os_cloud:
+        from keystoneauth1 import exceptions as ks_exc
+        from keystoneauth1 import loading
+
+        try:
+            plugin_opts = loading.get_auth_plugin_conf_options(auth_type)
+        except ks_exc.NoMatchingPlugin as exc:
+            raise ConfigError(f"[glance] auth_type: unknown auth plugin {auth_type!r}") from exc
+        conf.register_opts(plugin_opts, group="glance")
+        for opt in plugin_opts:
+            value = _read(section, f"[glance] {opt.dest}", opt.dest)
+            if value is not None:
+                auth_options[opt.dest] = str(value)
+    servers = tuple(read["api_servers"] or ()) or (
+        (read["endpoint_override"],) if read["endpoint_override"] else ()
+    )
+    return GlanceSettings(
+        api_servers=servers,
+        os_cloud=os_cloud,
+        auth_type=auth_type,
+        auth_options=MappingProxyType(auth_options),
+        insecure=read["insecure"],
+        cafile=read["cafile"],
+        timeout=read["timeout"],
+        region_name=read["region_name"],
+        valid_interfaces=tuple(read["valid_interfaces"]),
+    )
 
 
 def _label(group: str, opt: Any) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 __all__ = [
+    "PROBLEM_REASONS",
     "Action",
     "CacheEntry",
     "Decision",
@@ -19,11 +20,15 @@ __all__ = [
     "InstanceRecord",
     "Inventory",
     "Kind",
+    "Outcome",
     "Plan",
     "Policy",
     "Problem",
     "Reason",
+    "Report",
+    "Result",
     "Source",
+    "TrashDecision",
     "TrashEntry",
     "User",
 ]
@@ -65,6 +70,9 @@ class Action(StrEnum):
     REMOVE = "remove"
     QUARANTINE = "quarantine"
     REAP = "reap"
+    # Actions on quarantined entries (``Plan.trash``).
+    PURGE = "purge"
+    RESTORE = "restore"
 
 
 class Reason(StrEnum):
@@ -81,6 +89,39 @@ class Reason(StrEnum):
     STALE_TEMP = "stale-temp"
     TEMP_TOO_YOUNG = "temp-too-young"
     CLOCK_SKEW = "clock-skew"
+    # Quarantined entries.
+    IN_QUARANTINE = "in-quarantine"
+    QUARANTINE_EXPIRED = "quarantine-expired"
+    REFERENCED_AGAIN = "referenced-again"
+    OPERATOR_RESTORE = "operator-restore"
+    # Why the executor did not do what the plan said (or what went wrong doing it).
+    CHANGED_SINCE_PLAN = "changed-since-plan"
+    NOW_IN_USE = "now-in-use"
+    NOW_TOO_YOUNG = "now-too-young"
+    NOW_KEPT = "now-kept"
+    LOCK_TIMEOUT = "lock-timeout"
+    VANISHED = "vanished"
+    TEMP_LOCKED = "temp-locked"
+    NAME_TAKEN = "name-taken"
+    NOT_IN_TRASH = "not-in-trash"
+    TOUCH_DENIED = "touch-denied"
+    OS_ERROR = "os-error"
+
+
+# Outcomes with these reasons mean "done with problems" (exit 1): the pass could not do what it
+# should have, or it had to undo a removal. A skip because the entry changed, became used or
+# vanished is the re-check doing its job, not a problem.
+PROBLEM_REASONS = frozenset(
+    {
+        Reason.INCOMPLETE_VIEW,
+        Reason.LOCK_TIMEOUT,
+        Reason.NAME_TAKEN,
+        Reason.NOT_IN_TRASH,
+        Reason.TOUCH_DENIED,
+        Reason.OS_ERROR,
+        Reason.REFERENCED_AGAIN,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,8 +259,23 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class TrashDecision:
+    """What a pass does with one quarantined entry: keep it, purge it, or restore it.
+
+    ``users`` are the users of its original name (a disk whose backing file is that name, an
+    instance record that claims it); ``purge_at`` is when its quarantine expires.
+    """
+
+    entry: TrashEntry
+    action: Action
+    reason: Reason
+    users: tuple[User, ...] = ()
+    purge_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
-    """The decisions of one pass over one cache directory."""
+    """The decisions of one pass over one cache directory (and its trash)."""
 
     host: str
     cache_dir: str
@@ -228,3 +284,58 @@ class Plan:
     decisions: tuple[Decision, ...]
     problems: tuple[Problem, ...] = ()
     policy: Policy = field(default_factory=Policy)
+    trash: tuple[TrashDecision, ...] = ()
+
+
+class Result(StrEnum):
+    """What the executor did with one entry."""
+
+    REMOVED = "removed"
+    QUARANTINED = "quarantined"
+    REAPED = "reaped"
+    PURGED = "purged"
+    RESTORED = "restored"
+    TOUCHED = "touched"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One thing the executor did or refused to do, and why.
+
+    ``reason`` is the plan's reason when the action was taken, else why it was skipped or failed.
+    ``bytes`` is the size of the file acted on and ``bytes_freed`` what its removal freed, both
+    measured (``st_blocks * 512``) just before acting; a quarantine frees nothing until its purge.
+    """
+
+    name: str
+    kind: Kind
+    result: Result
+    reason: Reason
+    bytes: int = 0
+    bytes_freed: int = 0
+    trash_name: str | None = None
+    message: str = ""
+
+    @property
+    def problem(self) -> bool:
+        return self.result is Result.FAILED or self.reason in PROBLEM_REASONS
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Everything one application of a plan did; ``problems`` are failures outside any entry."""
+
+    plan_id: str | None
+    now: float
+    outcomes: tuple[Outcome, ...] = ()
+    problems: tuple[Problem, ...] = ()
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(o.bytes_freed for o in self.outcomes)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not any(o.problem for o in self.outcomes)

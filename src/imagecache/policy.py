@@ -8,7 +8,7 @@ at ``age >= threshold`` (Nova's boundary, nova-imagecache.md §3.3).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from imagecache import naming
@@ -22,6 +22,8 @@ from imagecache.model import (
     Plan,
     Policy,
     Reason,
+    TrashDecision,
+    TrashEntry,
     User,
 )
 from imagecache.naming import Threshold
@@ -100,12 +102,65 @@ def _decide_one(f: _Facts) -> Decision:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _TrashFacts:
+    entry: TrashEntry
+    users: tuple[User, ...]
+    restorable: bool  # referenced, no cache entry of its name, newest copy of its name
+    now: float
+    complete: bool
+    policy: Policy
+
+    @property
+    def purge_at(self) -> float:
+        return self.entry.quarantined_at + self.policy.quarantine_seconds
+
+
+# Same shape as _RULES. Restoring comes first: it undoes a removal and is always safe, even on an
+# incomplete view. Purging is a removal, so it needs every keep rule to have said no.
+_TRASH_RULES: tuple[tuple[Reason, Callable[[_TrashFacts], bool], Action], ...] = (
+    (Reason.REFERENCED_AGAIN, lambda f: f.restorable, Action.RESTORE),
+    (Reason.CLOCK_SKEW, lambda f: f.now < f.entry.quarantined_at, Action.KEEP),
+    (Reason.IN_QUARANTINE, lambda f: f.now < f.purge_at, Action.KEEP),
+    (Reason.INCOMPLETE_VIEW, lambda f: not f.complete, Action.KEEP),
+    (Reason.REMOVAL_DISABLED, lambda f: not f.policy.remove_unused, Action.KEEP),
+    (Reason.QUARANTINE_EXPIRED, lambda f: True, Action.PURGE),
+)
+
+
+def _decide_trash(
+    inventory: Inventory, policy: Policy, users: Mapping[str, tuple[User, ...]], now: float
+) -> tuple[TrashDecision, ...]:
+    present = {e.name for e in inventory.entries}
+    newest: dict[str, TrashEntry] = {}
+    for t in inventory.trash:
+        if t.name not in newest or t.quarantined_at > newest[t.name].quarantined_at:
+            newest[t.name] = t
+    out = []
+    for t in inventory.trash:
+        used = users.get(t.name, ())
+        f = _TrashFacts(
+            entry=t,
+            users=used,
+            restorable=bool(used) and t.name not in present and newest[t.name] is t,
+            now=now,
+            complete=inventory.complete,
+            policy=policy,
+        )
+        reason, _, action = next(rule for rule in _TRASH_RULES if rule[1](f))
+        out.append(TrashDecision(t, action, reason, users=used, purge_at=f.purge_at))
+    return tuple(out)
+
+
 def decide(inventory: Inventory, policy: Policy, now: float) -> Plan:
-    """Decide the action and reason for every cache entry; pure.
+    """Decide the action and reason for every cache entry and every quarantined entry; pure.
 
     An incomplete view (any blocking problem) removes nothing; report-only mode
     (``remove_unused`` false) removes nothing; unknown names, symlinks and directories are never
-    removed; a negative age (a clock step) never removes.
+    removed; a negative age (a clock step) never removes. A quarantined entry is purged when its
+    quarantine has expired (``quarantined_at + quarantine_seconds <= now``) and restored when its
+    name is referenced again (a disk's backing chain names it, an instance record claims it) and
+    no cache entry of that name exists.
     """
     users = users_by_entry(inventory, policy)
     complete = inventory.complete
@@ -130,4 +185,5 @@ def decide(inventory: Inventory, policy: Policy, now: float) -> Plan:
         decisions=decisions,
         problems=inventory.problems,
         policy=policy,
+        trash=_decide_trash(inventory, policy, users, now),
     )

@@ -15,18 +15,30 @@ from datetime import UTC, datetime
 from typing import Any
 
 from imagecache import naming
-from imagecache.model import Action, Decision, Plan, Problem, Reason, User
+from imagecache.model import (
+    Action,
+    Decision,
+    Plan,
+    Problem,
+    Reason,
+    TrashDecision,
+    User,
+)
 
 __all__ = [
     "REASON_TEXT",
     "find_decisions",
     "human_bytes",
     "human_seconds",
+    "iso",
     "plan_id",
     "plan_to_dict",
+    "problems_text",
     "render_explain",
     "render_plan",
     "render_status",
+    "render_table",
+    "trash_rows",
 ]
 
 REASON_TEXT: dict[Reason, str] = {
@@ -41,6 +53,9 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.STALE_TEMP: "stale partial download or conversion",
     Reason.TEMP_TOO_YOUNG: "partial download or conversion, maybe still being written",
     Reason.CLOCK_SKEW: "modified in the future (clock step?): kept",
+    Reason.IN_QUARANTINE: "quarantined, waiting for its purge",
+    Reason.QUARANTINE_EXPIRED: "quarantine expired",
+    Reason.REFERENCED_AGAIN: "quarantined, but referenced again: restored",
 }
 
 
@@ -86,6 +101,7 @@ def _entry(d: Decision) -> dict[str, Any]:
         "apparent_bytes": e.bytes_apparent,
         "mtime": e.mtime,
         "inode": e.inode,
+        "device": e.device,
         "age_seconds": round(d.age_seconds, 3),
         "threshold_seconds": d.threshold,
         "in_use": d.in_use,
@@ -96,6 +112,23 @@ def _entry(d: Decision) -> dict[str, Any]:
     }
 
 
+def _trash(t: TrashDecision) -> dict[str, Any]:
+    e = t.entry
+    return {
+        "name": e.name,
+        "trash_name": e.trash_name,
+        "kind": str(naming.classify(e.name)),
+        "bytes": e.bytes_allocated,
+        "inode": e.inode,
+        "quarantined_at": iso(e.quarantined_at),
+        "quarantined_at_epoch": e.quarantined_at,
+        "users": [_user(u) for u in t.users],
+        "action": str(t.action),
+        "reason": str(t.reason),
+        "purge_at": iso(t.purge_at),
+    }
+
+
 def plan_id(plan: Plan) -> str:
     """A stable id of what a plan decided (same observations and decisions, same id)."""
     digest = hashlib.sha256()
@@ -103,15 +136,22 @@ def plan_id(plan: Plan) -> str:
     for d in plan.decisions:
         e = d.entry
         digest.update(f"\0{e.name}\0{e.inode}\0{e.mtime}\0{d.action}".encode())
+    for t in plan.trash:
+        digest.update(f"\0{t.entry.trash_name}\0{t.entry.inode}\0{t.action}".encode())
     return digest.hexdigest()[:16]
 
 
-def _summary(decisions: Iterable[Decision]) -> dict[str, Any]:
-    decisions = list(decisions)
+def _summary(decisions: Iterable[Decision], trash: Iterable[TrashDecision] = ()) -> dict[str, Any]:
+    decisions, trash = list(decisions), list(trash)
     freed = sum(d.entry.bytes_allocated for d in decisions if d.action is not Action.KEEP)
+    trash_bytes = sum(t.entry.bytes_allocated for t in trash)
+    # Quarantined bytes still take space: they count in every size figure until purged.
+    freed += sum(t.entry.bytes_allocated for t in trash if t.action is Action.PURGE)
     return {
         "entries": len(decisions),
-        "bytes": sum(d.entry.bytes_allocated for d in decisions),
+        "bytes": sum(d.entry.bytes_allocated for d in decisions) + trash_bytes,
+        "trash_entries": len(trash),
+        "trash_bytes": trash_bytes,
         "in_use": sum(1 for d in decisions if d.in_use),
         "actions": dict(sorted(Counter(str(d.action) for d in decisions).items())),
         "reasons": dict(sorted(Counter(str(d.reason) for d in decisions).items())),
@@ -137,8 +177,9 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
             "stale_temp_seconds": plan.policy.stale_temp_age,
             "quarantine_seconds": plan.policy.quarantine_seconds,
         },
-        "summary": _summary(plan.decisions),
+        "summary": _summary(plan.decisions, plan.trash),
         "entries": [_entry(d) for d in plan.decisions],
+        "trash": [_trash(t) for t in plan.trash],
     }
 
 
@@ -146,7 +187,7 @@ def dumps(doc: Any) -> str:
     return json.dumps(doc, indent=2, sort_keys=False)
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
+def render_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
@@ -182,7 +223,7 @@ def _short_ref(ref: str) -> str:
     return ref[:8] if len(ref) == 36 else ref
 
 
-def _problems_text(plan: Plan) -> list[str]:
+def problems_text(plan: Plan) -> list[str]:
     lines = []
     if not plan.complete:
         lines.append("VIEW INCOMPLETE: nothing will be removed until these are fixed:")
@@ -193,11 +234,37 @@ def _problems_text(plan: Plan) -> list[str]:
 
 
 def _footer(plan: Plan) -> list[str]:
-    s = _summary(plan.decisions)
+    s = _summary(plan.decisions, plan.trash)
     acts = ", ".join(f"{k} {v}" for k, v in s["actions"].items()) or "nothing"
+    trash = (
+        f" (of which {s['trash_entries']} quarantined, {human_bytes(s['trash_bytes'])})"
+        if s["trash_entries"]
+        else ""
+    )
+    trash_acts = Counter(str(t.action) for t in plan.trash if t.action is not Action.KEEP)
+    acts += "".join(f", {k} {v}" for k, v in sorted(trash_acts.items()))
     return [
-        f"{s['entries']} entries, {human_bytes(s['bytes'])} on disk, {s['in_use']} in use; "
-        f"{acts}; {human_bytes(s['bytes_to_free'])} to free",
+        f"{s['entries']} entries, {human_bytes(s['bytes'])} on disk{trash}, "
+        f"{s['in_use']} in use; {acts}; {human_bytes(s['bytes_to_free'])} to free",
+    ]
+
+
+def trash_rows(plan: Plan) -> list[list[str]]:
+    """Rows (action, ``trash/<trash name>``, kind, size, reason) for the quarantined entries."""
+    return [
+        [
+            str(t.action),
+            f"trash/{t.entry.trash_name}",
+            str(naming.classify(t.entry.name)),
+            human_bytes(t.entry.bytes_allocated),
+            f"{t.reason}"
+            + (
+                f", purge in {human_seconds(t.purge_at - plan.now)}"
+                if t.action is Action.KEEP
+                else ""
+            ),
+        ]
+        for t in plan.trash
     ]
 
 
@@ -212,10 +279,20 @@ def render_status(plan: Plan) -> str:
             str(d.action),
         ]
         for d in plan.decisions
+    ] + [
+        [
+            f"trash/{t.entry.trash_name}",
+            str(naming.classify(t.entry.name)),
+            human_bytes(t.entry.bytes_allocated),
+            human_seconds(plan.now - t.entry.quarantined_at),
+            _short_users(t.users),
+            str(t.action),
+        ]
+        for t in plan.trash
     ]
     head = [f"cache {plan.cache_dir} on {plan.host} at {iso(plan.now)}"]
-    table = _table(rows, ["NAME", "KIND", "SIZE", "AGE", "USED BY", "ACTION"])
-    return "\n".join([*head, table, *_footer(plan), *_problems_text(plan)])
+    table = render_table(rows, ["NAME", "KIND", "SIZE", "AGE", "USED BY", "ACTION"])
+    return "\n".join([*head, table, *_footer(plan), *problems_text(plan)])
 
 
 def render_plan(plan: Plan) -> str:
@@ -228,10 +305,10 @@ def render_plan(plan: Plan) -> str:
             _reason_line(d, plan.now),
         ]
         for d in sorted(plan.decisions, key=lambda d: (d.action is Action.KEEP, d.entry.name))
-    ]
+    ] + trash_rows(plan)
     head = [f"plan {plan_id(plan)} for {plan.cache_dir} on {plan.host} at {iso(plan.now)}"]
-    table = _table(rows, ["ACTION", "NAME", "KIND", "SIZE", "REASON"])
-    return "\n".join([*head, table, *_footer(plan), *_problems_text(plan)])
+    table = render_table(rows, ["ACTION", "NAME", "KIND", "SIZE", "REASON"])
+    return "\n".join([*head, table, *_footer(plan), *problems_text(plan)])
 
 
 def _reason_line(d: Decision, now: float) -> str:
@@ -274,5 +351,5 @@ def render_explain(plan: Plan, query: str) -> str:
         if d.removable_at is not None:
             out.append(f"  becomes removable at {iso(d.removable_at)} if still unused")
         if d.reason is Reason.INCOMPLETE_VIEW:
-            out.extend(_problems_text(plan))
+            out.extend(problems_text(plan))
     return "\n".join(out)

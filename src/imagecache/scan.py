@@ -14,7 +14,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from imagecache import naming
+from imagecache import fsops, naming
 from imagecache.errors import ImageFormatError
 from imagecache.formats import resolve_chain
 from imagecache.model import (
@@ -24,6 +24,7 @@ from imagecache.model import (
     InstanceRecord,
     Inventory,
     Problem,
+    TrashEntry,
 )
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "read_registry",
     "scan_cache",
     "scan_instances",
+    "scan_trash",
 ]
 
 OWN_STATE_DIR = ".imagecache"
@@ -88,6 +90,19 @@ def scan_cache(cache_dir: str) -> tuple[tuple[CacheEntry, ...], tuple[Problem, .
         )
     entries.sort(key=lambda e: e.name)
     return tuple(entries), tuple(problems)
+
+
+def scan_trash(cache_dir: str) -> tuple[tuple[TrashEntry, ...], tuple[Problem, ...]]:
+    """The quarantined entries under ``<cache>/.imagecache/trash``; unreadable is blocking.
+
+    A trash that cannot be listed hides entries that may have to be restored or purged, so the
+    view is incomplete, as with any other source.
+    """
+    try:
+        return fsops.list_trash(cache_dir), ()
+    except OSError as exc:
+        path = str(fsops.trash_dir(cache_dir))
+        return (), (Problem("trash", path, f"cannot list trash: {exc.strerror}"),)
 
 
 def _instance_dirs(instances_path: str, skip: frozenset[str]) -> Iterator[os.DirEntry[str]]:
@@ -248,6 +263,7 @@ def observe(
         records.extend(found)
         record_problems.extend(problems)
     registry, registry_problems = read_registry(instances_path)
+    trash, trash_problems = scan_trash(cache_dir)
     return Inventory(
         host=host,
         instances_path=instances_path,
@@ -256,8 +272,10 @@ def observe(
         disks=disks,
         instances=tuple(records),
         registry=registry,
+        trash=trash,
         problems=(
             *cache_problems,
+            *trash_problems,
             *disk_problems,
             *record_problems,
             *registry_problems,

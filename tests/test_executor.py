@@ -1,0 +1,498 @@
+"""``clean`` end to end on real files: locks, re-checks, quarantine, restore, audit log.
+
+Every test drives the real command line with a fixed clock (``main(argv, clock=...)``); entries
+get their age from ``os.utime``, never from sleeping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagecache import naming, planfile, report, sample
+from imagecache.cli import main
+from imagecache.config import load_settings
+from imagecache.manager import plan_pass
+from tests.qemu import make_overlay
+from tests.test_locks import nova_holds
+
+NOW = 1_900_000_000.0
+DAY, HOUR = 86400, 3600
+fp = naming.fingerprint
+A, B, C, D, E = (fp(f"image-{x}") for x in "abcde")
+
+
+@dataclass(frozen=True)
+class Host:
+    root: Path
+    instances: Path
+    cache: Path
+    config: Path
+    audit: Path
+    inventory: Path
+
+    def path(self, name: str) -> Path:
+        return self.cache / name
+
+    def trash(self) -> dict[str, Path]:
+        trash = self.cache / ".imagecache" / "trash"
+        return {p.name.rsplit("@", 1)[0]: p for p in trash.iterdir()} if trash.exists() else {}
+
+    def audit_lines(self) -> list[dict[str, Any]]:
+        if not self.audit.exists():
+            return []
+        return [json.loads(line) for line in self.audit.read_text().splitlines()]
+
+
+def make_host(tmp_path: Path, **options: object) -> Host:
+    root = tmp_path / "host"
+    instances = root / "instances"
+    (instances / "_base").mkdir(parents=True)
+    imagecache = {"audit_log": root / "log" / "audit.jsonl", "lock_timeout_seconds": 5, **options}
+    image_cache = {k: imagecache.pop(k) for k in list(imagecache) if k.startswith("remove_unused")}
+    config = root / "nova.conf"
+    config.write_text(
+        f"[DEFAULT]\ninstances_path = {instances}\nhost = h1\n[image_cache]\n"
+        + "".join(f"{k} = {v}\n" for k, v in image_cache.items())
+        + "[imagecache]\n"
+        + "".join(f"{k} = {v}\n" for k, v in imagecache.items())
+    )
+    inventory = root / "inventory.json"
+    inventory.write_text('{"instances": []}')
+    return Host(root, instances, instances / "_base", config, Path(str(imagecache["audit_log"])),
+                inventory)  # fmt: skip
+
+
+def put(host: Host, name: str, age: float, *, size: int = 65536, now: float = NOW) -> Path:
+    """A cache entry of real, distinct bytes whose mtime is ``age`` seconds before ``now``."""
+    path = host.path(name)
+    seed = hashlib.sha256(name.encode()).digest()
+    path.write_bytes(seed * (size // len(seed)))
+    os.utime(path, (now - age, now - age))
+    return path
+
+
+def use(host: Host, name: str, instance: str = "inst-1") -> Path:
+    """A real qcow2 overlay in an instance directory backed by entry ``name`` (mtime kept)."""
+    st = host.path(name).stat()
+    disk = make_overlay(host.instances / instance / "disk", host.path(name))
+    os.utime(host.path(name), ns=(st.st_atime_ns, st.st_mtime_ns))
+    return disk
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cli(
+    host: Host, capsys: pytest.CaptureFixture[str], *args: str, now: float = NOW
+) -> tuple[int, dict[str, Any]]:
+    argv = ["--config-file", str(host.config), "--inventory", str(host.inventory), "--json", *args]
+    code = main(argv, clock=lambda: now)
+    out = capsys.readouterr().out
+    return code, json.loads(out)
+
+
+def results(doc: dict[str, Any], *, touched: bool = False) -> dict[str, tuple[str, str]]:
+    return {
+        o["name"]: (o["result"], o["reason"])
+        for o in doc["outcomes"]
+        if touched or o["result"] != "touched"
+    }
+
+
+# The sample host: exactly what the plan said, and an audit line per action.
+
+
+def test_clean_on_the_sample_host_does_exactly_what_plan_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sh = sample.build(tmp_path / "host", now=NOW)
+    host = Host(sh.root, sh.instances_path, sh.cache_dir, sh.config, sh.root / "audit.jsonl",
+                sh.inventory)  # fmt: skip
+    before = {p.name: (digest(p), p.lstat().st_blocks * 512) for p in host.cache.iterdir()
+              if p.is_file() and not p.is_symlink()}  # fmt: skip
+    code, plan = cli(host, capsys, "plan")
+    assert code == 0
+    code, doc = cli(host, capsys, "clean")
+    assert code == 0 and doc["ok"] is True and doc["plan_id"] == plan["plan_id"]
+
+    planned = {e["name"]: e["action"] for e in plan["entries"] if e["action"] != "keep"}
+    assert planned == {n: a for n, (_, a, _) in sample.EXPECTED.items() if a != "keep"}
+    done = {"quarantine": ("quarantined", "unused-expired"), "reap": ("reaped", "stale-temp")}
+    assert results(doc) == {name: done[action] for name, action in planned.items()}
+    trash = host.trash()
+    for name, (_, action, _) in sample.EXPECTED.items():
+        if action == "keep":
+            assert host.path(name).exists() or host.path(name).is_symlink(), name
+            assert name not in trash
+        elif action == "quarantine":
+            assert not host.path(name).exists() and digest(trash[name]) == before[name][0]
+        else:
+            assert not host.path(name).exists() and name not in trash
+    lines = host.audit_lines()
+    assert sorted(line["entry"] for line in lines) == sorted(planned)
+    for line in lines:
+        assert line["host"] == sample.HOST and line["plan_id"] == plan["plan_id"]
+        assert line["bytes"] == before[line["entry"]][1]  # measured, not taken from the plan
+        freed = line["bytes"] if line["action"] == "reaped" else 0
+        assert line["bytes_freed"] == freed
+    reaped = [n for n, a in planned.items() if a == "reap"]
+    assert doc["totals"]["bytes_freed"] == sum(before[n][1] for n in reaped) > 0
+    # The next pass has nothing left to do, and counts the trash in its sizes.
+    code, again = cli(host, capsys, "clean", now=NOW + 60)
+    assert code == 0 and results(again) == {} and again["summary"]["trash_entries"] == len(trash)
+    assert again["summary"]["trash_bytes"] == sum(before[n][1] for n in trash)
+
+
+# Nova's thresholds: removal at age >= threshold, per kind.
+
+BOUNDARIES = {
+    # name: (age, removed?)
+    A: (DAY, True),
+    B: (DAY - 1, False),
+    C: (HOUR, False),  # an original does not go at the resized age
+    A + "_sm": (HOUR, True),
+    B + "_sm": (HOUR - 1, False),
+    A + "_7": (HOUR, True),
+    B + "_7": (HOUR - 1, False),
+    "swap_1": (DAY, True),
+    "swap_2": (DAY - 1, False),
+    "swap_3": (HOUR, False),
+    naming.ephemeral_name(1, None): (DAY, True),
+    naming.ephemeral_name(2, "ext4"): (DAY - 1, False),
+    naming.ephemeral_name(3, None): (HOUR, False),
+}
+
+
+def test_thresholds_are_novas_at_the_boundary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = make_host(tmp_path, quarantine_seconds=0)
+    sizes = {name: put(host, name, age).lstat().st_blocks * 512
+             for name, (age, _) in BOUNDARIES.items()}  # fmt: skip
+    _, plan = cli(host, capsys, "plan")
+    code, doc = cli(host, capsys, "clean")
+    assert code == 0
+    expected = {name for name, (_, removed) in BOUNDARIES.items() if removed}
+    assert {e["name"] for e in plan["entries"] if e["action"] == "remove"} == expected
+    assert results(doc) == dict.fromkeys(expected, ("removed", "unused-expired"))
+    assert {p.name for p in host.cache.iterdir()} == set(BOUNDARIES) - expected
+    assert host.trash() == {}
+    assert {line["entry"]: line["bytes_freed"] for line in host.audit_lines()} == {
+        name: sizes[name] for name in expected
+    }
+    assert doc["totals"]["bytes_freed"] == sum(sizes[name] for name in expected)
+
+
+# A saved plan: applied exactly, re-checked entry by entry.
+
+
+def test_a_saved_plan_is_applied_and_what_changed_since_is_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = make_host(tmp_path, quarantine_seconds=0)
+    for name in (A, B, C, D):
+        put(host, name, 2 * DAY)
+    saved = tmp_path / "plan.json"
+    code, plan = cli(host, capsys, "plan", "-o", str(saved))
+    assert code == 0 and {e["action"] for e in plan["entries"]} == {"remove"}
+    os.utime(host.path(A), (NOW - 10, NOW - 10))  # touched by a spawn since
+    st = host.path(B).stat()
+    # Fetched again and published by rename: another file, same name, same mtime and size.
+    put(host, B + ".new", 2 * DAY).rename(host.path(B))
+    assert host.path(B).stat().st_ino != st.st_ino
+    use(host, C)  # an overlay made since: C itself did not change at all
+    put(host, E, 2 * DAY)  # not in the plan: not touched
+
+    code, doc = cli(host, capsys, "clean", "--plan", str(saved), now=NOW + 60)
+    assert code == 0, doc
+    assert results(doc) == {
+        A: ("skipped", "changed-since-plan"),
+        B: ("skipped", "changed-since-plan"),
+        C: ("skipped", "now-in-use"),
+        D: ("removed", "unused-expired"),
+    }
+    assert {p.name for p in host.cache.iterdir()} == {A, B, C, E}
+    assert [(line["entry"], line["plan_id"]) for line in host.audit_lines()] == [
+        (D, plan["plan_id"])
+    ]
+    # A plan only ever applies to the cache it was made for.
+    other = make_host(tmp_path / "other")
+    argv = ["--config-file", str(other.config), "clean", "--plan", str(saved)]
+    assert main(argv, clock=lambda: NOW) == 2
+    assert "is a plan for" in capsys.readouterr().err
+
+
+def test_a_saved_plan_reads_back_as_the_same_plan(tmp_path: Path) -> None:
+    sh = sample.build(tmp_path / "host", now=NOW)
+    settings = load_settings([str(sh.config)])
+    plan = plan_pass(settings, inventory_files=[str(sh.inventory)], now=NOW)
+    saved = tmp_path / "plan.json"
+    saved.write_text(json.dumps(report.plan_to_dict(plan)))
+    again = planfile.load_plan(str(saved))
+    assert report.plan_id(again) == report.plan_id(plan)
+    assert [(d.entry, d.action, d.reason) for d in again.decisions] == [
+        (d.entry, d.action, d.reason) for d in plan.decisions
+    ]
+
+
+def test_a_file_that_is_not_a_plan_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = make_host(tmp_path)
+    bad = tmp_path / "plan.json"
+    bad.write_text('{"entries": []}')
+    argv = ["--config-file", str(host.config), "clean", "--plan", str(bad)]
+    assert main(argv, clock=lambda: NOW) == 2
+    assert "not a plan" in capsys.readouterr().err
+
+
+# Modes that remove nothing.
+
+
+def test_report_only_touches_but_removes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = make_host(tmp_path, remove_unused_base_images="false")
+    put(host, A, 2 * DAY)
+    put(host, B, 2 * DAY)
+    use(host, B)
+    code, doc = cli(host, capsys, "clean")
+    assert code == 0 and results(doc) == {}
+    assert results(doc, touched=True) == {B: ("touched", "in-use")}
+    assert host.path(A).stat().st_mtime == NOW - 2 * DAY
+    assert host.path(B).stat().st_mtime == NOW
+    assert host.audit_lines() == []
+
+
+def test_dry_run_is_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    host = make_host(tmp_path)
+    put(host, A, 2 * DAY)
+    _, plan = cli(host, capsys, "plan")
+    code, dry = cli(host, capsys, "clean", "--dry-run")
+    assert code == 0 and dry == plan and host.path(A).exists()
+
+
+def test_an_incomplete_view_removes_nothing_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = make_host(tmp_path, quarantine_seconds=0)
+    put(host, A, 2 * DAY)
+    put(host, B, 2 * DAY)
+    use(host, B)
+    broken = host.instances / "inst-2" / "disk"
+    broken.parent.mkdir()
+    broken.write_bytes(b"QFI\xfb\x00\x00\x00\x09" + b"\x00" * 200)  # qcow2, version 9
+    code, doc = cli(host, capsys, "clean")
+    assert code == 1 and doc["complete"] is False
+    assert results(doc) == {} and host.path(A).exists()
+    assert host.path(B).stat().st_mtime == NOW  # touching still happens
+
+
+# Quarantine, purge, restore.
+
+
+def test_quarantine_then_purge_when_it_expires(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = make_host(tmp_path, quarantine_seconds=DAY)
+    put(host, A, 2 * DAY, size=1 << 20)
+    blocks = host.path(A).lstat().st_blocks * 512
+    code, doc = cli(host, capsys, "clean")
+    assert code == 0 and results(doc) == {A: ("quarantined", "unused-expired")}
+    assert doc["totals"]["bytes_freed"] == 0 and doc["totals"]["bytes_quarantined"] == blocks
+    assert not host.path(A).exists() and set(host.trash()) == {A}
+
+    code, doc = cli(host, capsys, "clean", now=NOW + DAY - 1)
+    assert code == 0 and results(doc) == {}
+    assert [(t["name"], t["action"], t["reason"]) for t in doc["trash"]] == [
+        (A, "keep", "in-quarantine")
+    ]
+    assert doc["summary"]["bytes"] == doc["summary"]["trash_bytes"] == blocks
+
+    code, doc = cli(host, capsys, "clean", now=NOW + DAY)
+    assert code == 0 and results(doc) == {A: ("purged", "quarantine-expired")}
+    assert doc["totals"]["bytes_freed"] == blocks
+    assert host.trash() == {} and not host.path(A).exists()
+    assert [(x["entry"], x["action"], x["bytes_freed"]) for x in host.audit_lines()] == [
+        (A, "quarantined", 0),
+        (A, "purged", blocks),
+    ]
+
+
+def test_restore_brings_a_quarantined_entry_back_intact(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = make_host(tmp_path)
+    put(host, A, 2 * DAY)
+    st, before = host.path(A).stat(), digest(host.path(A))
+    cli(host, capsys, "clean")
+    assert not host.path(A).exists()
+
+    code, doc = cli(host, capsys, "restore", A, now=NOW + 60)
+    assert code == 0 and results(doc) == {A: ("restored", "operator-restore")}
+    back = host.path(A).stat()
+    assert (back.st_ino, back.st_mtime) == (st.st_ino, st.st_mtime) and digest(
+        host.path(A)
+    ) == before
+    assert host.trash() == {}
+    assert [(x["action"], x["reason"], x["plan_id"]) for x in host.audit_lines()][-1] == (
+        "restored", "operator-restore", None)  # fmt: skip
+
+    code, doc = cli(host, capsys, "restore", A)
+    assert code == 1 and results(doc) == {A: ("skipped", "not-in-trash")}
+
+
+def test_restore_is_refused_when_the_name_exists_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = make_host(tmp_path)
+    put(host, A, 2 * DAY)
+    old = digest(host.path(A))
+    cli(host, capsys, "clean")
+    host.path(A).write_bytes(b"fetched again by nova")
+    code, doc = cli(host, capsys, "restore", A)
+    assert code == 1 and results(doc) == {A: ("skipped", "name-taken")}
+    assert host.path(A).read_bytes() == b"fetched again by nova"
+    assert digest(host.trash()[A]) == old
+
+
+@pytest.mark.parametrize("how", ["disk", "record"])
+def test_a_quarantined_entry_referenced_again_is_restored_loudly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
+) -> None:
+    host = make_host(tmp_path)
+    image_id = "0e7b2a5c-4f7d-4c55-9a8e-3a9d3b3c1f00"
+    name = fp(image_id)
+    put(host, name, 2 * DAY)
+    before = digest(host.path(name))
+    cli(host, capsys, "clean")
+    assert not host.path(name).exists()
+    if how == "disk":  # an instance whose backing file is the missing original path
+        make_overlay(host.instances / "inst-9" / "disk", host.path(name), unsafe_size="1M")
+    else:
+        host.inventory.write_text(
+            json.dumps({"instances": [{"uuid": "u9", "image_ref": image_id}]})
+        )
+
+    code, doc = cli(host, capsys, "clean", now=NOW + 60)
+    assert code == 1  # loud: a removal had to be undone
+    assert results(doc) == {name: ("restored", "referenced-again")}
+    assert host.path(name).exists() and digest(host.path(name)) == before
+    assert host.trash() == {}
+    assert host.audit_lines()[-1]["action"] == "restored"
+
+
+# Touching in-use entries.
+
+
+def test_in_use_entries_are_touched_unless_disabled(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = make_host(tmp_path)
+    put(host, A, HOUR)
+    use(host, A)
+    cli(host, capsys, "clean")
+    assert host.path(A).stat().st_mtime == NOW
+
+    host = make_host(tmp_path / "off", touch_in_use="false")
+    put(host, A, HOUR)
+    use(host, A)
+    code, doc = cli(host, capsys, "clean")
+    assert code == 0 and results(doc, touched=True) == {}
+    assert host.path(A).stat().st_mtime == NOW - HOUR
+
+
+@pytest.fixture
+def immutable() -> Iterator[list[Path]]:
+    """Paths made immutable with chattr +i (even root cannot utime them); undone afterwards."""
+    paths: list[Path] = []
+    yield paths
+    for path in paths:
+        subprocess.run(["chattr", "-i", str(path)], check=False)
+
+
+def test_a_touch_refused_is_reported_and_the_pass_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], immutable: list[Path]
+) -> None:
+    host = make_host(tmp_path, quarantine_seconds=0)
+    put(host, A, HOUR)
+    use(host, A)
+    put(host, B, 2 * DAY)
+    done = subprocess.run(["chattr", "+i", str(host.path(A))], check=False, capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"chattr +i unsupported here: {done.stderr.decode().strip()}")
+    immutable.append(host.path(A))
+    code, doc = cli(host, capsys, "clean")
+    assert code == 1
+    assert results(doc, touched=True) == {
+        A: ("failed", "touch-denied"),
+        B: ("removed", "unused-expired"),
+    }
+
+
+# Stale temporaries and Nova's lock.
+
+
+def test_a_stale_temp_is_reaped_only_when_its_entry_lock_is_free(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = make_host(tmp_path, stale_temp_seconds=HOUR)
+    temp = naming.temp_name(A, 4242, "beef")
+    put(host, temp, HOUR)
+    put(host, A + ".part", HOUR - 1)
+    with nova_holds(host.instances, A):  # a download of A in progress, as nova-compute locks it
+        code, doc = cli(host, capsys, "clean")
+    assert code == 0 and results(doc) == {temp: ("skipped", "temp-locked")}
+    assert host.path(temp).exists()
+    code, doc = cli(host, capsys, "clean")
+    assert code == 0 and results(doc) == {temp: ("reaped", "stale-temp")}
+    assert not host.path(temp).exists() and host.path(A + ".part").exists()
+
+
+def test_an_entry_nova_holds_is_skipped_after_the_bounded_wait(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = make_host(tmp_path, quarantine_seconds=0, lock_timeout_seconds=0.2)
+    put(host, A, 2 * DAY)
+    put(host, B, 2 * DAY)
+    with nova_holds(host.instances, A):
+        code, doc = cli(host, capsys, "clean")
+    assert code == 1
+    assert results(doc) == {A: ("skipped", "lock-timeout"), B: ("removed", "unused-expired")}
+    assert host.path(A).exists()
+    code, doc = cli(host, capsys, "clean")
+    assert code == 0 and results(doc) == {A: ("removed", "unused-expired")}
+
+
+def test_an_audit_log_that_cannot_be_written_exits_1_but_the_action_stands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    host = make_host(tmp_path, quarantine_seconds=0, audit_log=blocker / "audit.jsonl")
+    put(host, A, 2 * DAY)
+    code, doc = cli(host, capsys, "clean")
+    assert code == 1 and results(doc) == {A: ("removed", "unused-expired")}
+    assert [p["source"] for p in doc["apply_problems"]] == ["audit"]
+    assert not host.path(A).exists()
+
+
+def test_human_output_says_what_was_done(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = make_host(tmp_path, quarantine_seconds=0)
+    put(host, A, 2 * DAY, size=1 << 20)
+    argv = ["--config-file", str(host.config), "clean"]
+    assert main(argv, clock=lambda: NOW) == 0
+    out = capsys.readouterr().out
+    assert f"removed  {A}" in out and "1.0 MiB freed" in out
