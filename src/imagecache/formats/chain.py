@@ -5,15 +5,18 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePosixPath
 
 from imagecache.errors import ImageFormatError
 from imagecache.formats.header import ImageHeader
 from imagecache.formats.probe import read_header_stat
 
-__all__ = ["MAX_CHAIN_DEPTH", "BackingChain", "resolve_chain"]
+__all__ = ["MAX_CHAIN_DEPTH", "BackingChain", "HeaderCache", "resolve_chain"]
 
 MAX_CHAIN_DEPTH = 16
+
+# What reading one file gave: its header and fstat, or why it could not be read.
+_Outcome = tuple[ImageHeader, os.stat_result] | OSError | ImageFormatError
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,22 +40,60 @@ class BackingChain:
         return self.error is None
 
 
+class HeaderCache:
+    """Backing files already read, by the path opened, for the chains of one scan.
+
+    Thousands of disks share a few hundred base images; with one cache passed to every
+    :func:`resolve_chain` of a scan, each base is opened once and every chain sees what it said
+    then (a snapshot, which is all one scan is anyway). Not for keeping across scans.
+    """
+
+    __slots__ = ("_reads",)
+
+    def __init__(self) -> None:
+        self._reads: dict[str, tuple[str, _Outcome]] = {}
+
+    def __len__(self) -> int:
+        return len(self._reads)
+
+    def read(self, opened: str) -> tuple[str, _Outcome]:
+        """The reported path of ``opened`` and what reading it gave; read on first use only."""
+        found = self._reads.get(opened)
+        if found is None:
+            outcome: _Outcome
+            try:
+                outcome = read_header_stat(opened)
+            except (OSError, ImageFormatError) as exc:
+                outcome = exc
+            found = self._reads[opened] = (_report_path(opened), outcome)
+        return found
+
+
 def resolve_chain(
-    path: str | os.PathLike[str], *, max_depth: int = MAX_CHAIN_DEPTH
+    path: str | os.PathLike[str],
+    *,
+    max_depth: int = MAX_CHAIN_DEPTH,
+    headers: HeaderCache | None = None,
 ) -> BackingChain:
     """Read ``path`` and follow its backing files, at most ``max_depth`` of them.
 
     Relative backing names are resolved against the directory of the image that names them, as
     qemu does; ``json:`` and other protocol names, loops, more than ``max_depth`` backing files,
-    and backing files that cannot be read or parsed end the chain with an ``error``.
+    and backing files that cannot be read or parsed end the chain with an ``error``. Backing
+    files are read through ``headers`` when given (see :class:`HeaderCache`); the top image is
+    always read afresh.
 
     Raises OSError or ImageFormatError when the top image itself cannot be read or parsed.
     """
     # Opened (and relative names resolved) as given, like qemu; only the reported path is normal.
-    # (pathlib keeps ``..`` components, which is what qemu does too.)
-    opened = top_path = Path.cwd() / path
+    # (pathlib's form, which keeps ``..`` components, which is what qemu does too.)
+    given = os.fspath(path)
+    opened = top_path = _pathlib_form(
+        given if given.startswith("/") else os.path.join(os.getcwd(), given)
+    )
     top, st = read_header_stat(opened)
     seen = {(st.st_dev, st.st_ino)}
+    reads = HeaderCache() if headers is None else headers
     links: list[str] = []
     missing = error = None
     header = top
@@ -63,17 +104,15 @@ def resolve_chain(
         if len(links) >= max_depth:
             error = f"backing chain is deeper than {max_depth} files"
             break
-        link = _report_path(target)
-        try:
-            header, st = read_header_stat(target)
-        except FileNotFoundError:
+        link, outcome = reads.read(target)
+        if not isinstance(outcome, tuple):
             links.append(link)
-            missing = link
+            if isinstance(outcome, FileNotFoundError):
+                missing = link
+            else:
+                error = f"cannot read backing file {link}: {outcome}"
             break
-        except (OSError, ImageFormatError) as exc:
-            links.append(link)
-            error = f"cannot read backing file {link}: {exc}"
-            break
+        header, st = outcome
         if (st.st_dev, st.st_ino) in seen:
             error = f"backing chain loops back to {link}"
             break
@@ -84,7 +123,7 @@ def resolve_chain(
             break
         opened = target
     return BackingChain(
-        path=os.path.normpath(top_path),
+        path=_lexically_normal(top_path),
         header=top,
         links=tuple(links),
         missing=missing,
@@ -92,7 +131,24 @@ def resolve_chain(
     )
 
 
-def _backing_path(overlay: Path, name: str) -> tuple[Path | None, str | None]:
+def _pathlib_form(path: str) -> str:
+    """``str(PurePosixPath(path))`` (no ``//``, ``.`` or trailing ``/``; ``..`` kept), cheaply.
+
+    Paths are handled as strings because a scan resolves tens of thousands of them; this keeps
+    exactly the form pathlib gave before (a trailing slash dropped, say), and takes the shortcut
+    only for paths that are already in it, which is nearly all of them.
+    """
+    if (
+        path.startswith("/")
+        and not path.endswith(("/", "/."))
+        and "//" not in path
+        and "/./" not in path
+    ):
+        return path
+    return str(PurePosixPath(path))
+
+
+def _backing_path(overlay: str, name: str) -> tuple[str | None, str | None]:
     """The path qemu would open for backing ``name`` of ``overlay``, or None and why not."""
     if name.startswith("json:"):
         return None, f"backing file is a json: pseudo-filename: {name}"
@@ -103,18 +159,26 @@ def _backing_path(overlay: Path, name: str) -> tuple[Path | None, str | None]:
         # file: is the local file protocol; a relative name after it would depend on the working
         # directory of whichever qemu opens it, so only an absolute one can be followed.
         if protocol == "file" and rest.startswith("/"):
-            return Path(rest), None
+            return _pathlib_form(rest), None
         return None, f"backing file is not a local path: {name}"
     # An absolute name stays as is: joining an absolute path replaces the directory.
-    return overlay.parent / name, None
+    if name.startswith("/"):
+        return _pathlib_form(name), None
+    return _pathlib_form(os.path.join(os.path.dirname(overlay), name)), None
 
 
-def _report_path(opened: Path) -> str:
+def _lexically_normal(path: str) -> str:
+    """``os.path.normpath`` of a path in pathlib's form, which only ``..`` can change."""
+    return os.path.normpath(path) if "/.." in path else path
+
+
+def _report_path(opened: str) -> str:
     """``opened`` (absolute), normalised without changing which file it names.
 
     normpath collapses ``dir/..`` lexically, which is wrong when ``dir`` is a symlink; the kernel
     (and qemu) follow the link first. So a path with ``..`` gets its directory resolved.
     """
-    if ".." not in opened.parts:
-        return os.path.normpath(opened)
-    return os.path.normpath(Path(os.path.realpath(opened.parent)) / opened.name)
+    if ".." not in opened.split("/"):
+        return _lexically_normal(opened)
+    parent, name = os.path.split(opened)
+    return os.path.normpath(os.path.join(os.path.realpath(parent), name))

@@ -13,6 +13,12 @@ __all__ = ["parse_header", "read_header", "read_header_stat"]
 # O_NONBLOCK: opening a FIFO must not wait for a writer. O_NOCTTY: opening a tty must not make it
 # our controlling terminal. Neither changes how regular files or block devices are read.
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+# What is read first. A qcow2 or VMDK sparse header, its extensions and the backing name lie in
+# the first few hundred bytes, and whatever lies further is read on demand (``read_at``); a
+# scan reads tens of thousands of disks, and copying 64 KiB instead of 4 KiB from the page cache
+# triples the cost of each. Anything else gets the rest of :data:`HEAD_BYTES` before it is probed.
+_FIRST_READ = 4096
+_BINARY_MAGICS = (qcow2.MAGIC, vmdk.SPARSE_MAGIC)
 
 
 def parse_header(data: bytes, *, read_at: ReadAt | None = None) -> ImageHeader:
@@ -55,7 +61,9 @@ def read_header_stat(path: str | os.PathLike[str]) -> tuple[ImageHeader, os.stat
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             return RAW, st
-        data = os.read(fd, HEAD_BYTES)
+        data = os.read(fd, _FIRST_READ)
+        if len(data) == _FIRST_READ and data[:4] not in _BINARY_MAGICS:
+            data += os.read(fd, HEAD_BYTES - _FIRST_READ)
         return parse_header(data, read_at=lambda offset, length: os.pread(fd, length, offset)), st
     finally:
         os.close(fd)
