@@ -16,7 +16,7 @@ from typing import Any
 
 from imagecache import fsops, naming
 from imagecache.errors import ImageFormatError
-from imagecache.formats import resolve_chain
+from imagecache.formats.chain import HeaderCache, resolve_chain
 from imagecache.model import (
     CacheEntry,
     Disk,
@@ -125,6 +125,8 @@ def scan_instances(
     disks: list[Disk] = []
     problems: list[Problem] = []
     skip = frozenset({cache_dir_name, LOCKS_DIR})
+    # Thousands of disks share a few hundred bases: each base header is read once per scan.
+    headers = HeaderCache()
     try:
         dirs = sorted(_instance_dirs(instances_path, skip), key=lambda d: d.name)
     except FileNotFoundError:
@@ -139,7 +141,7 @@ def scan_instances(
             problems.append(Problem("instance", directory.path, f"cannot list: {exc.strerror}"))
             continue
         for item in files:
-            disk, problem = _inspect_disk(item.path, directory.name)
+            disk, problem = _inspect_disk(item.path, directory.name, headers)
             if disk is not None:
                 disks.append(disk)
             if problem is not None:
@@ -147,9 +149,11 @@ def scan_instances(
     return tuple(disks), tuple(problems)
 
 
-def _inspect_disk(path: str, instance: str) -> tuple[Disk | None, Problem | None]:
+def _inspect_disk(
+    path: str, instance: str, headers: HeaderCache | None = None
+) -> tuple[Disk | None, Problem | None]:
     try:
-        chain = resolve_chain(path)
+        chain = resolve_chain(path, headers=headers)
     except FileNotFoundError:
         return None, Problem("disk", path, "vanished while the instance was scanned")
     except OSError as exc:
