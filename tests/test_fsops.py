@@ -309,3 +309,12 @@ def test_temp_file_then_publish_leaves_only_the_final_name(cache: Path) -> None:
 def test_temp_names_refuse_paths(cache: Path) -> None:
     with pytest.raises(ValueError), fsops.temp_path(cache, "../x"):
         pass
+
+
+def test_ensure_dir_makes_parents_and_accepts_existing(tmp_path: Path) -> None:
+    fsops.ensure_dir(tmp_path / "a" / "b")
+    fsops.ensure_dir(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir()
+    _file(tmp_path / "f")
+    with pytest.raises(OSError):
+        fsops.ensure_dir(tmp_path / "f" / "x")

@@ -39,6 +39,7 @@ __all__ = [
     "TRASH_DIR",
     "atomic_publish",
     "atomic_write",
+    "ensure_dir",
     "list_trash",
     "purge",
     "quarantine",
@@ -122,6 +123,15 @@ def _ensure_dir(path: Path) -> None:
             raise
         return
     _fsync_dir(path.parent)
+
+
+def ensure_dir(path: StrPath) -> None:
+    """Create the directory ``path`` and missing parents (``mkdir -p``), durably.
+
+    Raises:
+        OSError: a component exists and is not a directory, or cannot be created.
+    """
+    _ensure_dir(Path(path))
 
 
 def _link_and_unlink(src: Path, dst: Path) -> None:

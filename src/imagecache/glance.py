@@ -22,7 +22,7 @@ import re
 import stat
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO, Protocol
@@ -34,6 +34,7 @@ import urllib3.exceptions
 from keystoneauth1 import adapter, loading, session
 from keystoneauth1 import exceptions as ks_exc
 
+from imagecache.config import GlanceSettings
 from imagecache.errors import (
     ConfigError,
     ImageNotFound,
@@ -60,22 +61,6 @@ _URL_SCHEMES = frozenset({"http", "https", "file"})
 _IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]*")
 _VERSIONED = re.compile(r"/v2(\.[0-9]+)?/?$")
 _NOAUTH = frozenset({"none", "noauth"})
-
-
-@dataclass(frozen=True, slots=True)
-class GlanceSettings:
-    """How to reach Glance; built by ``config.py`` from nova.conf ``[glance]`` or ``--os-cloud``."""
-
-    api_servers: tuple[str, ...] = ()  # empty: find the endpoint in the catalog via auth
-    os_cloud: str | None = None  # a clouds.yaml cloud; its settings replace auth_* below
-    clouds_yaml: str | None = None  # that file; None: openstacksdk's usual search path
-    auth_type: str | None = None  # keystoneauth plugin ("password", ...); "none"/"noauth"
-    auth_options: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    insecure: bool = False
-    cafile: str | None = None
-    timeout: float | None = None
-    region_name: str | None = None
-    valid_interfaces: tuple[str, ...] = ("internal", "public")
 
 
 @dataclass(frozen=True, slots=True)
