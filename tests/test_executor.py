@@ -21,6 +21,16 @@ from imagecache import naming, planfile, report, sample
 from imagecache.cli import main
 from imagecache.config import load_settings
 from imagecache.manager import plan_pass
+from imagecache.model import (
+    CacheEntry,
+    Disk,
+    FileType,
+    Inventory,
+    Policy,
+    Problem,
+    TrashEntry,
+)
+from imagecache.policy import decide
 from tests.qemu import make_overlay
 from tests.test_locks import nova_holds
 
@@ -496,3 +506,91 @@ def test_human_output_says_what_was_done(
     assert main(argv, clock=lambda: NOW) == 0
     out = capsys.readouterr().out
     assert f"removed  {A}" in out and "1.0 MiB freed" in out
+
+
+# Trash decisions are pure: values in, decisions out.
+
+QUARANTINE_DAY = Policy(quarantine_seconds=DAY)
+
+
+def _trash_plan(
+    trash: list[tuple[str, float]],
+    *,
+    entries: tuple[str, ...] = (),
+    disks: tuple[Disk, ...] = (),
+    problems: tuple[Problem, ...] = (),
+    now: float = NOW,
+    policy: Policy = QUARANTINE_DAY,
+) -> list[tuple[str, str, str]]:
+    inventory = Inventory(
+        host="h1",
+        instances_path="/i",
+        cache_dir="/i/_base",
+        entries=tuple(
+            CacheEntry(n, naming.classify(n), FileType.FILE, 4096, 4096, NOW, 1, 1) for n in entries
+        ),
+        disks=disks,
+        trash=tuple(TrashEntry(n, f"{n}@{int(at)}", 4096, at, 7) for n, at in trash),
+        problems=problems,
+    )
+    plan = decide(inventory, policy, now)
+    return [(t.entry.trash_name, str(t.action), str(t.reason)) for t in plan.trash]
+
+
+def test_trash_decisions() -> None:
+    at = NOW - 10
+    disk = Disk("/i/x/disk", "x", "qcow2", chain=(f"/i/_base/{A}",), missing=f"/i/_base/{A}")
+    # Kept while quarantined, purged when quarantined_at + quarantine_seconds <= now.
+    assert _trash_plan([(A, at)], now=at + DAY - 1) == [(f"{A}@{int(at)}", "keep", "in-quarantine")]
+    assert _trash_plan([(A, at)], now=at + DAY) == [
+        (f"{A}@{int(at)}", "purge", "quarantine-expired")
+    ]
+    # Never purged on an incomplete view, in report-only mode, or before it was quarantined.
+    late = at + 2 * DAY
+    blocking = (Problem("disk", "/i/y/disk", "unreadable"),)
+    assert _trash_plan([(A, at)], now=late, problems=blocking)[0][1:] == ("keep", "incomplete-view")
+    report_only = Policy(quarantine_seconds=DAY, remove_unused=False)
+    assert _trash_plan([(A, at)], now=late, policy=report_only)[0][1:] == (
+        "keep",
+        "removal-disabled",
+    )
+    assert _trash_plan([(A, at)], now=at - 1)[0][1:] == ("keep", "clock-skew")
+    # Referenced again: the newest copy comes back (even on an incomplete view), the others wait.
+    got = _trash_plan([(A, at - 5), (A, at)], disks=(disk,), problems=blocking)
+    assert got == [
+        (f"{A}@{int(at - 5)}", "keep", "in-quarantine"),
+        (f"{A}@{int(at)}", "restore", "referenced-again"),
+    ]
+    # ... unless an entry of that name is back in the cache already.
+    assert _trash_plan([(A, at)], disks=(disk,), entries=(A,))[0][1:] == ("keep", "in-quarantine")
+
+
+def test_an_incomplete_view_under_the_lock_skips_a_saved_plan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = make_host(tmp_path, quarantine_seconds=0)
+    put(host, A, 2 * DAY)
+    saved = tmp_path / "plan.json"
+    cli(host, capsys, "plan", "-o", str(saved))
+    broken = host.instances / "inst-2" / "disk"
+    broken.parent.mkdir()
+    broken.write_bytes(b"QFI\xfb\x00\x00\x00\x09" + b"\x00" * 200)
+    code, doc = cli(host, capsys, "clean", "--plan", str(saved))
+    assert code == 1 and results(doc) == {A: ("skipped", "incomplete-view")}
+    assert host.path(A).exists()
+
+
+@pytest.mark.parametrize("command", ["clean", "restore"])
+def test_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and "usage: imagecache" in capsys.readouterr().out
+
+
+def test_dry_run_and_plan_exclude_each_other(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = make_host(tmp_path)
+    argv = ["--config-file", str(host.config), "clean", "--dry-run", "--plan", "x.json"]
+    assert main(argv, clock=lambda: NOW) == 2
+    assert "exclude each other" in capsys.readouterr().err
