@@ -8,7 +8,7 @@ qcow2 with their own backing file; an inventory file), then measures, with a war
 untimed run of each first; the cache is never dropped, that needs root and hurts others):
 
   (a) the real CLI, ``imagecache --config-file F --inventory F plan --json``, as a child process:
-      wall time and the child's peak RSS (from ``wait4``); also the startup alone (the same command
+      wall time, CPU time and its own peak RSS; also the startup alone (the same command
       on an empty host) and ``manager.plan_pass`` in-process;
   (b) the classic method: ``qemu-img info -U --output=json`` per disk on a random sample of disks,
       scaled linearly to all disks, plus one ``grep -c NAME`` per cache entry over the list of
@@ -258,15 +258,26 @@ class Child:
     returncode: int
 
 
+# Runs one command and reports on it. A child forked from this (large) process would count our
+# pages in its peak RSS until it execs, so the command is started from this small helper instead.
+_RUNNER = """
+import json, resource, subprocess, sys, time
+with open(sys.argv[1], "wb") as out, open(sys.argv[2], "wb") as err:
+    start = time.perf_counter()
+    rc = subprocess.call(sys.argv[3:], stdout=out, stderr=err)
+    seconds = time.perf_counter() - start
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps([seconds, ru.ru_utime + ru.ru_stime, ru.ru_maxrss, rc]))
+"""
+
+
 def run_child(argv: Sequence[str], stdout: Path) -> Child:
-    """Run ``argv`` with stdout to a file; its wall time and its own peak RSS (``wait4``)."""
-    with stdout.open("wb") as out, stdout.with_suffix(".err").open("wb") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return Child(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, proc.returncode)
+    """Run ``argv`` with stdout to a file: its wall and CPU time, its own peak RSS, its status."""
+    err = stdout.with_suffix(".err")
+    runner = [sys.executable, "-c", _RUNNER, str(stdout), str(err), *argv]
+    done = subprocess.run(runner, check=True, capture_output=True, text=True)
+    seconds, cpu, maxrss, rc = json.loads(done.stdout)
+    return Child(seconds, cpu, maxrss, rc)
 
 
 def timed(
