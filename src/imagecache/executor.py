@@ -334,6 +334,13 @@ def _collect_lock_files(run: _Run, *, now: float) -> None:
         run.problems.append(Problem("locks", run.instances_path, f"cannot collect: {exc}"))
 
 
+def _touch_restored(path: str, now: float) -> None:
+    try:
+        fsops.touch(path, now)
+    except OSError as exc:
+        LOG.warning("restored %s but could not touch it: %s", path, exc)
+
+
 def restore_entry(
     name: str,
     *,
@@ -347,6 +354,8 @@ def restore_entry(
 
     With several quarantined copies of one name the newest comes back. It is refused (an outcome
     ``name-taken``) when an entry of that name exists again, e.g. Nova fetched the image anew.
+    The restored entry is touched (best effort): an operator who brings an entry back wants it
+    kept, not quarantined again by the next pass because its old mtime is still expired.
 
     Raises:
         ObservationError: the trash cannot be listed.
@@ -370,6 +379,7 @@ def restore_entry(
     try:
         with locks.entry_lock(instances_path, entry.name, timeout=lock_timeout):
             fsops.restore(cache_dir, entry.trash_name)
+            _touch_restored(os.path.join(cache_dir, entry.name), now)
     except LockTimeout as exc:
         run.note(_trash_outcome(entry, Result.SKIPPED, Reason.LOCK_TIMEOUT, message=str(exc)))
     except EntryChanged as exc:
