@@ -96,3 +96,47 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="parse"):
         load_settings([conf(tmp_path, "[DEFAULT\nx")])
     assert ConfigError.exit_code == 2
+
+
+def test_glance_section_builds_glance_settings(tmp_path: Path) -> None:
+    s = load_settings(
+        [
+            conf(
+                tmp_path,
+                "[glance]\napi_servers = http://g1:9292,g2:9292\nauth_type = password\n"
+                "auth_url = http://ks:5000/v3\nusername = nova\npassword = secret\n"
+                "project_name = service\nuser_domain_name = Default\n"
+                "project_domain_name = Default\nregion_name = R1\n"
+                "valid_interfaces = internal\ninsecure = true\ntimeout = 30\n",
+            )
+        ]
+    )
+    g = s.glance
+    assert g.api_servers == ("http://g1:9292", "g2:9292") and g.auth_type == "password"
+    assert dict(g.auth_options) == {
+        "auth_url": "http://ks:5000/v3",
+        "username": "nova",
+        "password": "secret",
+        "project_name": "service",
+        "user_domain_name": "Default",
+        "project_domain_name": "Default",
+    }
+    assert (g.region_name, g.valid_interfaces, g.insecure, g.timeout) == (
+        "R1",
+        ("internal",),
+        True,
+        30,
+    )
+    assert g.os_cloud is None
+
+
+def test_glance_endpoint_override_and_os_cloud(tmp_path: Path) -> None:
+    path = conf(tmp_path, "[glance]\nendpoint_override = http://g:9292\n")
+    assert load_settings([path]).glance.api_servers == ("http://g:9292",)
+    assert load_settings([path], os_cloud="c1").glance.os_cloud == "c1"
+    assert load_settings([conf(tmp_path, "")]).glance.api_servers == ()
+
+
+def test_glance_unknown_auth_plugin_names_the_option(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[glance\] auth_type: unknown auth plugin 'bogus'"):
+        load_settings([conf(tmp_path, "[glance]\nauth_type = bogus\n")])
