@@ -62,9 +62,11 @@ CONF
 
 rm -f "$W/gunicorn.pid"
 # --no-control-socket: gunicorn 27 otherwise shares ~/.gunicorn/gunicorn.ctl between instances.
+# access.log: one line per request, so tests can count downloads (GET /v2/images/<id>/file).
 OS_GLANCE_CONFIG_DIR="$W/etc" "$V/bin/gunicorn" --daemon --no-control-socket \
   --bind "127.0.0.1:$PORT" --workers 1 --threads 4 --timeout 120 \
-  --pid "$W/gunicorn.pid" --error-logfile "$W/gunicorn.log" glance.wsgi.api:application
+  --pid "$W/gunicorn.pid" --error-logfile "$W/gunicorn.log" --access-logfile "$W/access.log" \
+  glance.wsgi.api:application
 
 for _ in $(seq 1 300); do curl -sf "$U/healthcheck" >/dev/null && break; sleep 0.1; done
 # A header-less read through the real pipeline must work, or something is wrong.

@@ -103,6 +103,19 @@ class GlanceServer:
         with _sdk_quiet():
             self._conn.image.delete_image(image_id, ignore_missing=False)
 
+    @property
+    def access_log(self) -> Path:
+        """gunicorn's access log: one line per request, e.g. ``"GET /v2/images/<id>/file ..."``."""
+        return self.workdir / "access.log"
+
+    def downloads(self, image_id: str) -> int:
+        """How many times the image's data has been requested so far."""
+        try:
+            text = self.access_log.read_text()
+        except FileNotFoundError:
+            return 0
+        return text.count(f"GET /v2/images/{image_id}/file ")
+
     def stored_file(self, image_id: str) -> Path:
         """Where the file store keeps the image's bytes (for tests that corrupt them)."""
         return self.images_dir / image_id

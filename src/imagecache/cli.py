@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from imagecache import manager, outcome, planfile, report
 from imagecache.config import Settings, load_settings
@@ -93,6 +94,103 @@ def cmd_restore(ctx: Context) -> int:
     return 0 if done.ok else 1
 
 
+def cmd_precache(ctx: Context) -> int:
+    from imagecache import (
+        fetch,
+    )  # lazily: keystoneauth and requests only for the commands that fetch
+
+    s = ctx.settings
+    sources = fetch.Sources(s.glance)
+    progress = _Progress(len(set(ctx.args.images))) if sys.stderr.isatty() else None
+    try:
+        results = fetch.precache(
+            ctx.args.images,
+            sources=sources,
+            options=fetch.FetchOptions.from_settings(s),
+            concurrency=s.precache_concurrency,
+            on_bytes=progress.add_bytes if progress else None,
+            on_result=progress.add_result if progress else None,
+        )
+    finally:
+        sources.close()
+        if progress:
+            progress.finish()
+    text = "\n".join(
+        f"{r.result:<8} {r.role:<7} {r.image}  {r.name}"
+        + (f"  {r.bytes} bytes" if r.bytes is not None else "")
+        + (f"\n         {r.reason}" if r.reason else "")
+        for r in results
+    )
+    _emit(ctx, {"results": [r.to_dict() for r in results]}, text)
+    return 1 if any(r.result == "error" for r in results) else 0
+
+
+def cmd_create_disk(ctx: Context) -> int:
+    from imagecache import disks, fetch
+
+    a, s = ctx.args, ctx.settings
+    request = disks.DiskRequest(
+        instance=a.instance,
+        image=a.image,
+        size=a.size,
+        swap_mb=a.swap,
+        ephemeral_gb=a.ephemeral,
+        ephemeral_format=a.ephemeral_format or s.default_ephemeral_format,
+    )
+    sources = fetch.Sources(s.glance)
+    try:
+        made = disks.create_disks(
+            request, source=sources(a.image), options=fetch.FetchOptions.from_settings(s)
+        )
+    finally:
+        sources.close()
+    text = "\n".join(f"{d.result:<8} {d.path}  on _base/{d.backing}" for d in made)
+    _emit(ctx, {"instance": a.instance, "disks": [d.to_dict() for d in made]}, text)
+    return 0
+
+
+class _Progress:
+    """One line on a terminal's stderr: images done and bytes downloaded (threads call it)."""
+
+    def __init__(self, total: int) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._total, self._done, self._bytes, self._shown = total, 0, 0, 0
+
+    def add_bytes(self, n: int) -> None:
+        with self._lock:
+            self._bytes += n
+            if self._bytes - self._shown >= 32 << 20:  # redraw every 32 MiB, not every chunk
+                self._draw()
+
+    def add_result(self, row: Any) -> None:
+        with self._lock:
+            self._done += row.role == "image"
+            self._draw()
+
+    def _draw(self) -> None:
+        self._shown = self._bytes
+        mib = self._bytes / (1 << 20)
+        sys.stderr.write(f"\rprecache: {self._done}/{self._total} images, {mib:,.0f} MiB")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        sys.stderr.write("\n")
+
+
+def _size(text: str) -> int:
+    """``20G``, ``512M``, ``1T`` or plain bytes (binary units, as qemu-img)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 20G, 512M)") from None
+
+
 def _global_options(parser: argparse.ArgumentParser, *, sub: bool) -> None:
     # On subcommands the defaults are suppressed so `imagecache --json plan` and
     # `imagecache plan --json` both work without one overwriting the other.
@@ -124,6 +222,9 @@ def _global_options(parser: argparse.ArgumentParser, *, sub: bool) -> None:
         help="instance records JSON (DESIGN.md §7; repeatable)",
     )
     g.add_argument("--host", default=d, metavar="NAME", help="override [DEFAULT] host")
+    g.add_argument(
+        "--os-cloud", default=d, metavar="CLOUD", help="reach Glance through this clouds.yaml cloud"
+    )
     g.add_argument(
         "--json", action="store_true", default=d or False, help="print one JSON document on stdout"
     )
@@ -158,6 +259,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     p.add_argument("--plan", metavar="FILE", help="apply exactly the plan saved by `plan -o FILE`")
     p = add("restore", cmd_restore, "bring a quarantined entry back from the trash")
     p.add_argument("name", metavar="NAME", help="entry name (or its trash name NAME@EPOCH)")
+    p = add("precache", cmd_precache, "fetch images (and their kernels, ramdisks) into the cache")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="Glance image id or http(s)/file URL")
+    p = add("create-disk", cmd_create_disk, "create an instance's disks as overlays on the cache")
+    p.add_argument("--image", required=True, metavar="IMAGE", help="Glance image id or URL")
+    p.add_argument("--instance", required=True, metavar="UUID", help="instance directory name")
+    p.add_argument(
+        "--size", type=_size, metavar="SIZE", help="root disk size (20G); default: image"
+    )
+    p.add_argument("--swap", type=int, metavar="MB", help="also a swap disk of MB MiB")
+    p.add_argument("--ephemeral", type=int, metavar="GB", help="also an ephemeral disk of GB GiB")
+    p.add_argument("--ephemeral-format", metavar="FS", help="its filesystem (default: vfat)")
     return parser, commands
 
 
@@ -176,6 +288,7 @@ def main(argv: Sequence[str] | None = None, *, clock: Callable[[], float] = time
             args.config_dir or (),
             instances_path=args.instances_path,
             host=args.host,
+            os_cloud=args.os_cloud,
         )
         ctx = Context(
             settings=settings,

@@ -1,0 +1,99 @@
+"""What may enter the cache: a downloaded file must be the format it claims, and safe.
+
+Nova's rules (nova-imagecache.md §4.4), checked on the temp file before it is published:
+
+- our own header parser (:func:`imagecache.formats.read_header`) runs first, on bytes only: a
+  qcow2 with a backing file or an external data file, a VMDK whose ``createType`` is not in
+  ``vmdk_allowed_types``, or one with a parent, is refused before any other program opens it
+  (``qemu-img info`` would open a data file, or a VMDK's extent files);
+- then ``qemu-img info`` probes it once; the two must agree (qemu also knows vdi, vhd, vhdx, ...,
+  which our parser reads as raw) and qemu must report no backing file or data file either;
+- the detected format must equal the claimed ``disk_format``; ``iso``, ``aki``, ``ari`` and
+  ``ami`` are expected to be raw. No claim (a URL) accepts whatever was detected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from imagecache import process
+from imagecache.errors import ImageFormatError, UnsafeImageError
+from imagecache.formats import read_header
+
+__all__ = ["Admitted", "check_format"]
+
+# Glance disk_format -> the format the bytes must have (qemu's names differ for two of them).
+_EXPECTED: Mapping[str, str] = MappingProxyType(
+    {"iso": "raw", "aki": "raw", "ari": "raw", "ami": "raw", "vhd": "vpc"}
+)
+_OURS = frozenset({"raw", "qcow2", "vmdk"})  # what formats.read_header recognises
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A file that passed: its format (Glance's name) and qemu's name for ``-f``."""
+
+    format: str
+    qemu_format: str
+    virtual_size: int | None
+
+
+def check_format(
+    path: str | os.PathLike[str],
+    *,
+    claimed: str | None,
+    vmdk_allowed_types: Collection[str],
+) -> Admitted:
+    """Check the downloaded file at ``path`` against its ``claimed`` Glance disk format.
+
+    Raises:
+        UnsafeImageError: a backing file, a data file, a VMDK type not allowed, or a format
+            other than the claimed one.
+        ImageFormatError: a header that cannot be parsed, or our parser and qemu disagree.
+        ProcessError: qemu-img cannot read the file.
+        OSError: the file cannot be read.
+    """
+    header = read_header(path)
+    if header.backing_file is not None:
+        raise UnsafeImageError(f"{header.format} image has a backing file {header.backing_file!r}")
+    if header.data_file is not None:
+        raise UnsafeImageError(f"qcow2 image has an external data file {header.data_file!r}")
+    if header.format == "vmdk" and header.create_type not in vmdk_allowed_types:
+        raise UnsafeImageError(
+            f"vmdk create type {header.create_type!r} is not in [imagecache] vmdk_allowed_types "
+            f"({', '.join(sorted(vmdk_allowed_types)) or 'empty'})"
+        )
+    info = process.qemu_img_info(path)
+    qemu_format = str(info.get("format", ""))
+    _check_qemu_agrees(header.format, qemu_format, info)
+    expected = _EXPECTED.get(claimed, claimed) if claimed else qemu_format
+    if qemu_format != expected:
+        raise UnsafeImageError(
+            f"the image claims disk_format {claimed!r}, its bytes are {_glance_name(qemu_format)}"
+        )
+    size = info.get("virtual-size")
+    return Admitted(
+        format=_glance_name(qemu_format),
+        qemu_format=qemu_format,
+        virtual_size=size if isinstance(size, int) else None,
+    )
+
+
+def _check_qemu_agrees(ours: str, qemu_format: str, info: Mapping[str, Any]) -> None:
+    # Formats only qemu knows (vdi, vhd, ...) read as raw to us; anything else must agree.
+    if (qemu_format in _OURS or ours != "raw") and qemu_format != ours:
+        raise ImageFormatError(f"our parser reads {ours}, qemu-img reads {qemu_format!r}")
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise UnsafeImageError(f"qemu-img reports a backing file {info.get('backing-filename')!r}")
+    specific = info.get("format-specific")
+    data = specific.get("data") if isinstance(specific, dict) else None
+    if isinstance(data, dict) and data.get("data-file"):
+        raise UnsafeImageError(f"qemu-img reports an external data file {data['data-file']!r}")
+
+
+def _glance_name(qemu_format: str) -> str:
+    return "vhd" if qemu_format == "vpc" else qemu_format

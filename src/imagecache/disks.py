@@ -1,0 +1,176 @@
+"""Instance disks on cached bases: the root overlay, swap and ephemeral disks, and ``disk.info``.
+
+What Nova's Qcow2 backend does at spawn (nova-imagecache.md §4.3), with its races closed:
+
+- the root disk ``<instances_path>/<uuid>/disk`` is a qcow2 overlay on the cached image. The base
+  is fetched if missing, touched, and the overlay created all under the base's entry lock, which
+  the cleaner takes too: it cannot remove the base between our look and the overlay's creation;
+- ``disk.swap`` overlays ``_base/swap_<MB>`` (a sparse file with a swap signature) and
+  ``disk.local`` overlays ``_base/ephemeral_<GB>_<tag>`` (a sparse file with a filesystem, the
+  tag naming it as Nova does). Those backing files are built under a temp name, fsynced and
+  renamed under their own entry locks (Nova writes them in place: §9.1 item 8);
+- every overlay is created under a temp name in the instance directory and renamed without
+  replacing; an existing disk is left alone (``existing``);
+- ``disk.info`` records ``{disk path: "qcow2"}`` as Nova does, rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagecache import fetch, fsops, locks, naming, process
+from imagecache.errors import ImageFormatError, UsageError
+from imagecache.fetch import FetchOptions, Outcome
+from imagecache.formats import read_header
+from imagecache.glance import ImageSource, cache_name
+
+__all__ = ["DISK_INFO", "CreatedDisk", "DiskRequest", "create_disks"]
+
+DISK_INFO = "disk.info"
+_MIB = 1 << 20
+_GIB = 1 << 30
+_EPHEMERAL_LABEL = "ephemeral0"  # Nova's label for the first ephemeral disk
+
+
+@dataclass(frozen=True, slots=True)
+class DiskRequest:
+    """The disks of one instance: a root disk on an image, optional swap and ephemeral disks."""
+
+    instance: str  # the instance directory name (its uuid)
+    image: str  # Glance id or URL of the root disk's image
+    size: int | None = None  # root disk bytes; None: the image's virtual size
+    swap_mb: int | None = None
+    ephemeral_gb: int | None = None
+    ephemeral_format: str | None = None  # None: Nova's default, vfat
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedDisk:
+    """One instance disk and the cache entry it is an overlay on."""
+
+    path: Path
+    backing: str  # cache entry name
+    result: Outcome  # cached: created now; existing: was there already
+
+    def to_dict(self) -> dict[str, str]:
+        return {"disk": str(self.path), "backing": self.backing, "result": str(self.result)}
+
+
+def create_disks(
+    request: DiskRequest, *, source: ImageSource, options: FetchOptions
+) -> tuple[CreatedDisk, ...]:
+    """Create the instance directory, its disks and ``disk.info`` (see the module docstring).
+
+    Raises:
+        UsageError: the instance name is not a plain directory name, a size is not positive, or
+            ``size`` is smaller than the image.
+        LockTimeout, ImageServiceError, ImageFormatError, ProcessError: as
+            :func:`imagecache.fetch.ensure_cached`, or mkswap / mkfs / qemu-img create failed.
+        OSError: a directory or file cannot be created.
+    """
+    _check_request(request)
+    instance_dir = Path(options.instances_path, request.instance)
+    fsops.ensure_dir(options.cache_dir)
+    fsops.ensure_dir(instance_dir)
+    base = cache_name(request.image)
+
+    def root_base() -> Path:
+        return fetch.fetch_locked(request.image, source=source, options=options).path
+
+    made = [_overlay(instance_dir / "disk", base, root_base, options, size=request.size)]
+    if request.swap_mb:
+        name = naming.swap_name(request.swap_mb)
+        build = _generated(name, request.swap_mb * _MIB, process.mkswap, options)
+        made.append(_overlay(instance_dir / "disk.swap", name, build, options))
+    if request.ephemeral_gb:
+        fs_type = request.ephemeral_format or "vfat"
+        name = naming.ephemeral_name(request.ephemeral_gb, request.ephemeral_format)
+
+        def make_fs(path: str | os.PathLike[str]) -> None:
+            process.mkfs(path, fs_type=fs_type, label=_EPHEMERAL_LABEL)
+
+        build = _generated(name, request.ephemeral_gb * _GIB, make_fs, options)
+        made.append(_overlay(instance_dir / "disk.local", name, build, options))
+    _record_disk_info(instance_dir, [d.path for d in made])
+    return tuple(made)
+
+
+def _check_request(request: DiskRequest) -> None:
+    name = request.instance
+    if not name or name in (".", "..") or "/" in name or "\0" in name or name.startswith("_"):
+        raise UsageError(f"not an instance directory name: {name!r}")
+    for label, value in (
+        ("--size", request.size),
+        ("--swap", request.swap_mb),
+        ("--ephemeral", request.ephemeral_gb),
+    ):
+        if value is not None and value <= 0:
+            raise UsageError(f"{label} must be positive, got {value}")
+
+
+def _overlay(
+    disk: Path,
+    entry: str,
+    ensure_base: Callable[[], Path],
+    options: FetchOptions,
+    *,
+    size: int | None = None,
+) -> CreatedDisk:
+    """Under ``entry``'s lock: make sure the base is there (touched), then overlay it."""
+    with locks.entry_lock(options.instances_path, entry, timeout=options.lock_timeout):
+        base = ensure_base()
+        if disk.exists():
+            return CreatedDisk(disk, entry, Outcome.EXISTING)
+        header = read_header(base)
+        if header.backing_file is not None or header.data_file is not None:
+            raise ImageFormatError(f"{base} has a backing or data file: not a usable base")
+        virtual = header.virtual_size or base.stat().st_size
+        if size is not None and size < virtual:
+            raise UsageError(f"--size {size} is smaller than the image ({virtual} bytes)")
+        grow = size if size is not None and size > virtual else None
+        with fsops.temp_path(disk.parent, disk.name) as temp:
+            process.create_overlay(temp, backing=base, backing_format=header.format, size=grow)
+            fsops.atomic_publish(temp, disk)
+    return CreatedDisk(disk, entry, Outcome.CACHED)
+
+
+def _generated(
+    name: str,
+    size: int,
+    make: Callable[[str | os.PathLike[str]], None],
+    options: FetchOptions,
+) -> Callable[[], Path]:
+    """A base builder for ``_overlay``: the sparse file ``name`` of ``size`` bytes, formatted by
+    ``make``, published atomically unless present (then touched). Runs under the entry lock."""
+
+    def build() -> Path:
+        path = Path(options.cache_dir, name)
+        if path.exists():
+            fsops.touch(path)
+            return path
+        with fsops.temp_file(options.cache_dir, name) as (temp, stream):
+            stream.truncate(size)
+            make(temp)
+            fsops.atomic_publish(temp, path)
+        return path
+
+    return build
+
+
+def _record_disk_info(instance_dir: Path, disks: list[Path]) -> None:
+    """Add ``{path: "qcow2"}`` for each disk to ``disk.info``, keeping what it already says."""
+    info_path = instance_dir / DISK_INFO
+    try:
+        current = json.loads(info_path.read_text())
+    except FileNotFoundError:
+        current = {}
+    except ValueError:
+        current = {}  # Nova also rewrites an unreadable disk.info from what it knows
+    if not isinstance(current, dict):
+        current = {}
+    current.update({str(d): "qcow2" for d in disks})
+    fsops.atomic_write(info_path, json.dumps(current).encode("utf-8"))

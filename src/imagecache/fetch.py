@@ -1,0 +1,371 @@
+"""Fetch images into the cache: once, verified, atomically, under the entry lock.
+
+``ensure_cached(image)`` is Nova's ``Image.cache`` + ``fetch_to_raw`` done the safe way
+(nova-imagecache.md §4 and §9.1 items 5 and 8):
+
+1. take the entry lock ``locks/nova-<sha1(image)>``, the lock Nova and our cleaner take;
+2. under it, look for the entry: present → touch it (it is in use again) → ``existing``;
+3. absent → stream the bytes into a temp file unique to this writer
+   (``<name>.<pid>.<token>.part``, never Nova's ``<name>.part``) while hashing them (Glance's
+   ``os_hash_algo``, else its MD5 ``checksum``); compare size and digest; inspect the format
+   with our own header parser and ``qemu-img info`` (:mod:`imagecache.admission`); convert to
+   raw when ``force_raw_images``; fsync; rename into place without replacing → ``cached``.
+
+Any failure removes the temp files and publishes nothing. A process killed mid-download leaves
+its temp file for the reaper (a ``temp`` entry, removed after ``stale_temp_seconds`` when its lock
+is free). Kernels and ramdisks named by an image are cached the same way, without conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from imagecache import admission, fsops, locks, process
+from imagecache.config import GlanceSettings, Settings
+from imagecache.errors import ChecksumMismatch, ImageCacheError, ImageServiceError
+from imagecache.glance import ImageMeta, ImageSource, cache_name, open_source
+
+__all__ = [
+    "FetchOptions",
+    "FetchResult",
+    "Fetched",
+    "Outcome",
+    "Sources",
+    "ensure_cached",
+    "fetch_locked",
+    "precache",
+]
+
+log = logging.getLogger(__name__)
+
+OnBytes = Callable[[int], None]
+
+
+class Outcome(StrEnum):
+    """What became of one image (Nova's ``cache_images`` statuses)."""
+
+    CACHED = "cached"  # downloaded now
+    EXISTING = "existing"  # already present (touched)
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class FetchOptions:
+    """Where the cache is and how to fill it: the few settings fetching needs."""
+
+    instances_path: str
+    cache_dir: str
+    lock_timeout: float = 60.0
+    force_raw: bool = True
+    vmdk_allowed_types: frozenset[str] = frozenset({"streamOptimized", "monolithicSparse"})
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FetchOptions:
+        return cls(
+            instances_path=settings.instances_path,
+            cache_dir=settings.cache_dir,
+            lock_timeout=settings.lock_timeout_seconds,
+            force_raw=settings.force_raw_images,
+            vmdk_allowed_types=frozenset(settings.vmdk_allowed_types),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """An entry that is in the cache now: downloaded by this call, or found there."""
+
+    image: str
+    name: str
+    path: Path
+    outcome: Outcome
+    bytes: int  # size of the cache entry
+    meta: ImageMeta | None  # what the service said, when it was asked (downloads)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """One row of a pre-cache report."""
+
+    image: str
+    name: str
+    result: Outcome
+    role: str = "image"  # or "kernel", "ramdisk" of the image before it
+    reason: str | None = None
+    bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "name": self.name,
+            "role": self.role,
+            "result": str(self.result),
+            "reason": self.reason,
+            "bytes": self.bytes,
+        }
+
+
+def ensure_cached(
+    image_ref: str,
+    *,
+    source: ImageSource,
+    options: FetchOptions,
+    convert: bool = True,
+    on_bytes: OnBytes | None = None,
+) -> Fetched:
+    """Make sure ``image_ref`` (a Glance id or a URL) is in the cache; download it at most once.
+
+    Takes the entry lock, then does :func:`fetch_locked`. ``convert=False`` keeps the image as
+    downloaded (kernels, ramdisks). ``on_bytes(n)`` is called after each chunk written.
+
+    Raises:
+        LockTimeout: another process held the entry for ``lock_timeout`` seconds.
+        ImageServiceError: the service failed, the image is unknown or not active
+            (ImageNotFound, ImageUnavailable, ImageServiceUnreachable), or the bytes do not match
+            its size, checksum or hash (ChecksumMismatch).
+        ImageFormatError: the bytes are not the claimed format, or are unsafe (UnsafeImageError).
+        ProcessError: qemu-img failed.
+        OSError: the cache directory or the lock cannot be created or written (disk full, ...).
+    """
+    name = cache_name(image_ref)
+    fsops.ensure_dir(options.cache_dir)
+    with locks.entry_lock(options.instances_path, name, timeout=options.lock_timeout):
+        return fetch_locked(
+            image_ref, source=source, options=options, convert=convert, on_bytes=on_bytes
+        )
+
+
+def fetch_locked(
+    image_ref: str,
+    *,
+    source: ImageSource,
+    options: FetchOptions,
+    convert: bool = True,
+    on_bytes: OnBytes | None = None,
+) -> Fetched:
+    """:func:`ensure_cached` for a caller that already holds the entry lock (``create-disk``).
+
+    Raises as :func:`ensure_cached`, except LockTimeout.
+    """
+    name = cache_name(image_ref)
+    path = Path(options.cache_dir, name)
+    if path.exists():
+        # In use again: a touch keeps a pass (ours on a peer, or Nova's) from finding it old.
+        fsops.touch(path)
+        return Fetched(image_ref, name, path, Outcome.EXISTING, path.stat().st_size, None)
+    meta = source.get(image_ref)
+    with fsops.temp_file(options.cache_dir, name) as (temp, stream):
+        with source.open_stream(image_ref) as chunks:
+            _copy_verified(chunks, stream, meta, on_bytes=on_bytes)
+        found = admission.check_format(
+            temp, claimed=meta.disk_format, vmdk_allowed_types=options.vmdk_allowed_types
+        )
+        if convert and options.force_raw and found.format != "raw":
+            with fsops.temp_path(options.cache_dir, name) as converted:
+                process.convert_to_raw(temp, converted, source_format=found.qemu_format)
+                fsops.atomic_publish(converted, path)
+            fsops.remove(temp)
+        else:
+            fsops.atomic_publish(temp, path)
+    log.info("cached %s as %s (%s)", image_ref, name, found.format)
+    return Fetched(image_ref, name, path, Outcome.CACHED, path.stat().st_size, meta)
+
+
+def _hashers(meta: ImageMeta) -> list[tuple[str, str, Any]]:
+    """(label, expected hex digest, hash object) of the digest to verify the bytes with.
+
+    Glance's multihash (``os_hash_algo``/``os_hash_value``, SHA-512 by default) when it publishes
+    one, else its legacy MD5 ``checksum``: what glanceclient, and so Nova, verifies. Not both:
+    MD5 adds no assurance over SHA-512, and hashing is what bounds the download rate (README,
+    "Fetching"). None for a source that publishes neither (a URL): only the size is checked.
+    """
+    if meta.hash_algo and meta.hash_value:
+        try:
+            hasher = hashlib.new(meta.hash_algo)
+        except ValueError as exc:
+            raise ImageServiceError(
+                f"image {meta.id}: unsupported os_hash_algo {meta.hash_algo!r}"
+            ) from exc
+        return [(f"os_hash_value ({meta.hash_algo})", meta.hash_value, hasher)]
+    if meta.checksum:
+        return [("checksum (md5)", meta.checksum, hashlib.md5(usedforsecurity=False))]
+    return []
+
+
+def _copy_verified(
+    chunks: Iterable[bytes], stream: BinaryIO, meta: ImageMeta, *, on_bytes: OnBytes | None
+) -> None:
+    """Write every chunk to ``stream`` while hashing it; raise ChecksumMismatch on any difference.
+
+    The hash runs in a thread of :class:`_Digests`: hashlib releases the GIL, so receiving,
+    writing and hashing proceed on separate cores instead of one after the other.
+    """
+    hashers = _hashers(meta)
+    total = 0
+    with _Digests([h for _, _, h in hashers]) as digests:
+        for chunk in chunks:
+            digests.feed(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[stream.write(view) :]
+            total += len(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+    os.fsync(stream.fileno())
+    if meta.size is not None and total != meta.size:
+        raise ChecksumMismatch(f"image {meta.id}: got {total} bytes, the service says {meta.size}")
+    for label, expected, hasher in hashers:
+        if hasher.hexdigest() != expected.lower():
+            raise ChecksumMismatch(
+                f"image {meta.id}: {label} mismatch: got {hasher.hexdigest()}, "
+                f"the service says {expected}"
+            )
+
+
+class _Digests:
+    """Feed each chunk to every hash in its own thread; ``with`` waits for them to finish."""
+
+    _DONE = b""
+
+    def __init__(self, hashers: Sequence[Any]) -> None:
+        self._slots = [_HashThread(h) for h in hashers]
+
+    def __enter__(self) -> _Digests:
+        for slot in self._slots:
+            slot.start()
+        return self
+
+    def feed(self, chunk: bytes) -> None:
+        for slot in self._slots:
+            slot.put(chunk)
+
+    def __exit__(self, *exc: object) -> None:
+        for slot in self._slots:
+            slot.put(self._DONE)
+        for slot in self._slots:
+            slot.join()
+
+
+class _HashThread(threading.Thread):
+    """One hash fed through a short queue (bounded: memory stays a few chunks)."""
+
+    def __init__(self, hasher: Any) -> None:
+        super().__init__(daemon=True)
+        self._hasher = hasher
+        self._queue: queue.Queue[bytes] = queue.Queue(maxsize=4)
+
+    def put(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def run(self) -> None:
+        while chunk := self._queue.get():
+            self._hasher.update(chunk)
+
+
+class Sources:
+    """The image source of each reference: one shared Glance client, a URL source per URL.
+
+    Thread-safe; ``close()`` closes what was opened.
+    """
+
+    def __init__(self, settings: GlanceSettings) -> None:
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._opened: dict[str, ImageSource] = {}
+
+    def __call__(self, image_ref: str) -> ImageSource:
+        """Raises ConfigError (no usable Glance settings) or ImageServiceError (bad URL)."""
+        key = "glance" if "://" not in image_ref else image_ref
+        with self._lock:
+            if key not in self._opened:
+                self._opened[key] = open_source(image_ref, self._settings)
+            return self._opened[key]
+
+    def close(self) -> None:
+        with self._lock:
+            for source in self._opened.values():
+                source.close()
+            self._opened.clear()
+
+
+def precache(
+    image_refs: Sequence[str],
+    *,
+    sources: Callable[[str], ImageSource],
+    options: FetchOptions,
+    concurrency: int = 1,
+    on_bytes: OnBytes | None = None,
+    on_result: Callable[[FetchResult], None] | None = None,
+) -> tuple[FetchResult, ...]:
+    """Cache each image (and the kernel and ramdisk it names), ``concurrency`` at a time.
+
+    Never raises for one image: each gets a row, ``error`` with the reason when it failed. Rows
+    come in the order of ``image_refs`` (duplicates once), each image followed by its kernel and
+    ramdisk. ``on_result`` is called as rows complete (from worker threads).
+    """
+    unique = list(dict.fromkeys(image_refs))
+
+    def one(ref: str) -> list[FetchResult]:
+        rows = _precache_one(ref, sources=sources, options=options, on_bytes=on_bytes)
+        for row in rows:
+            if on_result is not None:
+                on_result(row)
+        return rows
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        done = list(pool.map(one, unique))
+    return tuple(row for rows in done for row in rows)
+
+
+def _precache_one(
+    ref: str,
+    *,
+    sources: Callable[[str], ImageSource],
+    options: FetchOptions,
+    on_bytes: OnBytes | None,
+) -> list[FetchResult]:
+    try:
+        source = sources(ref)
+        got = ensure_cached(ref, source=source, options=options, on_bytes=on_bytes)
+    except (ImageCacheError, OSError) as exc:
+        log.warning("precache %s: %s", ref, exc)
+        return [FetchResult(ref, cache_name(ref), Outcome.ERROR, reason=_reason(exc))]
+    rows = [FetchResult(ref, got.name, got.outcome, bytes=got.bytes)]
+    if "://" in ref:
+        return rows  # URLs name no kernel or ramdisk
+    meta = got.meta
+    if meta is None:
+        try:
+            meta = source.get(ref)
+        except ImageServiceError as exc:
+            # The image itself is here; only its kernel and ramdisk cannot be looked up now.
+            log.warning("precache %s: cannot look up its kernel and ramdisk: %s", ref, exc)
+            return rows
+    for role, dep in (("kernel", meta.kernel_id), ("ramdisk", meta.ramdisk_id)):
+        if not dep:
+            continue
+        try:
+            dep_got = ensure_cached(
+                dep, source=source, options=options, convert=False, on_bytes=on_bytes
+            )
+        except (ImageCacheError, OSError) as exc:
+            log.warning("precache %s %s of %s: %s", role, dep, ref, exc)
+            rows.append(
+                FetchResult(dep, cache_name(dep), Outcome.ERROR, role=role, reason=_reason(exc))
+            )
+        else:
+            rows.append(FetchResult(dep, dep_got.name, dep_got.outcome, role, bytes=dep_got.bytes))
+    return rows
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,176 @@
+"""Instance disks on cached bases: real qemu-img overlays, real mkswap and mkfs, a real Glance."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imagecache import locks, naming
+from imagecache.disks import DiskRequest, create_disks
+from imagecache.errors import LockTimeout, UsageError
+from imagecache.fetch import FetchOptions, Outcome
+from imagecache.glance import GlanceClient, UrlSource
+from tests import qemu
+from tests.glance_server import GlanceServer
+
+UUID = "6b1f6a52-3c1e-4f4e-8d8e-0d5c1f3e2a10"
+MIB = 1 << 20
+CLI = (sys.executable, "-m", "imagecache.cli")
+
+
+def options(tmp_path: Path, *, lock_timeout: float = 60.0) -> FetchOptions:
+    inst = tmp_path / "instances"
+    return FetchOptions(
+        instances_path=str(inst), cache_dir=str(inst / "_base"), lock_timeout=lock_timeout
+    )
+
+
+def blkid_type(path: Path) -> str:
+    done = subprocess.run(
+        ["blkid", "-p", "-o", "value", "-s", "TYPE", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def image_url(tmp_path: Path) -> str:
+    return qemu.make_qcow2(tmp_path / "src" / "img.qcow2", "8M").as_uri()
+
+
+def test_root_swap_and_ephemeral_overlays_with_disk_info(tmp_path: Path, image_url: str) -> None:
+    opts = options(tmp_path)
+    request = DiskRequest(
+        instance=UUID,
+        image=image_url,
+        size=16 * MIB,
+        swap_mb=64,
+        ephemeral_gb=1,
+        ephemeral_format="ext4",
+    )
+
+    made = create_disks(request, source=UrlSource(), options=opts)
+
+    inst = tmp_path / "instances" / UUID
+    cache = tmp_path / "instances" / "_base"
+    base, swap, eph = naming.fingerprint(image_url), "swap_64", naming.ephemeral_name(1, "ext4")
+    assert [(d.path.name, d.backing, d.result) for d in made] == [
+        ("disk", base, Outcome.CACHED),
+        ("disk.swap", swap, Outcome.CACHED),
+        ("disk.local", eph, Outcome.CACHED),
+    ]
+    disk = qemu.info(inst / "disk")
+    assert (disk["format"], disk["virtual-size"]) == ("qcow2", 16 * MIB)
+    assert disk["backing-filename"] == str(cache / base)
+    assert disk["backing-filename-format"] == "raw"
+    for name, backing in (("disk.swap", swap), ("disk.local", eph)):
+        assert qemu.info(inst / name)["backing-filename"] == str(cache / backing)
+    assert blkid_type(cache / swap) == "swap" and (cache / swap).stat().st_size == 64 * MIB
+    assert blkid_type(cache / eph) == "ext4" and (cache / eph).stat().st_size == 1 << 30
+    assert json.loads((inst / "disk.info").read_text()) == {
+        str(inst / "disk"): "qcow2",
+        str(inst / "disk.swap"): "qcow2",
+        str(inst / "disk.local"): "qcow2",
+    }
+    assert sorted(p.name for p in inst.iterdir()) == [
+        "disk",
+        "disk.info",
+        "disk.local",
+        "disk.swap",
+    ]
+    assert sorted(p.name for p in cache.iterdir()) == sorted([base, swap, eph])
+
+
+def test_again_leaves_disks_alone_and_touches_the_bases(tmp_path: Path, image_url: str) -> None:
+    opts = options(tmp_path)
+    request = DiskRequest(instance=UUID, image=image_url, swap_mb=16, ephemeral_gb=1)
+    create_disks(request, source=UrlSource(), options=opts)
+    cache = Path(opts.cache_dir)
+    for entry in cache.iterdir():
+        os.utime(entry, (1000, 1000))
+    disk = Path(opts.instances_path, UUID, "disk")
+    before = disk.read_bytes()
+
+    again = create_disks(request, source=UrlSource(), options=opts)
+
+    assert {d.result for d in again} == {Outcome.EXISTING} and disk.read_bytes() == before
+    assert all(entry.stat().st_mtime > 1000 for entry in cache.iterdir())
+    assert blkid_type(cache / naming.ephemeral_name(1, None)) == "vfat"
+
+
+def test_overlay_waits_for_the_base_lock(tmp_path: Path, image_url: str) -> None:
+    # The cleaner holds the base's lock while it decides; no overlay may appear meanwhile.
+    opts = options(tmp_path, lock_timeout=0.2)
+    name = naming.fingerprint(image_url)
+    script = (
+        "import sys, time; from imagecache import locks\n"
+        "with locks.entry_lock(sys.argv[1], sys.argv[2], timeout=5):\n"
+        "    print('held', flush=True); time.sleep(30)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, opts.instances_path, name],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(LockTimeout):
+            create_disks(
+                DiskRequest(instance=UUID, image=image_url), source=UrlSource(), options=opts
+            )
+        assert not Path(opts.instances_path, UUID, "disk").exists()
+        assert locks.is_locked(opts.instances_path, name)
+    finally:
+        holder.kill()
+        holder.communicate()
+
+
+def test_bad_requests(tmp_path: Path, image_url: str) -> None:
+    opts = options(tmp_path)
+    for request in (
+        DiskRequest(instance="../x", image=image_url),
+        DiskRequest(instance="_base", image=image_url),
+        DiskRequest(instance=UUID, image=image_url, swap_mb=0),
+    ):
+        with pytest.raises(UsageError):
+            create_disks(request, source=UrlSource(), options=opts)
+    with pytest.raises(UsageError, match="smaller than the image"):
+        create_disks(
+            DiskRequest(instance=UUID, image=image_url, size=MIB), source=UrlSource(), options=opts
+        )
+    assert not Path(opts.instances_path, UUID, "disk").exists()
+
+
+@pytest.mark.glance
+def test_create_disk_command_from_glance(glance_server: GlanceServer, tmp_path: Path) -> None:
+    image = qemu.make_qcow2(tmp_path / "g.qcow2", "4M")
+    image_id = glance_server.upload(image, disk_format="qcow2")
+    conf = tmp_path / "nova.conf"
+    conf.write_text(
+        f"[DEFAULT]\ninstances_path = {tmp_path / 'instances'}\nhost = h1\nmy_ip = 127.0.0.1\n"
+        f"[glance]\napi_servers = {glance_server.endpoint}\n"
+    )
+    args = ["create-disk", "--image", image_id, "--instance", UUID, "--size", "1G", "--swap", "8"]
+    done = subprocess.run(
+        [*CLI, "--config-file", str(conf), "--json", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert [(Path(d["disk"]).name, d["result"]) for d in doc["disks"]] == [
+        ("disk", "cached"),
+        ("disk.swap", "cached"),
+    ]
+    info = qemu.info(tmp_path / "instances" / UUID / "disk")
+    assert info["virtual-size"] == 1 << 30
+    assert Path(info["backing-filename"]).name == naming.fingerprint(image_id)
+    assert GlanceClient(glance_server.settings).get(image_id).virtual_size == 4 * MIB

@@ -1,0 +1,309 @@
+"""Fetching into the cache from a real Glance (started by the suite), real files and qemu-img."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagecache import naming
+from imagecache.config import GlanceSettings
+from imagecache.errors import (
+    ChecksumMismatch,
+    ImageFormatError,
+    ImageNotFound,
+    ImageServiceUnreachable,
+    ImageUnavailable,
+    UnsafeImageError,
+)
+from imagecache.fetch import FetchOptions, Outcome, Sources, ensure_cached, precache
+from imagecache.formats import read_header
+from imagecache.glance import GlanceClient, UrlSource
+from imagecache.model import Kind
+from tests import qemu
+from tests.glance_server import GlanceServer
+
+MIB = 1 << 20
+
+
+def options(tmp_path: Path, **kw: Any) -> FetchOptions:
+    inst = tmp_path / "instances"
+    return FetchOptions(instances_path=str(inst), cache_dir=str(inst / "_base"), **kw)
+
+
+def cache_files(opts: FetchOptions) -> list[str]:
+    return sorted(p.name for p in Path(opts.cache_dir).iterdir() if p.is_file())
+
+
+def pattern(size: int, seed: bytes = b"imagecache") -> bytes:
+    block = hashlib.shake_256(seed).digest(MIB)
+    return (block * (size // MIB + 1))[:size]
+
+
+def nova_conf(tmp_path: Path, endpoint: str, **imagecache: object) -> Path:
+    extra = "".join(f"{k} = {v}\n" for k, v in imagecache.items())
+    conf = tmp_path / "nova.conf"
+    conf.write_text(
+        f"[DEFAULT]\ninstances_path = {tmp_path / 'instances'}\nhost = h1\nmy_ip = 127.0.0.1\n"
+        f"[glance]\napi_servers = {endpoint}\n"
+        f"[imagecache]\naudit_log = {tmp_path / 'audit.jsonl'}\n{extra}"
+    )
+    return conf
+
+
+def cli(conf: Path, *args: str) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "imagecache.cli", "--config-file", str(conf), *args]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def glance(glance_server: GlanceServer) -> GlanceClient:
+    return GlanceClient(glance_server.settings)
+
+
+# --- success ------------------------------------------------------------------------------------
+
+
+@pytest.mark.glance
+def test_raw_image_is_cached_byte_exact_once_then_touched(
+    glance: GlanceClient, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    data = pattern(3 * MIB + 17)
+    image_id = glance_server.upload(data)
+    opts = options(tmp_path)
+
+    got = ensure_cached(image_id, source=glance, options=opts)
+
+    assert got.outcome is Outcome.CACHED and got.name == naming.fingerprint(image_id)
+    assert got.path.read_bytes() == data and got.bytes == len(data)
+    assert cache_files(opts) == [got.name]  # no temp file left behind
+    assert Path(opts.instances_path, "locks", f"nova-{got.name}").is_file()
+    os.utime(got.path, (1000, 1000))
+    again = ensure_cached(image_id, source=glance, options=opts)
+    assert again.outcome is Outcome.EXISTING and got.path.stat().st_mtime > 1000
+    assert glance_server.downloads(image_id) == 1
+
+
+@pytest.mark.glance
+def test_qcow2_is_converted_to_raw_unless_force_raw_is_off(
+    glance: GlanceClient, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(pattern(4 * MIB, b"qcow2"))
+    image = tmp_path / "src.qcow2"
+    qemu.qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, image)
+    image_id = glance_server.upload(image, disk_format="qcow2")
+
+    got = ensure_cached(image_id, source=glance, options=options(tmp_path / "a"))
+    kept = ensure_cached(image_id, source=glance, options=options(tmp_path / "b", force_raw=False))
+
+    assert read_header(got.path).format == "raw" and got.path.read_bytes() == raw.read_bytes()
+    assert read_header(kept.path).format == "qcow2"
+    assert kept.path.read_bytes() == image.read_bytes()
+    assert cache_files(options(tmp_path / "a")) == [got.name]
+
+
+@pytest.mark.glance
+def test_precache_caches_kernel_and_ramdisk_under_their_sha1_names(
+    glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    kernel = glance_server.upload(b"k" * 4096, disk_format="aki", container_format="aki")
+    ramdisk = glance_server.upload(b"r" * 4096, disk_format="ari", container_format="ari")
+    image_id = glance_server.upload(pattern(MIB), kernel_id=kernel, ramdisk_id=ramdisk)
+    opts = options(tmp_path)
+    sources = Sources(glance_server.settings)
+
+    rows = precache([image_id, image_id], sources=sources, options=opts, concurrency=2)
+    again = precache([image_id], sources=sources, options=opts)
+    sources.close()
+
+    assert [(r.image, r.role, r.result) for r in rows] == [
+        (image_id, "image", Outcome.CACHED),
+        (kernel, "kernel", Outcome.CACHED),
+        (ramdisk, "ramdisk", Outcome.CACHED),
+    ]
+    assert {r.result for r in again} == {Outcome.EXISTING}
+    assert Path(opts.cache_dir, naming.fingerprint(kernel)).read_bytes() == b"k" * 4096
+    assert Path(opts.cache_dir, naming.fingerprint(ramdisk)).read_bytes() == b"r" * 4096
+    assert len(cache_files(opts)) == 3
+
+
+def test_file_url_is_cached_under_the_sha1_of_the_url(tmp_path: Path) -> None:
+    src = qemu.make_qcow2(tmp_path / "img.qcow2", "2M")
+    url = src.as_uri()
+    opts = options(tmp_path)
+
+    got = ensure_cached(url, source=UrlSource(), options=opts)
+
+    assert got.name == naming.fingerprint(url) and read_header(got.path).format == "raw"
+    assert got.bytes == 2 * MIB
+
+
+# --- failures: each publishes nothing and leaves no temp file -----------------------------------
+
+
+def test_unreachable_glance_is_an_error_row(tmp_path: Path) -> None:
+    closed = GlanceSettings(api_servers=("http://127.0.0.1:9",), auth_type="none", timeout=5)
+    opts = options(tmp_path)
+    with pytest.raises(ImageServiceUnreachable):
+        ensure_cached("a-1", source=GlanceClient(closed), options=opts)
+    rows = precache(["a-1"], sources=Sources(closed), options=opts)
+    assert rows[0].result is Outcome.ERROR and "ImageServiceUnreachable" in (rows[0].reason or "")
+    assert cache_files(opts) == []
+
+
+@pytest.mark.glance
+def test_unknown_image_id(glance: GlanceClient, tmp_path: Path) -> None:
+    opts = options(tmp_path)
+    with pytest.raises(ImageNotFound):
+        ensure_cached("0b5bd5c4-8d1c-4c4e-9a1f-000000000000", source=glance, options=opts)
+    assert cache_files(opts) == []
+
+
+@pytest.mark.glance
+def test_corrupted_store_is_a_checksum_mismatch(
+    glance: GlanceClient, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    image_id = glance_server.upload(pattern(2 * MIB))
+    stored = glance_server.stored_file(image_id)
+    with stored.open("r+b") as f:  # one flipped byte, same size: only the hash can tell
+        f.seek(MIB)
+        byte = f.read(1)
+        f.seek(MIB)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    opts = options(tmp_path)
+
+    with pytest.raises(ChecksumMismatch, match="os_hash_value"):
+        ensure_cached(image_id, source=glance, options=opts)
+    assert cache_files(opts) == []
+
+
+@pytest.mark.glance
+def test_deactivated_image_is_unavailable(
+    glance: GlanceClient, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    image_id = glance_server.upload(pattern(MIB))
+    glance_server.deactivate(image_id)
+    opts = options(tmp_path)
+    with pytest.raises(ImageUnavailable, match="deactivated"):
+        ensure_cached(image_id, source=glance, options=opts)
+    assert cache_files(opts) == [] and glance_server.downloads(image_id) == 0
+
+
+@pytest.mark.glance
+def test_qcow2_with_a_backing_file_is_refused(
+    glance: GlanceClient, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    base = qemu.make_raw(tmp_path / "base.raw", "1M")
+    overlay = qemu.make_overlay(tmp_path / "overlay.qcow2", base)
+    # Glance 33 inspects only container_format=bare uploads (and refuses this one); older
+    # Glances, and other containers, store it as it is.
+    image_id = glance_server.upload(overlay, disk_format="qcow2", container_format="ovf")
+    opts = options(tmp_path)
+    with pytest.raises(UnsafeImageError, match="backing file"):
+        ensure_cached(image_id, source=glance, options=opts)
+    assert cache_files(opts) == []
+
+
+@pytest.mark.glance
+def test_format_other_than_claimed_and_disallowed_vmdk_are_refused(
+    glance: GlanceClient, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    disguised = glance_server.upload(qemu.make_qcow2(tmp_path / "q.qcow2"), disk_format="raw")
+    vmdk = glance_server.upload(qemu.make_vmdk(tmp_path / "v.vmdk"), disk_format="vmdk")
+    opts = options(tmp_path, vmdk_allowed_types=frozenset({"streamOptimized"}))
+    with pytest.raises(UnsafeImageError, match="claims disk_format 'raw', its bytes are qcow2"):
+        ensure_cached(disguised, source=glance, options=opts)
+    with pytest.raises(UnsafeImageError, match="monolithicSparse"):
+        ensure_cached(vmdk, source=glance, options=opts)
+    assert issubclass(UnsafeImageError, ImageFormatError) and cache_files(opts) == []
+
+
+@pytest.mark.glance
+def test_download_killed_half_way_publishes_nothing(
+    glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    size = 128 * MIB
+    data = pattern(size, b"big")
+    image_id = glance_server.upload(data)
+    conf = nova_conf(tmp_path, glance_server.endpoint)
+    cache = tmp_path / "instances" / "_base"
+    final = cache / naming.fingerprint(image_id)
+
+    proc = cli(conf, "precache", image_id)
+    seen = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        parts = list(cache.glob("*.part")) if cache.is_dir() else []
+        seen = parts[0].stat().st_size if parts else 0
+        if seen >= 4 * MIB:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.communicate()
+
+    assert proc.returncode == -signal.SIGKILL and 4 * MIB <= seen < size
+    assert not final.exists()
+    # SIGKILL leaves the temp file: a temp entry the reaper removes once stale and unlocked.
+    leftovers = [p.name for p in cache.iterdir()]
+    assert len(leftovers) == 1 and naming.classify(leftovers[0]) is Kind.TEMP
+    retry = cli(conf, "--json", "precache", image_id)
+    out, err = retry.communicate()
+    assert retry.returncode == 0, err
+    assert json.loads(out)["results"][0]["result"] == "cached"
+    assert hashlib.sha256(final.read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+@pytest.mark.glance
+def test_twenty_concurrent_precaches_make_one_download(
+    glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    image_id = glance_server.upload(pattern(32 * MIB, b"twenty"))
+    conf = nova_conf(tmp_path, glance_server.endpoint, lock_timeout_seconds=120)
+
+    procs = [cli(conf, "--json", "precache", image_id) for _ in range(20)]
+    outs = [p.communicate() for p in procs]
+
+    assert [p.returncode for p in procs] == [0] * 20, [err for _, err in outs]
+    results = sorted(json.loads(out)["results"][0]["result"] for out, _ in outs)
+    assert results == ["cached"] + ["existing"] * 19
+    assert glance_server.downloads(image_id) == 1
+    assert [p.name for p in (tmp_path / "instances" / "_base").iterdir()] == [
+        naming.fingerprint(image_id)
+    ]
+
+
+@pytest.mark.glance
+def test_cli_json_rows_and_exit_code(glance_server: GlanceServer, tmp_path: Path) -> None:
+    image_id = glance_server.upload(pattern(MIB, b"cli"))
+    conf = nova_conf(tmp_path, glance_server.endpoint, precache_concurrency=2)
+    proc = cli(conf, "--json", "precache", image_id, "no-such-image")
+    out, _ = proc.communicate()
+    rows = json.loads(out)["results"]
+    assert proc.returncode == 1
+    assert rows[0] == {
+        "image": image_id,
+        "name": naming.fingerprint(image_id),
+        "role": "image",
+        "result": "cached",
+        "reason": None,
+        "bytes": MIB,
+    }
+    assert rows[1]["result"] == "error" and "ImageNotFound" in rows[1]["reason"]
+
+
+def test_cli_startup_does_not_import_the_image_service_clients() -> None:
+    # plan/status must start fast: the clients load only in the commands that fetch.
+    code = (
+        "import sys, imagecache.cli; print(sorted({'keystoneauth1', 'requests'} & {*sys.modules}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
