@@ -220,7 +220,8 @@ def _copy_verified(
             total += len(chunk)
             if on_bytes is not None:
                 on_bytes(len(chunk))
-    os.fsync(stream.fileno())
+        # While the hash catches up (it is slower than the network here), flush to disk.
+        os.fsync(stream.fileno())
     if meta.size is not None and total != meta.size:
         raise ChecksumMismatch(f"image {meta.id}: got {total} bytes, the service says {meta.size}")
     for label, expected, hasher in hashers:
