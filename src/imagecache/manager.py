@@ -5,8 +5,10 @@ Reading order for a newcomer: this file for the flow, ``policy.py`` for every de
 
 from __future__ import annotations
 
+import gc
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from imagecache import executor, fsops, policy, scan
@@ -27,10 +29,28 @@ def observe(settings: Settings, *, inventory_files: Iterable[str] = ()) -> Inven
     )
 
 
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a pass builds its values.
+
+    A pass on a large host allocates a few hundred thousand small, acyclic, immutable values;
+    the collector finds nothing among them yet spends about a fifth of the pass walking them.
+    Reference counting still frees everything as usual.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def plan_pass(settings: Settings, *, inventory_files: Iterable[str] = (), now: float) -> Plan:
     """Observe and decide: what one pass would do now. Changes nothing."""
-    inventory = observe(settings, inventory_files=inventory_files)
-    return policy.decide(inventory, settings.policy, now)
+    with _cyclic_gc_paused():
+        inventory = observe(settings, inventory_files=inventory_files)
+        return policy.decide(inventory, settings.policy, now)
 
 
 def save_plan(path: str, doc: dict[str, Any]) -> None:

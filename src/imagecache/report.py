@@ -183,8 +183,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     }
 
 
-def dumps(doc: Any) -> str:
-    return json.dumps(doc, indent=2, sort_keys=False)
+def dumps(doc: Any, *, pretty: bool = False) -> str:
+    return json.dumps(doc, indent=2 if pretty else None)
 
 
 def render_table(rows: list[list[str]], header: list[str]) -> str:
