@@ -50,13 +50,22 @@ def record_claims(record: InstanceRecord, policy: Policy) -> Iterator[tuple[str,
 
 
 def users_by_entry(inventory: Inventory, policy: Policy) -> Mapping[str, tuple[User, ...]]:
-    """Every user of every name, keyed by entry name (names need not exist in the cache)."""
+    """Every user of every cache or trash entry, keyed by entry name.
+
+    Only names present in the cache or the trash are indexed: a large host has tens of thousands
+    of claims on names that do not exist (``_sm`` copies, raw ids), and nobody asks about them.
+    """
+    wanted = {e.name for e in inventory.entries} | {t.name for t in inventory.trash}
     users: defaultdict[str, list[User]] = defaultdict(list)
+    basename = os.path.basename
     for disk in inventory.disks:
         for depth, link in enumerate(disk.chain, start=1):
-            detail = "direct backing file" if depth == 1 else f"backing chain depth {depth}"
-            users[os.path.basename(link)].append(User(Source.BACKING, disk.path, detail))
+            name = basename(link)
+            if name in wanted:
+                detail = "direct backing file" if depth == 1 else f"backing chain depth {depth}"
+                users[name].append(User(Source.BACKING, disk.path, detail))
     for record in counted_records(inventory):
         for name, detail in record_claims(record, policy):
-            users[name].append(User(Source.INSTANCE, record.uuid, detail))
+            if name in wanted:
+                users[name].append(User(Source.INSTANCE, record.uuid, detail))
     return {name: tuple(dict.fromkeys(found)) for name, found in users.items()}
