@@ -307,3 +307,28 @@ def test_cli_startup_does_not_import_the_image_service_clients() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("wrong", ["md5", "sha512"])
+def test_both_published_digests_are_verified(tmp_path: Path, wrong: str) -> None:
+    # Bytes that match one of Glance's digests but not the other are refused: a store rewritten
+    # by a tool that updated only one of them.
+    from imagecache.errors import ChecksumMismatch
+    from imagecache.fetch import _copy_verified
+    from imagecache.glance import ImageMeta
+
+    data = b"image bytes " * 1000
+    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    sha512 = hashlib.sha512(data).hexdigest()
+
+    def meta(*, md5: str, sha512: str) -> ImageMeta:
+        return ImageMeta(
+            id="i1", status="active", size=len(data), checksum=md5, hash_algo="sha512",
+            hash_value=sha512,
+        )  # fmt: skip
+
+    with (tmp_path / "ok").open("wb") as out:
+        _copy_verified([data[:5000], data[5000:]], out, meta(md5=md5, sha512=sha512), on_bytes=None)
+    bad = meta(md5="0" * 32, sha512=sha512) if wrong == "md5" else meta(md5=md5, sha512="0" * 128)
+    with (tmp_path / "bad").open("wb") as out, pytest.raises(ChecksumMismatch, match=wrong):
+        _copy_verified([data], out, bad, on_bytes=None)

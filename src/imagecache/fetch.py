@@ -7,7 +7,7 @@
 2. under it, look for the entry: present → touch it (it is in use again) → ``existing``;
 3. absent → stream the bytes into a temp file unique to this writer
    (``<name>.<pid>.<token>.part``, never Nova's ``<name>.part``) while hashing them (Glance's
-   ``os_hash_algo``, else its MD5 ``checksum``); compare size and digest; inspect the format
+   ``os_hash_algo`` and its MD5 ``checksum``); compare size and digest; inspect the format
    with our own header parser and ``qemu-img info`` (:mod:`imagecache.admission`); convert to
    raw when ``force_raw_images``; fsync; rename into place without replacing → ``cached``.
 
@@ -181,13 +181,15 @@ def fetch_locked(
 
 
 def _hashers(meta: ImageMeta) -> list[tuple[str, str, Any]]:
-    """(label, expected hex digest, hash object) of the digest to verify the bytes with.
+    """(label, expected hex digest, hash object) of every digest to verify the bytes with.
 
-    Glance's multihash (``os_hash_algo``/``os_hash_value``, SHA-512 by default) when it publishes
-    one, else its legacy MD5 ``checksum``: what glanceclient, and so Nova, verifies. Not both:
-    MD5 adds no assurance over SHA-512, and hashing is what bounds the download rate (README,
-    "Fetching"). None for a source that publishes neither (a URL): only the size is checked.
+    Both what Glance publishes: its multihash (``os_hash_algo``/``os_hash_value``, SHA-512 by
+    default) and its legacy MD5 ``checksum``, so bytes that match one but not the other (a store
+    rewritten by a tool that updated only one) are refused. Each hash runs in its own thread, so
+    the second costs a core, not time. None for a source that publishes neither (a URL): only
+    the size is checked.
     """
+    hashers: list[tuple[str, str, Any]] = []
     if meta.hash_algo and meta.hash_value:
         try:
             hasher = hashlib.new(meta.hash_algo)
@@ -195,10 +197,10 @@ def _hashers(meta: ImageMeta) -> list[tuple[str, str, Any]]:
             raise ImageServiceError(
                 f"image {meta.id}: unsupported os_hash_algo {meta.hash_algo!r}"
             ) from exc
-        return [(f"os_hash_value ({meta.hash_algo})", meta.hash_value, hasher)]
+        hashers.append((f"os_hash_value ({meta.hash_algo})", meta.hash_value, hasher))
     if meta.checksum:
-        return [("checksum (md5)", meta.checksum, hashlib.md5(usedforsecurity=False))]
-    return []
+        hashers.append(("checksum (md5)", meta.checksum, hashlib.md5(usedforsecurity=False)))
+    return hashers
 
 
 def _copy_verified(
