@@ -139,3 +139,46 @@ def test_disk_vanished_between_listing_and_reading_is_a_problem(tmp_path: Path) 
     disk, problem = scan._inspect_disk(str(gone), "u1")
     assert disk is None and problem is not None
     assert problem.blocking and "vanished" in problem.message and problem.ref == str(gone)
+
+
+GARBAGE = b"QFI\xfb" + b"\xff" * 100  # a qcow2 magic with nonsense after it
+
+
+def test_guest_written_garbage_warns_but_does_not_block(tmp_path: Path) -> None:
+    # A guest controls its console log and the bytes of disks Nova recorded as raw: a garbage
+    # header there must not stop every removal on the host.
+    inst, _ = host(tmp_path)
+    d = inst / "u1"
+    d.mkdir()
+    (d / "console.log").write_bytes(GARBAGE)
+    (d / "console.log.0").write_bytes(GARBAGE)
+    (d / "disk").write_bytes(GARBAGE)
+    (d / "disk.info").write_text(json.dumps({str(d / "disk"): "raw"}))
+    _, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    assert sorted(os.path.basename(p.ref) for p in problems) == [
+        "console.log", "console.log.0", "disk"]  # fmt: skip
+    assert not any(p.blocking for p in problems)
+
+
+def test_guest_written_valid_header_still_protects(tmp_path: Path) -> None:
+    # Keeping too much is the safe side: a qcow2 header in a "raw" disk still counts as a user.
+    inst, base = host(tmp_path)
+    make_raw(base / FP)
+    disk = make_overlay(inst / "u1" / "disk", base / FP)
+    (inst / "u1" / "disk.info").write_text(json.dumps({str(disk): "raw"}))
+    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    assert problems == () and disks[0].chain == (str(base / FP),)
+
+
+def test_garbage_in_a_disk_nova_did_not_record_as_raw_blocks(tmp_path: Path) -> None:
+    inst, _ = host(tmp_path)
+    d = inst / "u1"
+    d.mkdir()
+    (d / "disk").write_bytes(GARBAGE)
+    (d / "disk.local").write_bytes(GARBAGE)
+    (d / "disk.info").write_text(json.dumps({str(d / "disk"): "qcow2"}))
+    (inst / "u2").mkdir()
+    (inst / "u2" / "disk").write_bytes(GARBAGE)
+    (inst / "u2" / "disk.info").write_text("{not json")  # believed: headers decide
+    _, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    assert len(problems) == 3 and all(p.blocking for p in problems)

@@ -121,6 +121,11 @@ def scan_instances(
     directory, listed by an inventory or not, and every regular file in it is inspected whatever
     its name (``disk``, ``disk.local``, ``disk.swap``, ``disk.rescue``, ...). Files whose header is
     not a disk image (raw disks, ``console.log``, ``disk.info``) have no backing file: left out.
+
+    Some files hold bytes the guest wrote: its serial console log, and disks Nova recorded as raw
+    in ``disk.info`` (QEMU opens those as raw, whatever their first bytes say). A qcow2 header
+    forged there still counts as a user (keeping too much is safe), but a garbage one is only a
+    warning: otherwise any guest could stop every removal on its host.
     """
     disks: list[Disk] = []
     problems: list[Problem] = []
@@ -140,8 +145,11 @@ def scan_instances(
         except OSError as exc:
             problems.append(Problem("instance", directory.path, f"cannot list: {exc.strerror}"))
             continue
+        guest_written = _guest_written(directory.path, [f.name for f in files])
         for item in files:
-            disk, problem = _inspect_disk(item.path, directory.name, headers)
+            disk, problem = _inspect_disk(
+                item.path, directory.name, headers, guest_written=item.name in guest_written
+            )
             if disk is not None:
                 disks.append(disk)
             if problem is not None:
@@ -149,8 +157,33 @@ def scan_instances(
     return tuple(disks), tuple(problems)
 
 
+_CONSOLE_LOG = "console.log"
+_GUEST_BYTES = "guest-written file (console log, or raw per disk.info) with a bad image header"
+_DISK_INFO = "disk.info"
+_DISK_INFO_MAX = 1 << 20
+
+
+def _guest_written(directory: str, names: list[str]) -> frozenset[str]:
+    """Names in an instance directory whose content the guest controls and QEMU never parses.
+
+    The console log, and every disk ``disk.info`` records as raw (Nova writes it when it creates
+    the disk and drives libvirt's format from it, so a guest cannot change it; bug 1221190). An
+    unreadable or malformed ``disk.info`` protects nothing: the headers are then believed.
+    """
+    found = {n for n in names if n == _CONSOLE_LOG or n.startswith(_CONSOLE_LOG + ".")}
+    if _DISK_INFO in names:
+        try:
+            with open(os.path.join(directory, _DISK_INFO), "rb") as fh:
+                info = json.loads(fh.read(_DISK_INFO_MAX))
+        except (OSError, ValueError):
+            info = None
+        if isinstance(info, dict):
+            found |= {os.path.basename(str(k)) for k, v in info.items() if v == "raw"}
+    return frozenset(found)
+
+
 def _inspect_disk(
-    path: str, instance: str, headers: HeaderCache | None = None
+    path: str, instance: str, headers: HeaderCache | None = None, *, guest_written: bool = False
 ) -> tuple[Disk | None, Problem | None]:
     try:
         chain = resolve_chain(path, headers=headers)
@@ -159,6 +192,8 @@ def _inspect_disk(
     except OSError as exc:
         return None, Problem("disk", path, f"cannot read header: {exc.strerror}")
     except ImageFormatError as exc:
+        if guest_written:
+            return None, Problem("disk", path, f"{_GUEST_BYTES}: {exc}", blocking=False)
         return None, Problem("disk", path, f"unparsable header: {exc}")
     if not chain.header.is_disk_image:
         return None, None
@@ -170,6 +205,8 @@ def _inspect_disk(
         missing=chain.missing,
     )
     if chain.error is not None:
+        if guest_written:
+            return disk, Problem("disk", path, f"{_GUEST_BYTES}: {chain.error}", blocking=False)
         return disk, Problem("disk", path, f"backing chain not resolved: {chain.error}")
     if chain.missing is not None:
         # A broken instance, not a gap in the view: its missing base is reported, nothing else.
