@@ -167,8 +167,8 @@ def test_create_disk_command_from_glance(glance_server: GlanceServer, tmp_path: 
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     assert [(Path(d["disk"]).name, d["result"]) for d in doc["disks"]] == [
-        ("disk", "cached"),
-        ("disk.swap", "cached"),
+        ("disk", "created"),
+        ("disk.swap", "created"),
     ]
     info = qemu.info(tmp_path / "instances" / UUID / "disk")
     assert info["virtual-size"] == 1 << 30

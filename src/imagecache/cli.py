@@ -155,7 +155,7 @@ def cmd_create_disk(ctx: Context) -> int:
         )
     finally:
         sources.close()
-    text = "\n".join(f"{d.result:<8} {d.path}  on _base/{d.backing}" for d in made)
+    text = "\n".join(f"{d.label:<8} {d.path}  on _base/{d.backing}" for d in made)
     _emit(ctx, {"instance": a.instance, "disks": [d.to_dict() for d in made]}, text)
     return 0
 

@@ -56,8 +56,13 @@ class CreatedDisk:
     backing: str  # cache entry name
     result: Outcome  # cached: created now; existing: was there already
 
+    @property
+    def label(self) -> str:
+        """``created`` or ``existing``: for a disk, "cached" would read as if it were downloaded."""
+        return "created" if self.result is Outcome.CACHED else str(self.result)
+
     def to_dict(self) -> dict[str, str]:
-        return {"disk": str(self.path), "backing": self.backing, "result": str(self.result)}
+        return {"disk": str(self.path), "backing": self.backing, "result": self.label}
 
 
 def create_disks(
