@@ -142,3 +142,39 @@ def test_permission_denied_disk_is_a_problem_not_a_crash(host: sample.SampleHost
     assert [(p["ref"], p["blocking"]) for p in doc["problems"]] == [(str(denied), True)]
     assert "Permission denied" in doc["problems"][0]["message"]
     assert {e["action"] for e in doc["entries"]} == {"keep"}
+
+
+def test_inventory_files_from_the_config_count_like_the_option(
+    host: sample.SampleHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with host.config.open("a") as fh:
+        fh.write(f"inventory_files = {host.inventory}\n")  # the sample ends in [imagecache]
+    code, doc = plan_json(capsys, ["--config-file", str(host.config), "plan", "--json"])
+    assert code == 0
+    assert {e["name"]: (e["kind"], e["action"], e["reason"]) for e in doc["entries"]} == (
+        sample.EXPECTED
+    )
+
+
+def test_unwritable_output_is_one_line_exit_1(
+    host: sample.SampleHost, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "no-such-dir" / "plan.json"
+    assert main(run(host, "plan", "-o", str(out))) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No such file or directory" in err[0]
+
+
+def test_deprecated_option_names_are_quiet_unless_verbose(tmp_path: Path) -> None:
+    (tmp_path / "i" / "_base").mkdir(parents=True)
+    conf = tmp_path / "nova.conf"
+    conf.write_text(
+        f"[DEFAULT]\ninstances_path = {tmp_path}/i\nhost = h\nmy_ip = 10.0.0.1\n"
+        "image_cache_manager_interval = 600\n"
+    )
+    base = [sys.executable, "-m", "imagecache.cli", "--config-file", str(conf)]
+    quiet = subprocess.run([*base, "status"], capture_output=True, text=True, check=False)
+    loud = subprocess.run([*base, "-v", "status"], capture_output=True, text=True, check=False)
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr
+    assert "deprecated" not in quiet.stderr
+    assert "image_cache_manager_interval" in loud.stderr and "deprecated" in loud.stderr

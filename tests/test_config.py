@@ -140,3 +140,17 @@ def test_glance_endpoint_override_and_os_cloud(tmp_path: Path) -> None:
 def test_glance_unknown_auth_plugin_names_the_option(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\[glance\] auth_type: unknown auth plugin 'bogus'"):
         load_settings([conf(tmp_path, "[glance]\nauth_type = bogus\n")])
+
+
+def test_unset_my_ip_and_host_interpolate_real_values(tmp_path: Path) -> None:
+    # `_base_$my_ip` with no my_ip must name the real per-host cache, never "_base_".
+    s = load_settings([conf(tmp_path, "[image_cache]\nsubdirectory_name = _base_$my_ip\n"
+                                      "[DEFAULT]\nstate_path = /srv/$host\n")])  # fmt: skip
+    assert s.my_ip and s.cache_dir.endswith("/_base_" + s.my_ip)
+    assert s.host and s.instances_path == f"/srv/{s.host}/instances"
+
+
+def test_inventory_files_option(tmp_path: Path) -> None:
+    s = load_settings([conf(tmp_path, "[imagecache]\ninventory_files = /a.json, /b.json\n")])
+    assert s.inventory_files == ("/a.json", "/b.json")
+    assert load_settings([conf(tmp_path, "[DEFAULT]\n", "empty.conf")]).inventory_files == ()

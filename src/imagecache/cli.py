@@ -230,7 +230,9 @@ def _global_options(parser: argparse.ArgumentParser, *, sub: bool) -> None:
         action="append",
         default=d,
         metavar="FILE",
-        help="instance records JSON (DESIGN.md §7; repeatable)",
+        help='instance records JSON, {"instances": [{"uuid", "host", "image_ref", "kernel_id", '
+        '"ramdisk_id", "swap_mb", "ephemeral_gb", "ephemeral_format"}]}; repeatable, added to '
+        "[imagecache] inventory_files",
     )
     g.add_argument("--host", default=d, metavar="NAME", help="override [DEFAULT] host")
     g.add_argument(
@@ -293,6 +295,10 @@ def main(argv: Sequence[str] | None = None, *, clock: Callable[[], float] = time
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # oslo.config warns once per deprecated option name on every run: with an older
+        # nova.conf that is cron mail from every hypervisor. Shown with -v.
+        logging.getLogger("oslo_config.cfg").setLevel(logging.ERROR)
     try:
         settings = load_settings(
             args.config_file,
@@ -304,13 +310,19 @@ def main(argv: Sequence[str] | None = None, *, clock: Callable[[], float] = time
         ctx = Context(
             settings=settings,
             args=args,
-            inventory_files=tuple(args.inventory or ()),
+            inventory_files=settings.inventory_files + tuple(args.inventory or ()),
             clock=clock,
         )
         return commands[args.command](ctx)
     except ImageCacheError as exc:
         print(f"imagecache: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        # The library maps what it expects; anything else at the edge is still one clear line
+        # (say, `plan -o` into a directory that does not exist), never a traceback.
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"imagecache: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

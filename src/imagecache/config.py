@@ -96,6 +96,8 @@ _IMAGECACHE_OPTS = [
     cfg.IntOpt("quarantine_seconds", default=86400, min=0),
     cfg.IntOpt("stale_temp_seconds", default=86400, min=0),
     cfg.StrOpt("audit_log", default="/var/log/imagecache/audit.jsonl"),
+    # Instance-record files (DESIGN.md §7) read every pass, as if given with --inventory.
+    cfg.ListOpt("inventory_files", default=[]),
     cfg.BoolOpt("touch_in_use", default=True),
     cfg.ListOpt(
         "vmdk_allowed_types",
@@ -170,6 +172,7 @@ class Settings:
     quarantine_seconds: int = 86400
     stale_temp_seconds: int = 86400
     audit_log: str = "/var/log/imagecache/audit.jsonl"
+    inventory_files: tuple[str, ...] = ()
     touch_in_use: bool = True
     vmdk_allowed_types: tuple[str, ...] = ("streamOptimized", "monolithicSparse")
     config_files: tuple[str, ...] = ()
@@ -240,15 +243,20 @@ def load_settings(
         conf.set_override("instances_path", instances_path)
     if host is not None:
         conf.set_override("host", host)
+    # Defaults that need the machine, set before any option is read: `_base_$my_ip` must
+    # interpolate the real address, not an empty string.
+    if conf.host is None:
+        conf.set_default("host", socket.gethostname())
+    if conf.my_ip is None:
+        conf.set_default("my_ip", _default_ip())
 
     values: dict[str, Any] = {}
     for group, opts in _GROUPS:
         section = conf if group == "DEFAULT" else conf[group]
         for opt in opts:
             values[opt.dest] = _read(section, _label(group, opt), opt.dest)
-    values["host"] = values["host"] or socket.gethostname()
-    values["my_ip"] = values["my_ip"] or _default_ip()
     values["vmdk_allowed_types"] = tuple(values["vmdk_allowed_types"])
+    values["inventory_files"] = tuple(values["inventory_files"] or ())
     values["instances_path"] = os.path.abspath(values["instances_path"])
     values["config_files"] = tuple(config_files)
     if "/" in values["subdirectory_name"] or values["subdirectory_name"] in ("", ".", ".."):
