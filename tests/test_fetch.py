@@ -147,6 +147,22 @@ def test_file_url_is_cached_under_the_sha1_of_the_url(tmp_path: Path) -> None:
     assert got.bytes == 2 * MIB
 
 
+def test_an_existing_entry_whose_touch_is_refused_is_still_existing(tmp_path: Path) -> None:
+    # Nova ignores EACCES/EPERM when refreshing a base it finds (NFS, LP 1809123); so do we.
+    src = qemu.make_qcow2(tmp_path / "img.qcow2", "2M")
+    url = src.as_uri()
+    opts = options(tmp_path)
+    first = ensure_cached(url, source=UrlSource(), options=opts)
+    done = subprocess.run(["chattr", "+i", str(first.path)], check=False, capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"chattr +i unsupported here: {done.stderr.decode().strip()}")
+    try:
+        again = ensure_cached(url, source=UrlSource(), options=opts)
+    finally:
+        subprocess.run(["chattr", "-i", str(first.path)], check=True)
+    assert again.outcome is Outcome.EXISTING and again.path == first.path
+
+
 # --- failures: each publishes nothing and leaves no temp file -----------------------------------
 
 

@@ -155,7 +155,7 @@ def _generated(
     def build() -> Path:
         path = Path(options.cache_dir, name)
         if path.exists():
-            fsops.touch(path)
+            fetch.touch_in_use(path)
             return path
         with fsops.temp_file(options.cache_dir, name) as (temp, stream):
             stream.truncate(size)

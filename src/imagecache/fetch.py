@@ -159,8 +159,7 @@ def fetch_locked(
     name = cache_name(image_ref)
     path = Path(options.cache_dir, name)
     if path.exists():
-        # In use again: a touch keeps a pass (ours on a peer, or Nova's) from finding it old.
-        fsops.touch(path)
+        touch_in_use(path)
         return Fetched(image_ref, name, path, Outcome.EXISTING, path.stat().st_size, None)
     meta = source.get(image_ref)
     with fsops.temp_file(options.cache_dir, name) as (temp, stream):
@@ -178,6 +177,19 @@ def fetch_locked(
             fsops.atomic_publish(temp, path)
     log.info("cached %s as %s (%s)", image_ref, name, found.format)
     return Fetched(image_ref, name, path, Outcome.CACHED, path.stat().st_size, meta)
+
+
+def touch_in_use(path: Path) -> None:
+    """Refresh an entry found in use again, so no pass (ours on a peer, or Nova's) finds it old.
+
+    A refused touch (EACCES/EPERM: a base owned by libvirt-qemu on NFS, LP 1809123) is a
+    warning, as in Nova's spawn path: the image is there, and the next pass touches it again.
+    Raises OSError for anything else (the entry vanished).
+    """
+    try:
+        fsops.touch(path)
+    except PermissionError as exc:
+        log.warning("cannot refresh the mtime of %s (%s); using it anyway", path, exc.strerror)
 
 
 def _hashers(meta: ImageMeta) -> list[tuple[str, str, Any]]:
