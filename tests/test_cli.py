@@ -178,3 +178,15 @@ def test_deprecated_option_names_are_quiet_unless_verbose(tmp_path: Path) -> Non
     assert quiet.returncode == loud.returncode == 0, quiet.stderr
     assert "deprecated" not in quiet.stderr
     assert "image_cache_manager_interval" in loud.stderr and "deprecated" in loud.stderr
+
+
+def test_quarantined_bytes_are_not_counted_as_freed(
+    host: sample.SampleHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, doc = plan_json(capsys, run(host, "plan", "--json"))
+    size = {e["name"]: e["bytes"] for e in doc["entries"]}
+    act = {e["name"]: e["action"] for e in doc["entries"]}
+    summary = doc["summary"]
+    assert summary["bytes_to_free"] == sum(size[n] for n in size if act[n] in ("remove", "reap"))
+    assert summary["bytes_to_quarantine"] == sum(size[n] for n in size if act[n] == "quarantine")
+    assert summary["bytes_to_quarantine"] > 0

@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any
 
 from imagecache import report
-from imagecache.model import Outcome, Plan, Problem, Report, Result
+from imagecache.model import Outcome, Plan, Report, Result
 
 __all__ = ["clean_to_dict", "render_clean", "render_restore", "report_to_dict"]
 
@@ -47,10 +47,6 @@ def _totals(rep: Report) -> dict[str, Any]:
     }
 
 
-def _problem(p: Problem) -> dict[str, Any]:
-    return {"source": p.source, "ref": p.ref, "message": p.message, "blocking": p.blocking}
-
-
 def report_to_dict(rep: Report) -> dict[str, Any]:
     """What was done: ``outcomes``, ``totals``, ``ok`` and the problems outside any entry."""
     return {
@@ -58,7 +54,7 @@ def report_to_dict(rep: Report) -> dict[str, Any]:
         "ok": rep.ok,
         "outcomes": [_outcome(o) for o in rep.outcomes],
         "totals": _totals(rep),
-        "apply_problems": [_problem(p) for p in rep.problems],
+        "apply_problems": [report.problem_to_dict(p) for p in rep.problems],
     }
 
 

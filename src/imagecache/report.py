@@ -33,6 +33,7 @@ __all__ = [
     "iso",
     "plan_id",
     "plan_to_dict",
+    "problem_to_dict",
     "problems_text",
     "render_explain",
     "render_plan",
@@ -87,7 +88,7 @@ def _user(u: User) -> dict[str, str]:
     return out
 
 
-def _problem(p: Problem) -> dict[str, Any]:
+def problem_to_dict(p: Problem) -> dict[str, Any]:
     return {"source": p.source, "ref": p.ref, "message": p.message, "blocking": p.blocking}
 
 
@@ -143,10 +144,13 @@ def plan_id(plan: Plan) -> str:
 
 def _summary(decisions: Iterable[Decision], trash: Iterable[TrashDecision] = ()) -> dict[str, Any]:
     decisions, trash = list(decisions), list(trash)
-    freed = sum(d.entry.bytes_allocated for d in decisions if d.action is not Action.KEEP)
-    trash_bytes = sum(t.entry.bytes_allocated for t in trash)
-    # Quarantined bytes still take space: they count in every size figure until purged.
+    # Quarantined bytes still take space: they count in every size figure until purged, so a
+    # quarantine frees nothing yet; what is freed now is removals, reaps and purges.
+    freeing = (Action.REMOVE, Action.REAP)
+    freed = sum(d.entry.bytes_allocated for d in decisions if d.action in freeing)
     freed += sum(t.entry.bytes_allocated for t in trash if t.action is Action.PURGE)
+    moved = sum(d.entry.bytes_allocated for d in decisions if d.action is Action.QUARANTINE)
+    trash_bytes = sum(t.entry.bytes_allocated for t in trash)
     return {
         "entries": len(decisions),
         "bytes": sum(d.entry.bytes_allocated for d in decisions) + trash_bytes,
@@ -156,6 +160,7 @@ def _summary(decisions: Iterable[Decision], trash: Iterable[TrashDecision] = ())
         "actions": dict(sorted(Counter(str(d.action) for d in decisions).items())),
         "reasons": dict(sorted(Counter(str(d.reason) for d in decisions).items())),
         "bytes_to_free": freed,
+        "bytes_to_quarantine": moved,
     }
 
 
@@ -168,7 +173,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "now": iso(plan.now),
         "now_epoch": plan.now,
         "complete": plan.complete,
-        "problems": [_problem(p) for p in plan.problems],
+        "problems": [problem_to_dict(p) for p in plan.problems],
         "policy": {
             "remove_unused": plan.policy.remove_unused,
             "original_age_seconds": plan.policy.original_age,
@@ -245,7 +250,8 @@ def _footer(plan: Plan) -> list[str]:
     acts += "".join(f", {k} {v}" for k, v in sorted(trash_acts.items()))
     return [
         f"{s['entries']} entries, {human_bytes(s['bytes'])} on disk{trash}, "
-        f"{s['in_use']} in use; {acts}; {human_bytes(s['bytes_to_free'])} to free",
+        f"{s['in_use']} in use; {acts}; {human_bytes(s['bytes_to_free'])} to free"
+        + (f", {human_bytes(moved)} to quarantine" if (moved := s["bytes_to_quarantine"]) else ""),
     ]
 
 
