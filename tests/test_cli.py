@@ -14,7 +14,7 @@ import pytest
 from imagecache import naming, sample
 from imagecache.cli import main
 
-COMMANDS = ["status", "plan", "explain"]
+COMMANDS = ["status", "plan", "explain", "clean", "restore", "precache", "create-disk"]
 
 
 @pytest.fixture
@@ -117,7 +117,8 @@ def test_bad_config_exits_2_naming_the_option(
 def test_help_on_every_command(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
-    assert exit_info.value.code == 0 and "usage: imagecache" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "usage: imagecache" in out and "exit codes: 0" in out
 
 
 def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

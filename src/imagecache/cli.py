@@ -246,18 +246,38 @@ def _global_options(parser: argparse.ArgumentParser, *, sub: bool) -> None:
 
 Command = Callable[[Context], int]
 
+_EXIT_CODES = """exit codes: 0 done; 1 done with problems (an unreadable disk or another gap in the
+view, which removes nothing; a lock timeout; a refused touch; an automatic restore); 2 usage or
+configuration error (the message names the option)."""
+
+_CLEAN = """Entries to remove are locked with nova-compute's own entry locks
+($instances_path/locks/nova-<name>, waited for at most [imagecache] lock_timeout_seconds in
+all), the host is observed again under them, and an entry goes only if it is still unused,
+still old enough and still the same file (inode, size, mtime). With [imagecache]
+quarantine_seconds > 0 (default 86400) it is moved to _base/.imagecache/trash/ and purged
+later; `imagecache restore NAME` brings it back. Every action is a JSON line in
+[imagecache] audit_log."""
+
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     parser = argparse.ArgumentParser(
         prog="imagecache",
         description="Safe image cache manager for libvirt/QEMU hosts (Nova _base compatible).",
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _global_options(parser, sub=False)
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands: dict[str, Command] = {}
 
-    def add(name: str, func: Command, help_text: str) -> argparse.ArgumentParser:
-        p = subs.add_parser(name, help=help_text, description=help_text)
+    def add(name: str, func: Command, help_text: str, details: str = "") -> argparse.ArgumentParser:
+        p = subs.add_parser(
+            name,
+            help=help_text,
+            description=help_text + (f"\n\n{details}" if details else ""),
+            epilog=_EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _global_options(p, sub=True)
         commands[name] = func
         return p
@@ -267,7 +287,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     p.add_argument("-o", "--output", metavar="FILE", help="also save the plan as JSON to FILE")
     p = add("explain", cmd_explain, "why an entry is kept, or when it becomes removable")
     p.add_argument("target", metavar="NAME|IMAGE_ID", help="cache entry name or image id")
-    p = add("clean", cmd_clean, "run one pass and apply its plan, re-checking each entry")
+    p = add("clean", cmd_clean, "run one pass and apply its plan, re-checking each entry", _CLEAN)
     p.add_argument("--dry-run", action="store_true", help="only show the plan (same as `plan`)")
     p.add_argument("--plan", metavar="FILE", help="apply exactly the plan saved by `plan -o FILE`")
     p = add("restore", cmd_restore, "bring a quarantined entry back from the trash")
