@@ -595,3 +595,55 @@ def test_dry_run_and_plan_exclude_each_other(
     argv = ["--config-file", str(host.config), "clean", "--dry-run", "--plan", "x.json"]
     assert main(argv, clock=lambda: NOW) == 2
     assert "exclude each other" in capsys.readouterr().err
+
+
+# Lock files: collected only where a removal pass could have removed their names.
+
+
+def _old_lock_files(host: Host, *names: str) -> set[str]:
+    locks_dir = host.instances / "locks"
+    locks_dir.mkdir(exist_ok=True)
+    for name in names:
+        path = locks_dir / f"nova-{name}"
+        path.touch()
+        os.utime(path, (NOW - 8 * DAY, NOW - 8 * DAY))
+    return {f"nova-{name}" for name in names}
+
+
+def _lock_files(host: Host) -> set[str]:
+    return {p.name for p in (host.instances / "locks").iterdir()}
+
+
+def test_a_missing_cache_directory_collects_no_lock_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The cache share is not mounted: the scan sees no entry, which is only a warning (Nova makes
+    # the directory on its first download). It must not make every lock file look dead.
+    host = make_host(tmp_path)
+    host.cache.rmdir()
+    names = _old_lock_files(host, A, B, "swap_512")
+    code, doc = cli(host, capsys, "clean")
+    assert code == 0 and doc["complete"] is True
+    assert [p["source"] for p in doc["problems"]] == ["cache"]
+    assert _lock_files(host) == names
+
+
+@pytest.mark.parametrize("mode", ["report-only", "incomplete"])
+def test_no_lock_file_is_collected_by_a_pass_that_removes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
+) -> None:
+    options = {"remove_unused_base_images": "false"} if mode == "report-only" else {}
+    host = make_host(tmp_path, **options)
+    if mode == "incomplete":
+        broken = host.instances / "inst-2" / "disk"
+        broken.parent.mkdir()
+        broken.write_bytes(b"QFI\xfb\x00\x00\x00\x09" + b"\x00" * 200)  # qcow2, version 9
+    names = _old_lock_files(host, A, "swap_512")
+    cli(host, capsys, "clean")
+    assert _lock_files(host) == names
+    if mode == "incomplete":
+        (host.instances / "inst-2" / "disk").unlink()
+    else:
+        host.config.write_text(host.config.read_text().replace("= false", "= true"))
+    code, _ = cli(host, capsys, "clean")  # the same names, on a pass that may remove
+    assert code == 0 and _lock_files(host) == set()

@@ -162,6 +162,13 @@ def test_entry_lock_rejects_nonsense_waits(instances: Path) -> None:
         pass
 
 
+def cache_of(instances: Path) -> Path:
+    """The cache directory ``instances/_base``, created."""
+    cache = instances / "_base"
+    cache.mkdir(exist_ok=True)
+    return cache
+
+
 def _lock_file(instances: Path, name: str, *, mtime: float) -> Path:
     path = instances / "locks" / f"nova-{name}"
     path.parent.mkdir(exist_ok=True)
@@ -190,7 +197,9 @@ def test_stale_lock_files_of_gone_entries_are_collected(instances: Path) -> None
 
     with nova_holds(instances, nova_busy), locks.entry_lock(instances, we_busy, timeout=0):
         os.utime(locks.lock_path(instances, we_busy), (old, old))
-        removed = locks.collect_stale_lock_files(instances, {live}, now=NOW)
+        removed = locks.collect_stale_lock_files(
+            instances, {live}, cache_dir=cache_of(instances), now=NOW
+        )
 
     expected = sorted([gone, "swap_512", temp])
     assert removed == [locks.lock_path(instances, name) for name in expected]
@@ -201,11 +210,46 @@ def test_stale_lock_files_of_gone_entries_are_collected(instances: Path) -> None
 
 def test_the_age_threshold_is_inclusive_and_configurable(instances: Path) -> None:
     _lock_file(instances, "swap_1", mtime=NOW - 100)
-    assert locks.collect_stale_lock_files(instances, (), now=NOW, min_age=101) == []
-    assert locks.collect_stale_lock_files(instances, (), now=NOW, min_age=100) == [
+    cache = cache_of(instances)
+    assert (
+        locks.collect_stale_lock_files(instances, (), cache_dir=cache, now=NOW, min_age=101) == []
+    )
+    assert locks.collect_stale_lock_files(instances, (), cache_dir=cache, now=NOW, min_age=100) == [
         locks.lock_path(instances, "swap_1")
     ]
 
 
 def test_no_locks_directory_means_nothing_to_collect(instances: Path) -> None:
-    assert locks.collect_stale_lock_files(instances, (), now=NOW) == []
+    assert (
+        locks.collect_stale_lock_files(instances, (), cache_dir=cache_of(instances), now=NOW) == []
+    )
+
+
+def test_a_lock_file_is_kept_while_anything_of_its_name_is_in_the_cache(instances: Path) -> None:
+    # ``live_names`` was observed before the locks were taken: under the lock, the cache itself
+    # is asked again. An entry, a temp of it (ours or Nova's .part) or a quarantined copy all
+    # mean the name is alive.
+    cache = cache_of(instances)
+    entry, ours, novas, trashed, gone = (naming.fingerprint(f"n{i}") for i in range(5))
+    (cache / entry).write_bytes(b"fetched since the plan")
+    (cache / naming.temp_name(ours, 7, "beef")).write_bytes(b"a download of ours")
+    (cache / f"{novas}.part").write_bytes(b"a download of Nova's")
+    (cache / ".imagecache" / "trash").mkdir(parents=True)
+    (cache / ".imagecache" / "trash" / f"{trashed}@1999999000").write_bytes(b"quarantined")
+    for name in (entry, ours, novas, trashed, gone):
+        _lock_file(instances, name, mtime=NOW - 8 * DAY)
+
+    removed = locks.collect_stale_lock_files(instances, (), cache_dir=cache, now=NOW)
+
+    assert removed == [locks.lock_path(instances, gone)]
+    left = {p.name for p in (instances / "locks").iterdir()}
+    assert left == {f"nova-{name}" for name in (entry, ours, novas, trashed)}
+
+
+def test_a_missing_cache_directory_collects_nothing(instances: Path) -> None:
+    # An unmounted share or a wrong path shows no entry at all: that is not "every name is gone".
+    _lock_file(instances, naming.fingerprint("gone"), mtime=NOW - 8 * DAY)
+    missing = instances / "_base"
+    assert locks.collect_stale_lock_files(instances, (), cache_dir=missing, now=NOW) == []
+    missing.mkdir()
+    assert len(locks.collect_stale_lock_files(instances, (), cache_dir=missing, now=NOW)) == 1

@@ -13,7 +13,10 @@
    our own create-disk) has either finished, and the fresh observation sees its overlay, or starts
    after we release, and then finds the base missing and fetches it again under the lock;
 3. reap each stale temporary whose entry lock is free at that moment;
-4. collect lock files of names gone for long.
+4. collect lock files of names gone for long, only where a removal pass could have removed those
+   names: the plan is complete, removal is enabled, and the cache directory was listed. A cache
+   directory that is missing or unreadable (an unmounted share) observes no entry at all, which
+   would make every lock file look dead, live entries' included.
 
 Every action taken is appended to the audit log. Nothing here raises for one entry: each entry's
 fate is an :class:`~imagecache.model.Outcome` in the returned :class:`~imagecache.model.Report`.
@@ -157,7 +160,8 @@ def apply(
         _touch_in_use(run, now)
     _apply_locked(run, observe=observe, policy=policy, clock=clock, lock_timeout=lock_timeout)
     _reap_temps(run, now=clock(), stale_age=policy.stale_temp_age)
-    _collect_lock_files(run, now=now)
+    if _may_collect_lock_files(plan, policy):
+        _collect_lock_files(run, now=now)
     return Report(run.plan_id, now, tuple(run.outcomes), tuple(run.problems))
 
 
@@ -323,12 +327,22 @@ def _reap_temps(run: _Run, *, now: float, stale_age: int) -> None:
         run.done(_outcome(e, Result.REAPED, d.reason, bytes=bytes_, bytes_freed=freed), now=now)
 
 
+def _may_collect_lock_files(plan: Plan, policy: Policy) -> bool:
+    # A "cache" problem of any kind (missing, unlistable, an entry that cannot be stat'ed) means
+    # the plan does not name every entry, so its names cannot tell live lock files from dead ones.
+    listed = not any(p.source == "cache" for p in plan.problems)
+    return plan.complete and policy.remove_unused and listed
+
+
 def _collect_lock_files(run: _Run, *, now: float) -> None:
     plan = run.plan
     live = {d.entry.name for d in plan.decisions} | {t.entry.name for t in plan.trash}
     live |= {naming.entry_of_temp(d.entry.name) for d in plan.decisions}
     try:
-        for path in locks.collect_stale_lock_files(run.instances_path, live, now=now):
+        found = locks.collect_stale_lock_files(
+            run.instances_path, live, cache_dir=plan.cache_dir, now=now
+        )
+        for path in found:
             LOG.info("removed stale lock file %s", path)
     except OSError as exc:
         run.problems.append(Problem("locks", run.instances_path, f"cannot collect: {exc}"))

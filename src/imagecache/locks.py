@@ -15,7 +15,8 @@ file, and lock files are only ever opened and closed while that guard is held.
 Lock files of live entries are never unlinked: a process that has the file open (waiting for it, or
 about to lock it) would keep locking the unlinked inode while a newcomer creates and locks a fresh
 one, and both would believe they hold the lock (nova-imagecache.md §9.1 item 6).
-:func:`collect_stale_lock_files` removes only lock files of names that have been gone for long.
+:func:`collect_stale_lock_files` removes only lock files of names that have been gone for long,
+and re-checks under the held lock that nothing of the name is left in the cache.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import fasteners
 
-from imagecache import naming
+from imagecache import fsops, naming
 from imagecache.errors import LockTimeout
 from imagecache.model import Kind
 
@@ -197,6 +198,7 @@ def collect_stale_lock_files(
     instances_path: str | os.PathLike[str],
     live_names: Collection[str],
     *,
+    cache_dir: str | os.PathLike[str],
     now: float,
     min_age: float = STALE_LOCK_AGE,
 ) -> list[str]:
@@ -208,7 +210,12 @@ def collect_stale_lock_files(
       ``unknown``; temp names classify as ``temp``) and is not in ``live_names``;
     - it is a regular file whose mtime is at least ``min_age`` seconds before ``now`` (the mtime
       is refreshed each time :func:`entry_lock` holds it: the last time we worked on the entry);
-    - its lock can be taken without waiting, and the path still names the locked file.
+      ``min_age`` defaults to :data:`STALE_LOCK_AGE` (7 days);
+    - its lock can be taken without waiting, and the path still names the locked file;
+    - while it is held, ``cache_dir`` can be listed and holds neither ``name`` nor a temp file of
+      it (``name.*``), and its trash holds no quarantined ``name@<epoch>``. ``live_names`` was
+      observed before the lock was taken; an entry fetched or quarantined since, or a cache
+      directory that vanished (an unmounted share), must not make a live lock file look dead.
 
     It is unlinked while the lock is held. Anything else in ``locks/`` is left alone.
 
@@ -216,8 +223,9 @@ def collect_stale_lock_files(
         The removed paths, in name order.
 
     Raises:
-        OSError: ``locks/`` cannot be listed, or a lock file cannot be opened, locked or unlinked
-            (a file that vanishes meanwhile is skipped).
+        OSError: ``locks/``, the cache directory or its trash cannot be listed (a missing cache
+            directory removes nothing), or a lock file cannot be opened, locked or unlinked (a
+            file that vanishes meanwhile is skipped).
     """
     directory = Path(instances_path, LOCKS_DIR)
     live = frozenset(live_names)
@@ -232,7 +240,7 @@ def collect_stale_lock_files(
             continue
         path = str(directory / file_name)
         try:
-            if _remove_if_stale(path, now=now, min_age=min_age):
+            if _remove_if_stale(path, name, cache_dir=Path(cache_dir), now=now, min_age=min_age):
                 removed.append(path)
         except FileNotFoundError:
             continue
@@ -243,7 +251,28 @@ def _is_stale(st: os.stat_result, *, now: float, min_age: float) -> bool:
     return stat.S_ISREG(st.st_mode) and now - st.st_mtime >= min_age
 
 
-def _remove_if_stale(path: str, *, now: float, min_age: float) -> bool:
+def _left_in(directory: Path, name: str, separator: str) -> bool:
+    """Whether ``directory`` holds ``name`` or a name that starts with ``name + separator``."""
+    prefix = name + separator
+    with os.scandir(directory) as it:
+        return any(e.name == name or e.name.startswith(prefix) for e in it)
+
+
+def _entry_gone(cache_dir: Path, name: str) -> bool:
+    """Nothing of entry ``name`` is left: no entry, no temp file, no quarantined copy."""
+    try:
+        if _left_in(cache_dir, name, "."):
+            return False
+    except FileNotFoundError:
+        # No cache directory at all (an unmounted share, a wrong path): nothing is known gone.
+        return False
+    try:
+        return not _left_in(fsops.trash_dir(cache_dir), name, "@")
+    except FileNotFoundError:
+        return True
+
+
+def _remove_if_stale(path: str, name: str, *, cache_dir: Path, now: float, min_age: float) -> bool:
     if not _is_stale(os.lstat(path), now=now, min_age=min_age):
         return False
     try:
@@ -254,6 +283,9 @@ def _remove_if_stale(path: str, *, now: float, min_age: float) -> bool:
             if (held.st_dev, held.st_ino) != (current.st_dev, current.st_ino):
                 return False
             if not _is_stale(current, now=now, min_age=min_age):
+                return False
+            # Only under the lock is the answer final: a fetch or a quarantine takes it.
+            if not _entry_gone(cache_dir, name):
                 return False
             Path(path).unlink()
             log.info("removed stale lock file %s", path)
