@@ -13,6 +13,7 @@ import pytest
 from imagecache.errors import ImageFormatError
 from imagecache.formats import MAX_CHAIN_DEPTH, BackingChain, resolve_chain
 from tests import qemu
+from tests.opens import OpenWatch
 
 Builder = Callable[[Path], Path]
 
@@ -280,6 +281,34 @@ def test_backing_that_is_not_a_file_is_an_error(tmp_path: Path, kind: str) -> No
     assert not worker.is_alive(), "resolve_chain blocked"
     assert result[0].links == (str(odd),)
     assert result[0].error == f"backing file {odd} is not a regular file or block device"
+
+
+@pytest.mark.parametrize("via", ["itself", "a symlink"])
+def test_backing_that_is_not_a_file_is_never_opened(tmp_path: Path, via: str) -> None:
+    """A backing name comes from a header: opening a device it names has effects (a watchdog
+    arms, a tape rewinds), so it is refused on ``stat`` alone. A FIFO shows whether it was."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    name = fifo.name
+    if via == "a symlink":
+        (tmp_path / "alias").symlink_to(fifo)
+        name = "alias"
+    top = qemu.make_overlay(tmp_path / "o.qcow2", name, unsafe_size="1M")
+    with OpenWatch(fifo) as watch:
+        chain = resolve_chain(top)
+        assert watch.opened() == set()
+        os.close(os.open(tmp_path / name, os.O_RDONLY | os.O_NONBLOCK))
+        assert watch.opened() == {fifo}  # the watch does see an open through that name
+    link = tmp_path / name
+    assert chain.links == (str(link),)
+    assert chain.error == f"backing file {link} is not a regular file or block device"
+
+
+def test_character_device_backing_is_refused(tmp_path: Path) -> None:
+    top = qemu.make_overlay(tmp_path / "o.qcow2", "/dev/null", unsafe_size="1M")
+    chain = resolve_chain(top)
+    assert chain.links == ("/dev/null",)
+    assert chain.error == "backing file /dev/null is not a regular file or block device"
 
 
 def test_problems_with_the_top_image_propagate(tmp_path: Path) -> None:

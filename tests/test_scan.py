@@ -8,6 +8,7 @@ from pathlib import Path
 
 from imagecache import naming, scan
 from imagecache.model import FileType, Kind
+from tests.opens import OpenWatch
 from tests.qemu import make_overlay, make_raw
 
 FP = naming.fingerprint("img-1")
@@ -182,3 +183,21 @@ def test_garbage_in_a_disk_nova_did_not_record_as_raw_blocks(tmp_path: Path) -> 
     (inst / "u2" / "disk.info").write_text("{not json")  # believed: headers decide
     _, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
     assert len(problems) == 3 and all(p.blocking for p in problems)
+
+
+def test_devices_and_fifos_linked_into_an_instance_dir_are_never_opened(tmp_path: Path) -> None:
+    inst, base = host(tmp_path)
+    make_raw(base / FP)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    d = inst / "u1"
+    make_overlay(d / "disk", base / FP)
+    (d / "disk.local").symlink_to(fifo)
+    (d / "disk.swap").symlink_to("/dev/null")
+    make_overlay(d / "disk.eph0", fifo, unsafe_size="1M")  # and as a backing file
+    with OpenWatch(fifo) as watch:
+        disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+        assert watch.opened() == set()
+    assert sorted(os.path.basename(d.path) for d in disks) == ["disk", "disk.eph0"]
+    assert [(os.path.basename(p.ref), p.blocking) for p in problems] == [("disk.eph0", True)]
+    assert "not a regular file or block device" in problems[0].message

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from imagecache.errors import ImageFormatError
-from imagecache.formats.header import ImageHeader
+from imagecache.formats.header import RAW, ImageHeader
 from imagecache.formats.probe import read_header_stat
 
 __all__ = ["MAX_CHAIN_DEPTH", "BackingChain", "HeaderCache", "resolve_chain"]
@@ -60,13 +60,25 @@ class HeaderCache:
         """The reported path of ``opened`` and what reading it gave; read on first use only."""
         found = self._reads.get(opened)
         if found is None:
-            outcome: _Outcome
-            try:
-                outcome = read_header_stat(opened)
-            except (OSError, ImageFormatError) as exc:
-                outcome = exc
-            found = self._reads[opened] = (_report_path(opened), outcome)
+            found = self._reads[opened] = (_report_path(opened), _read_backing(opened))
         return found
+
+
+def _read_backing(path: str) -> _Outcome:
+    """Header and stat of a backing file, which is opened only if it is a file or block device.
+
+    Backing names come from headers, which a tenant can influence: merely opening a device has
+    effects (a watchdog arms, a tape rewinds), so anything else is refused on ``stat`` alone and
+    gets the RAW header, which the chain then reports as not a file. ``read_header_stat`` checks
+    again after opening, should the name change in between.
+    """
+    try:
+        st = os.stat(path)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            return RAW, st
+        return read_header_stat(path)
+    except (OSError, ImageFormatError) as exc:
+        return exc
 
 
 def resolve_chain(

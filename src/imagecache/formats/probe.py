@@ -54,6 +54,8 @@ def read_header(path: str | os.PathLike[str]) -> ImageHeader:
 def read_header_stat(path: str | os.PathLike[str]) -> tuple[ImageHeader, os.stat_result]:
     """:func:`read_header`, with the ``fstat`` of the file that was read (for loop detection).
 
+    The type is checked only after opening, which has effects on some devices: for a name taken
+    from a header, ``stat`` first (as :class:`~imagecache.formats.chain.HeaderCache` does).
     Raises as :func:`read_header`.
     """
     fd = os.open(path, _OPEN_FLAGS)
