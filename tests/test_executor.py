@@ -10,7 +10,10 @@ import hashlib
 import json
 import os
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ from imagecache.model import (
 )
 from imagecache.policy import decide
 from tests.qemu import make_overlay
-from tests.test_locks import nova_holds
+from tests.test_locks import nova_holds, nova_tries
 
 NOW = 1_900_000_000.0
 DAY, HOUR = 86400, 3600
@@ -483,6 +486,63 @@ def test_an_entry_nova_holds_is_skipped_after_the_bounded_wait(
     assert host.path(A).exists()
     code, doc = cli(host, capsys, "clean")
     assert code == 0 and results(doc) == {A: ("removed", "unused-expired")}
+
+
+def test_busy_entries_share_one_deadline_for_the_whole_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Waiting for each busy lock in turn, each for the whole timeout, took 3 x 1 s here while
+    # holding the locks already taken; one deadline for the pass takes 1 s, however many are busy.
+    host = make_host(tmp_path, quarantine_seconds=0, lock_timeout_seconds=1)
+    for name in (A, B, C, D):
+        put(host, name, 2 * DAY)
+    with ExitStack() as nova:
+        for name in (A, B, C):
+            nova.enter_context(nova_holds(host.instances, name))
+        start = time.monotonic()
+        code, doc = cli(host, capsys, "clean")
+        elapsed = time.monotonic() - start
+    assert code == 1
+    assert results(doc) == {
+        A: ("skipped", "lock-timeout"),
+        B: ("skipped", "lock-timeout"),
+        C: ("skipped", "lock-timeout"),
+        D: ("removed", "unused-expired"),
+    }
+    assert 1 <= elapsed < 2.5, elapsed
+    assert {o["name"]: "whole pass" in o["message"] for o in doc["outcomes"]} == {
+        A: True,
+        B: True,
+        C: True,
+        D: False,
+    }
+
+
+def test_free_entries_are_done_and_released_before_waiting_for_busy_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # While Nova downloads A, spawns on D must not wait for our pass: D is removed and its lock
+    # released before the pass starts waiting for A, and A is done as soon as Nova lets go.
+    host = make_host(tmp_path, quarantine_seconds=0, lock_timeout_seconds=60)
+    put(host, A, 2 * DAY)
+    put(host, D, 2 * DAY)
+    done: list[tuple[int, dict[str, Any]]] = []
+    with nova_holds(host.instances, A) as release:
+        thread = threading.Thread(target=lambda: done.append(cli(host, capsys, "clean")))
+        thread.start()
+        try:
+            limit = time.monotonic() + 20
+            while host.path(D).exists() and time.monotonic() < limit:
+                time.sleep(0.02)
+            assert not host.path(D).exists(), "D waited for the lock Nova holds on A"
+            assert nova_tries(host.instances, D) == "got"
+            assert host.path(A).exists()
+        finally:
+            release()
+            thread.join(timeout=60)
+    [(code, doc)] = done
+    assert code == 0
+    assert results(doc) == {A: ("removed", "unused-expired"), D: ("removed", "unused-expired")}
 
 
 def test_an_audit_log_that_cannot_be_written_exits_1_but_the_action_stands(

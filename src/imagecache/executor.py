@@ -4,14 +4,24 @@
 
 1. touch every entry decided ``in-use`` (``touch_in_use``), without a lock, as Nova does, so a
    peer's manager never sees it as old;
-2. for every entry to quarantine or remove and every quarantined entry to purge or restore: take
-   their entry locks (sorted, each with the bounded wait; a timeout skips that entry), then, while
-   holding all of them, observe the host once more and decide again with the same policy. An entry
-   is acted on only if the fresh decision still says so *and* it is the very file planned (inode,
-   size, mtime). A re-check of the file alone is not enough: a spawn may have created an overlay on
-   it since the plan without changing it. Holding the lock, a well-behaved writer (nova-compute,
-   our own create-disk) has either finished, and the fresh observation sees its overlay, or starts
-   after we release, and then finds the base missing and fetches it again under the lock;
+2. for every entry to quarantine or remove and every quarantined entry to purge or restore, in
+   at most two batches: take the entry locks that are free right now, without waiting; while
+   holding them, observe the host once more and decide again with the same policy; act; release.
+   Then the same for the entries whose lock was busy, waiting for those locks within what is left
+   of *one* deadline of ``lock_timeout`` seconds for the whole pass (a lock still busy then skips
+   its entry with ``lock-timeout``). An entry is acted on only if the fresh decision still says so
+   *and* it is the very file planned (inode, size, mtime). A re-check of the file alone is not
+   enough: a spawn may have created an overlay on it since the plan without changing it. Holding
+   the lock, a well-behaved writer (nova-compute, our own create-disk) has either finished, and
+   the fresh observation sees its overlay, or starts after we release, and then finds the base
+   missing and fetches it again under the lock.
+
+   Why two batches and one deadline: every lock we hold blocks nova-compute's spawns on that
+   base. Waiting for the locks one by one, each for ``lock_timeout``, while holding those already
+   taken, let one long Nova download block spawns on every other planned entry for N times the
+   timeout. Now a free entry's lock is held only for one observation and its action, and no lock
+   is held longer than ``lock_timeout`` plus one observation and its actions, however many entries
+   are busy: a bounded total hold time for Nova's spawns;
 3. reap each stale temporary whose entry lock is free at that moment;
 4. collect lock files of names gone for long, only where a removal pass could have removed those
    names: the plan is complete, removal is enabled, and the cache directory was listed. A cache
@@ -26,7 +36,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -182,24 +193,6 @@ def _touch_in_use(run: _Run, now: float) -> None:
             run.note(_outcome(d.entry, Result.TOUCHED, Reason.IN_USE))
 
 
-def _lock_all(
-    stack: ExitStack, run: _Run, names: Iterable[str], timeout: float
-) -> dict[str, Outcome]:
-    """Take the locks of ``names`` in sorted order; return a refusal per name not locked."""
-    refused: dict[str, Outcome] = {}
-    for name in sorted(set(names)):
-        kind = naming.classify(name)
-        try:
-            stack.enter_context(locks.entry_lock(run.instances_path, name, timeout=timeout))
-        except LockTimeout as exc:
-            refused[name] = Outcome(
-                name, kind, Result.SKIPPED, Reason.LOCK_TIMEOUT, message=str(exc)
-            )
-        except OSError as exc:
-            refused[name] = Outcome(name, kind, Result.FAILED, Reason.OS_ERROR, message=str(exc))
-    return refused
-
-
 def _apply_locked(
     run: _Run,
     *,
@@ -212,23 +205,68 @@ def _apply_locked(
     trash = [t for t in run.plan.trash if t.action is not Action.KEEP]
     if not removals and not trash:
         return
+    if lock_timeout < 0:
+        raise ValueError(f"lock_timeout must be >= 0, got {lock_timeout!r}")
+    # One deadline for the whole pass, on the monotonic clock (a wait, not an age).
+    deadline = time.monotonic() + lock_timeout
+    busy = _apply_batch(run, removals, trash, observe=observe, policy=policy, clock=clock, wait=0)
+    if not busy:
+        return
+    wait = max(0.0, deadline - time.monotonic())
+    removals = [d for d in removals if d.entry.name in busy]
+    trash = [t for t in trash if t.entry.name in busy]
+    still = _apply_batch(run, removals, trash, observe=observe, policy=policy, clock=clock,
+                         wait=wait)  # fmt: skip
+    for d in removals:
+        if d.entry.name in still:
+            run.note(_timed_out(d.entry.name, still[d.entry.name], lock_timeout))
+    for t in trash:
+        if t.entry.name in still:
+            run.note(_timed_out(t.entry.name, still[t.entry.name], lock_timeout))
+
+
+def _timed_out(name: str, exc: LockTimeout, lock_timeout: float) -> Outcome:
+    message = f"{exc} (one wait of at most {lock_timeout:g} s for the whole pass)"
+    return Outcome(name, naming.classify(name), Result.SKIPPED, Reason.LOCK_TIMEOUT,
+                   message=message)  # fmt: skip
+
+
+def _apply_batch(
+    run: _Run,
+    removals: list[Decision],
+    trash: list[TrashDecision],
+    *,
+    observe: Callable[[], Inventory],
+    policy: Policy,
+    clock: Callable[[], float],
+    wait: float,
+) -> dict[str, LockTimeout]:
+    """Lock what can be locked within ``wait``, re-observe once, act, release; return the busy."""
     with ExitStack() as held:
-        names = [d.entry.name for d in removals] + [t.entry.name for t in trash]
-        refused = _lock_all(held, run, names, lock_timeout)
+        names = {d.entry.name for d in removals} | {t.entry.name for t in trash}
+        missed = locks.take_entry_locks(held, run.instances_path, names, wait=wait)
+        busy = {n: exc for n, exc in missed.items() if isinstance(exc, LockTimeout)}
+        failed = {n: str(exc) for n, exc in missed.items() if n not in busy}
+        removals = [d for d in removals if d.entry.name not in busy]
+        trash = [t for t in trash if t.entry.name not in busy]
         now = clock()
-        fresh = decide(observe(), policy, now)
-        by_name = {d.entry.name: d for d in fresh.decisions}
-        by_trash_name = {t.entry.trash_name: t for t in fresh.trash}
+        # Observing the host again is the slow part: only when there is something to act on.
+        fresh = decide(observe(), policy, now) if len(missed) < len(names) else None
+        by_name = {d.entry.name: d for d in fresh.decisions} if fresh else {}
+        by_trash_name = {t.entry.trash_name: t for t in fresh.trash} if fresh else {}
         for d in removals:
-            if d.entry.name in refused:
-                run.note(refused[d.entry.name])
+            if d.entry.name in failed:
+                run.note(_outcome(d.entry, Result.FAILED, Reason.OS_ERROR,
+                                  message=failed[d.entry.name]))  # fmt: skip
             else:
                 _remove_one(run, d, by_name.get(d.entry.name), now=now)
         for t in trash:
-            if t.entry.name in refused:
-                run.note(refused[t.entry.name])
+            if t.entry.name in failed:
+                run.note(_trash_outcome(t.entry, Result.FAILED, Reason.OS_ERROR,
+                                        message=failed[t.entry.name]))  # fmt: skip
             else:
                 _trash_one(run, t, by_trash_name.get(t.entry.trash_name), now=now)
+    return busy
 
 
 def _remove_one(run: _Run, d: Decision, fresh: Decision | None, *, now: float) -> None:

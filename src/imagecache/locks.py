@@ -28,8 +28,8 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import fasteners
@@ -46,6 +46,7 @@ __all__ = [
     "entry_lock",
     "is_locked",
     "lock_path",
+    "take_entry_locks",
 ]
 
 LOCKS_DIR = "locks"
@@ -163,6 +164,57 @@ def entry_lock(
         except OSError as exc:
             log.debug("could not refresh the mtime of %s: %s", path, exc)
         yield
+
+
+def take_entry_locks(
+    stack: ExitStack,
+    instances_path: str | os.PathLike[str],
+    names: Iterable[str],
+    *,
+    wait: float,
+    poll: float = 0.05,
+) -> dict[str, Exception]:
+    """Take as many of the entry locks of ``names`` as possible, never blocking on one of them.
+
+    Every lock is tried once without waiting, in sorted order; the busy ones are tried again, in
+    turn, every ``poll`` seconds until ``wait`` seconds have passed (``wait=0``: one try each).
+    The locks taken are entered into ``stack`` and held until it closes. Holding some while
+    trying others cannot deadlock: no attempt ever blocks.
+
+    Returns:
+        The names not locked, each with why: :class:`LockTimeout` (still busy when the wait
+        ended) or the ``OSError`` of a lock file that cannot be created, opened or locked.
+
+    Raises:
+        ValueError: a name is not a valid entry name, or ``wait < 0`` or ``poll <= 0``.
+    """
+    if wait < 0 or poll <= 0:
+        raise ValueError(f"wait must be >= 0 and poll > 0, got {wait!r} and {poll!r}")
+    start = time.monotonic()
+    deadline = start + wait
+    pending = sorted(set(names))
+    failed: dict[str, Exception] = {}
+    while True:
+        busy = []
+        for name in pending:
+            try:
+                stack.enter_context(entry_lock(instances_path, name, timeout=0, poll=poll))
+            except LockTimeout:
+                busy.append(name)
+            except OSError as exc:
+                failed[name] = exc
+        pending = busy
+        left = deadline - time.monotonic()
+        if not pending or left <= 0:
+            break
+        time.sleep(min(poll, left))
+    waited = time.monotonic() - start
+    for name in pending:
+        failed[name] = LockTimeout(
+            f"entry {name}: lock {lock_path(instances_path, name)} is held by another process "
+            f"or thread; gave up after {waited:.3g} s"
+        )
+    return failed
 
 
 def is_locked(instances_path: str | os.PathLike[str], name: str) -> bool:
