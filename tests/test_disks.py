@@ -14,7 +14,8 @@ from imagecache import locks, naming
 from imagecache.disks import DiskRequest, create_disks
 from imagecache.errors import LockTimeout, UsageError
 from imagecache.fetch import FetchOptions, Outcome
-from imagecache.glance import GlanceClient, UrlSource
+from imagecache.glance import GlanceClient
+from imagecache.urlsource import UrlSource
 from tests import qemu
 from tests.glance_server import GlanceServer
 

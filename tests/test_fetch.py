@@ -26,8 +26,9 @@ from imagecache.errors import (
 )
 from imagecache.fetch import FetchOptions, Outcome, Sources, ensure_cached, precache
 from imagecache.formats import read_header
-from imagecache.glance import GlanceClient, UrlSource
+from imagecache.glance import GlanceClient
 from imagecache.model import Kind
+from imagecache.urlsource import UrlSource
 from tests import qemu
 from tests.glance_server import GlanceServer
 

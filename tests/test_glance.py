@@ -452,11 +452,11 @@ FOREIGN = sorted(
 def test_every_foreign_exception_maps_to_an_image_service_error(
     foreign: type[BaseException],
 ) -> None:
-    from imagecache.glance import _HANDLED, _translate
+    from imagecache.imagesource import HANDLED, translate
 
     exc = foreign.__new__(foreign)  # no constructor: some need arguments, the mapping needs none
-    assert isinstance(exc, _HANDLED), f"{foreign} escapes the adapter"
-    assert isinstance(_translate(exc, "x"), ImageServiceError)
+    assert isinstance(exc, HANDLED), f"{foreign} escapes the adapter"
+    assert isinstance(translate(exc, "x"), ImageServiceError)
 
 
 @pytest.mark.parametrize(
@@ -481,6 +481,6 @@ def test_every_foreign_exception_maps_to_an_image_service_error(
     ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else v.__name__,
 )
 def test_exception_mapping(exc: BaseException, expected: type[ImageServiceError]) -> None:
-    from imagecache.glance import _translate
+    from imagecache.imagesource import translate
 
-    assert type(_translate(exc, "x")) is expected
+    assert type(translate(exc, "x")) is expected
