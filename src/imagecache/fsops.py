@@ -153,17 +153,21 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     _link_and_unlink(src, dst)
 
 
-def atomic_write(path: StrPath, data: bytes, *, mode: int = 0o644) -> None:
+def atomic_write(
+    path: StrPath, data: bytes, *, mode: int = 0o644, owner: tuple[int, int] | None = None
+) -> None:
     """Replace the file ``path`` with ``data``, all or nothing, durably.
 
     The bytes go to ``naming.temp_name(<name>, pid, token)`` in the same directory (a temp name the
-    reaper recognises, should we die), which is fsynced, given exactly ``mode``, renamed over
+    reaper recognises, should we die), which is fsynced, given exactly ``mode`` (and ``owner``,
+    a (uid, gid) pair, when given: a file another service rewrites keeps its owner), renamed over
     ``path``, and the directory is fsynced. Readers see the old content or the new one, never a
     mix, even if the process is killed.
 
     Raises:
-        OSError: the directory does not exist or is not writable, the disk is full, or ``path`` is a
-            directory. The temp file is removed on failure.
+        OSError: the directory does not exist or is not writable, the disk is full, ``path`` is a
+            directory, or ``owner`` cannot be given (not root; NFS root squash). The temp file is
+            removed on failure.
     """
     final = Path(path)
     temp = final.with_name(naming.temp_name(final.name, os.getpid(), secrets.token_hex(4)))
@@ -172,6 +176,8 @@ def atomic_write(path: StrPath, data: bytes, *, mode: int = 0o644) -> None:
     try:
         with open(fd, "wb") as stream:
             os.fchmod(fd, mode)  # exactly the documented mode, whatever the umask
+            if owner is not None:
+                os.fchown(fd, *owner)
             stream.write(data)
             stream.flush()
             os.fsync(fd)

@@ -5,18 +5,22 @@ Reading order for a newcomer: this file for the flow, ``policy.py`` for every de
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from imagecache import executor, fsops, policy, scan
+from imagecache import executor, fsops, policy, registry, scan
 from imagecache.audit import AuditLog
 from imagecache.config import Settings
-from imagecache.model import Inventory, Plan, Report
+from imagecache.model import Inventory, Plan, Problem, Report
 
-__all__ = ["apply_plan", "observe", "plan_pass", "restore", "run_pass", "save_plan"]
+__all__ = ["apply_plan", "observe", "plan_pass", "register", "restore", "run_pass", "save_plan"]
+
+LOG = logging.getLogger(__name__)
 
 
 def observe(settings: Settings, *, inventory_files: Iterable[str] = ()) -> Inventory:
@@ -58,6 +62,24 @@ def save_plan(path: str, doc: dict[str, Any]) -> None:
     fsops.atomic_write(path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
 
 
+def register(settings: Settings, *, now: float) -> tuple[Problem, ...]:
+    """Register this host in Nova's ``compute_nodes``, as Nova's own pass would; what went wrong.
+
+    Only ``clean`` does this (``plan`` and ``status`` stay read-only), first thing in the pass as
+    Nova does, so the observation that follows already counts this host.
+    """
+    problem = registry.register_host(
+        settings.instances_path,
+        settings.host,
+        now=now,
+        lock_timeout=settings.lock_timeout_seconds,
+    )
+    if problem is None:
+        return ()
+    LOG.warning("%s: %s", problem.ref, problem.message)
+    return (problem,)
+
+
 def apply_plan(
     settings: Settings,
     plan: Plan,
@@ -65,9 +87,20 @@ def apply_plan(
     inventory_files: Iterable[str] = (),
     clock: Callable[[], float],
 ) -> Report:
-    """Act on ``plan`` (just made, or saved earlier), re-checking every entry under its lock."""
-    files = tuple(inventory_files)
-    return executor.apply(
+    """Register the host, then act on a saved ``plan``, re-checking every entry under its lock."""
+    registered = register(settings, now=clock())
+    return _apply(settings, plan, tuple(inventory_files), clock=clock, problems=registered)
+
+
+def _apply(
+    settings: Settings,
+    plan: Plan,
+    files: tuple[str, ...],
+    *,
+    clock: Callable[[], float],
+    problems: tuple[Problem, ...],
+) -> Report:
+    done = executor.apply(
         plan,
         instances_path=settings.instances_path,
         observe=lambda: observe(settings, inventory_files=files),
@@ -77,15 +110,17 @@ def apply_plan(
         lock_timeout=settings.lock_timeout_seconds,
         touch_in_use=settings.touch_in_use,
     )
+    return dataclasses.replace(done, problems=(*problems, *done.problems))
 
 
 def run_pass(
     settings: Settings, *, inventory_files: Iterable[str] = (), clock: Callable[[], float]
 ) -> tuple[Plan, Report]:
-    """One whole pass: observe, decide, act."""
+    """One whole pass: register the host, observe, decide, act."""
     files = tuple(inventory_files)
+    registered = register(settings, now=clock())
     plan = plan_pass(settings, inventory_files=files, now=clock())
-    return plan, apply_plan(settings, plan, inventory_files=files, clock=clock)
+    return plan, _apply(settings, plan, files, clock=clock, problems=registered)
 
 
 def restore(settings: Settings, name: str, *, clock: Callable[[], float]) -> Report:
