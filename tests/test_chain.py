@@ -161,6 +161,52 @@ def test_dot_dot_after_a_symlinked_directory_follows_the_link(tmp_path: Path) ->
     assert chain.links == (str(tmp_path / "real/base.qcow2"),)
 
 
+# --- a backing file declared raw is a guest's bytes: never parsed, as qemu never parses it ------
+
+
+@pytest.mark.parametrize("declared", ["raw", "file"])
+def test_forged_header_in_a_declared_raw_base_is_not_followed(
+    tmp_path: Path, declared: str
+) -> None:
+    """A guest writes its raw base's bytes; a qcow2 header it forges there names a host file."""
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"root's")
+    base = qemu.rebase_unsafe(
+        qemu.make_qcow2(tmp_path / "_base" / "0a1b"), str(secret), backing_fmt="raw"
+    )
+    top = qemu.make_overlay(tmp_path / "i" / "disk", base, backing_fmt=declared)
+    ref = qemu.info_chain(top)
+    assert [(image["filename"], image["format"]) for image in ref[1:]] == [(str(base), declared)]
+    with OpenWatch(secret, base) as watch:
+        chain = resolve_chain(top)
+        assert watch.opened() == set()
+    assert chain.complete, chain.error
+    assert chain.links == (str(base),)
+    assert chain.header.backing_format == declared
+
+
+def test_garbage_header_in_a_declared_raw_base_is_not_an_error(tmp_path: Path) -> None:
+    """Otherwise any tenant could make the view incomplete, and stop every removal on its host."""
+    base = tmp_path / "_base" / "0a1b"
+    base.parent.mkdir()
+    base.write_bytes(b"QFI\xfb" + b"\xff" * 1020)
+    top = qemu.make_overlay(tmp_path / "i" / "disk", base, backing_fmt="raw")
+    assert [image["format"] for image in qemu.info_chain(top)] == ["qcow2", "raw"]
+    chain = resolve_chain(top)
+    assert chain.complete, chain.error
+    assert chain.links == (str(base),)
+
+
+def test_declared_raw_base_still_needs_to_exist_and_be_a_file(tmp_path: Path) -> None:
+    gone = qemu.make_overlay(tmp_path / "a.qcow2", "gone", backing_fmt="raw", unsafe_size="1M")
+    assert resolve_chain(gone).missing == str(tmp_path / "gone")
+    (tmp_path / "dir").mkdir()
+    odd = qemu.make_overlay(tmp_path / "b.qcow2", "dir", backing_fmt="raw", unsafe_size="1M")
+    assert resolve_chain(odd).error == (
+        f"backing file {tmp_path / 'dir'} is not a regular file or block device"
+    )
+
+
 # --- incomplete and dangling chains -------------------------------------------------------------
 
 

@@ -89,3 +89,17 @@ def test_short_first_read_changes_nothing(tmp_path: Path) -> None:
     for path in files:
         assert read_header(path) == _parse_first_64k(path), path
     assert read_header(long_text).backing_file == "p.vmdk"
+
+
+def test_a_base_declared_raw_by_one_overlay_and_qcow2_by_another(tmp_path: Path) -> None:
+    """Found by stat alone for the first, the header is still read for the second (either order)."""
+    raw = qemu.make_raw(tmp_path / "_base" / "raw")
+    snap = qemu.make_overlay(tmp_path / "_base" / "snap", raw)
+    as_raw = qemu.make_overlay(tmp_path / "a" / "disk", snap, backing_fmt="raw")
+    as_qcow2 = qemu.make_overlay(tmp_path / "b" / "disk", snap, backing_fmt="qcow2")
+    for order in ((as_raw, as_qcow2), (as_qcow2, as_raw)):
+        headers = HeaderCache()
+        chains = {top: resolve_chain(top, headers=headers) for top in order}
+        assert chains[as_raw].links == (str(snap),)
+        assert chains[as_qcow2].links == (str(snap), str(raw))
+        assert all(chain.complete for chain in chains.values())

@@ -201,3 +201,12 @@ def test_devices_and_fifos_linked_into_an_instance_dir_are_never_opened(tmp_path
     assert sorted(os.path.basename(d.path) for d in disks) == ["disk", "disk.eph0"]
     assert [(os.path.basename(p.ref), p.blocking) for p in problems] == [("disk.eph0", True)]
     assert "not a regular file or block device" in problems[0].message
+
+
+def test_a_guest_cannot_block_removals_with_a_forged_header_in_its_raw_base(tmp_path: Path) -> None:
+    inst, base = host(tmp_path)
+    (base / FP).write_bytes(GARBAGE)  # a raw base: the guest wrote these bytes
+    make_overlay(inst / "u1" / "disk", base / FP, backing_fmt="raw")
+    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    assert problems == ()
+    assert [d.chain for d in disks] == [(str(base / FP),)]

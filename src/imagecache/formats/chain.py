@@ -15,6 +15,11 @@ __all__ = ["MAX_CHAIN_DEPTH", "BackingChain", "HeaderCache", "resolve_chain"]
 
 MAX_CHAIN_DEPTH = 16
 
+# Backing formats qemu opens without looking at the bytes (``raw``, and the protocol drivers that
+# pass them through, which ``qemu-img create -F file`` records as well): nothing in such a file
+# is a header, whatever its first bytes say.
+_UNINTERPRETED_FORMATS = frozenset({"raw", "file", "host_device", "host_cdrom"})
+
 # What reading one file gave: its header and fstat, or why it could not be read.
 _Outcome = tuple[ImageHeader, os.stat_result] | OSError | ImageFormatError
 
@@ -48,23 +53,33 @@ class HeaderCache:
     then (a snapshot, which is all one scan is anyway). Not for keeping across scans.
     """
 
-    __slots__ = ("_reads",)
+    __slots__ = ("_reads", "_unparsed")
 
     def __init__(self) -> None:
         self._reads: dict[str, tuple[str, _Outcome]] = {}
+        self._unparsed: set[str] = set()  # found by stat alone so far, header not read
 
     def __len__(self) -> int:
         return len(self._reads)
 
-    def read(self, opened: str) -> tuple[str, _Outcome]:
-        """The reported path of ``opened`` and what reading it gave; read on first use only."""
+    def read(self, opened: str, *, parse: bool = True) -> tuple[str, _Outcome]:
+        """The reported path of ``opened`` and what reading it gave; read on first use only.
+
+        With ``parse`` false the file is found by ``stat`` alone, never opened, and its header is
+        reported as RAW: for a backing file declared raw, whose bytes mean nothing.
+        """
         found = self._reads.get(opened)
-        if found is None:
-            found = self._reads[opened] = (_report_path(opened), _read_backing(opened))
+        if found is None or (parse and opened in self._unparsed):
+            outcome = _read_backing(opened, parse=parse)
+            if parse:
+                self._unparsed.discard(opened)
+            elif isinstance(outcome, tuple):
+                self._unparsed.add(opened)
+            found = self._reads[opened] = (_report_path(opened), outcome)
         return found
 
 
-def _read_backing(path: str) -> _Outcome:
+def _read_backing(path: str, *, parse: bool) -> _Outcome:
     """Header and stat of a backing file, which is opened only if it is a file or block device.
 
     Backing names come from headers, which a tenant can influence: merely opening a device has
@@ -74,7 +89,7 @@ def _read_backing(path: str) -> _Outcome:
     """
     try:
         st = os.stat(path)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        if not parse or not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             return RAW, st
         return read_header_stat(path)
     except (OSError, ImageFormatError) as exc:
@@ -90,8 +105,11 @@ def resolve_chain(
     """Read ``path`` and follow its backing files, at most ``max_depth`` of them.
 
     Relative backing names are resolved against the directory of the image that names them, as
-    qemu does; ``json:`` and other protocol names, loops, more than ``max_depth`` backing files,
-    and backing files that cannot be read or parsed end the chain with an ``error``. Backing
+    qemu does. A backing file its image declares raw is recorded (found by ``stat``) but never
+    opened or parsed, as qemu never parses it: its bytes are a guest's, and a header forged there
+    could name any host path or, garbled, make the view incomplete. ``json:`` and other protocol
+    names, loops, more than ``max_depth`` backing files, and backing files that cannot be read or
+    parsed end the chain with an ``error``. Backing
     files are read through ``headers`` when given (see :class:`HeaderCache`); the top image is
     always read afresh.
 
@@ -116,7 +134,8 @@ def resolve_chain(
         if len(links) >= max_depth:
             error = f"backing chain is deeper than {max_depth} files"
             break
-        link, outcome = reads.read(target)
+        declared_raw = header.backing_format in _UNINTERPRETED_FORMATS
+        link, outcome = reads.read(target, parse=not declared_raw)
         if not isinstance(outcome, tuple):
             links.append(link)
             if isinstance(outcome, FileNotFoundError):
@@ -132,6 +151,8 @@ def resolve_chain(
         links.append(link)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             error = f"backing file {link} is not a regular file or block device"
+            break
+        if declared_raw:
             break
         opened = target
     return BackingChain(
