@@ -125,6 +125,28 @@ def test_relative_top_resolves_against_the_working_directory(
     )
 
 
+def test_link_ids_are_the_files_found_through_each_name(tmp_path: Path) -> None:
+    top = _three_deep(tmp_path)
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "current").symlink_to(tmp_path / "_base" / "0a1b")
+    qemu.rebase_unsafe(tmp_path / "mid" / "m.qcow2", "../links/current", backing_fmt="raw")
+    chain = resolve_chain(top)
+    assert chain.complete and chain.links[-1] == str(tmp_path / "links" / "current")
+    stats = [os.stat(link) for link in chain.links]
+    assert chain.link_ids == tuple((st.st_dev, st.st_ino) for st in stats)
+    assert chain.link_ids[-1] == _file_id(tmp_path / "_base" / "0a1b")
+    # A missing last link has no id; the links before it keep theirs.
+    os.unlink(tmp_path / "_base" / "0a1b")
+    chain = resolve_chain(top)
+    assert chain.missing == chain.links[-1]
+    assert chain.link_ids == tuple((st.st_dev, st.st_ino) for st in stats[:-1])
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 # --- symlinks: qemu resolves a relative name against the path it opened -------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 import pytest
 
@@ -19,6 +20,7 @@ from imagecache.model import (
     Problem,
     Reason,
     Source,
+    User,
 )
 from imagecache.policy import decide
 
@@ -142,6 +144,30 @@ def test_backing_chain_protects_every_link_by_basename() -> None:
         assert (d.action, d.reason) == (Action.KEEP, Reason.IN_USE)
         assert d.users[0].source is Source.BACKING and d.users[0].ref == "/i/u1/disk.local"
     assert plan.decisions[1].users[0].detail == "backing chain depth 3"
+
+
+def test_backing_chain_protects_the_same_file_whatever_its_name() -> None:
+    """A link that is the entry's (st_dev, st_ino): a symlink to it, or a hard link elsewhere."""
+    target = replace(entry(FP, 9e6), device=5, inode=70)
+    other = replace(entry(FP + "_sm", 9e6), device=5, inode=71)
+    via_symlink = Disk(
+        "/i/u1/disk", "u1", "qcow2", chain=("/x/links/current-base",), chain_ids=((5, 70),)
+    )
+    plan = decide(inventory([target, other], disks=[via_symlink]), POLICY, NOW)
+    assert [(d.entry.name, d.reason) for d in plan.decisions] == [
+        (FP, Reason.IN_USE),
+        (FP + "_sm", Reason.UNUSED_EXPIRED),
+    ]
+    assert plan.decisions[0].users == (
+        User(Source.BACKING, "/i/u1/disk", "direct backing file via /x/links/current-base"),
+    )
+
+
+def test_a_link_that_matches_by_name_and_by_identity_is_one_user() -> None:
+    target = replace(entry(FP, 9e6), device=5, inode=70)
+    direct = Disk("/i/u1/disk", "u1", "qcow2", chain=(f"/i/_base/{FP}",), chain_ids=((5, 70),))
+    (d,) = decide(inventory([target], disks=[direct]), POLICY, NOW).decisions
+    assert d.users == (User(Source.BACKING, "/i/u1/disk", "direct backing file"),)
 
 
 def test_resized_copy_is_not_protected_by_image_id_alone() -> None:

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from imagecache import naming, scan
-from imagecache.model import FileType, Kind
+from imagecache.model import FileType, Kind, Policy, Reason
+from imagecache.policy import decide
 from tests.opens import OpenWatch
 from tests.qemu import make_overlay, make_raw
 
@@ -210,3 +211,37 @@ def test_a_guest_cannot_block_removals_with_a_forged_header_in_its_raw_base(tmp_
     disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
     assert problems == ()
     assert [d.chain for d in disks] == [(str(base / FP),)]
+
+
+DAY = 86400.0
+
+
+def _reasons(inst: Path, base: Path) -> dict[str, Reason]:
+    inventory = scan.observe(host="h1", instances_path=str(inst), cache_dir=str(base))
+    assert inventory.complete, inventory.problems
+    now = max(e.mtime for e in inventory.entries) + 30 * DAY
+    return {d.entry.name: d.reason for d in decide(inventory, Policy(), now).decisions}
+
+
+def test_a_base_named_through_a_symlink_is_in_use(tmp_path: Path) -> None:
+    """Operators point overlays at ``/x/links/current-base``; the entry it names must stay."""
+    inst, base = host(tmp_path)
+    make_raw(base / FP)
+    make_raw(base / naming.fingerprint("img-2"))
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "current-base").symlink_to(base / FP)
+    make_overlay(inst / "u1" / "disk", links / "current-base")
+    assert _reasons(inst, base) == {
+        FP: Reason.IN_USE,
+        naming.fingerprint("img-2"): Reason.UNUSED_EXPIRED,
+    }
+
+
+def test_a_hard_link_to_an_entry_protects_it(tmp_path: Path) -> None:
+    inst, base = host(tmp_path)
+    make_raw(base / FP)
+    (tmp_path / "golden").mkdir()
+    os.link(base / FP, tmp_path / "golden" / "base.raw")
+    make_overlay(inst / "u1" / "disk", tmp_path / "golden" / "base.raw")
+    assert _reasons(inst, base) == {FP: Reason.IN_USE}

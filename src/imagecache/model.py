@@ -163,7 +163,9 @@ class Disk:
     """One instance disk file and its resolved backing chain (nearest backing file first).
 
     ``chain`` holds absolute, normalised paths; a missing backing file is the last element and is
-    also named in ``missing``.
+    also named in ``missing``. ``chain_ids`` holds the ``(st_dev, st_ino)`` of each file of
+    ``chain`` as found through its name (symlinks followed), in the same order; a missing or
+    unreadable last one has none.
     """
 
     path: str
@@ -171,6 +173,7 @@ class Disk:
     format: str
     chain: tuple[str, ...] = ()
     missing: str | None = None
+    chain_ids: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -203,6 +203,7 @@ def _inspect_disk(
         format=chain.header.format,
         chain=chain.links,
         missing=chain.missing,
+        chain_ids=chain.link_ids,
     )
     if chain.error is not None:
         if guest_written:

@@ -3,7 +3,10 @@
 Two kinds of evidence, both kept: the backing chains of instance disks (what QEMU will actually
 open) and instance records (what Nova will ask for next boot: image, kernel, ramdisk, swap and
 ephemeral names). A chain counts by *basename*, whatever directory it names, as Nova does, so a
-disk that points at another host's ``_base_<ip>`` still protects our entry of the same name.
+disk that points at another host's ``_base_<ip>`` still protects our entry of the same name. It
+also counts by *identity*: a link that is the same file as an entry (``st_dev``, ``st_ino``)
+protects it whatever its name, so a backing file named through a symlink, or a hard link to an
+entry, protects the entry. Quarantined entries (whose device is not recorded) count by name only.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping
 
 from imagecache import naming
-from imagecache.model import InstanceRecord, Inventory, Policy, Source, User
+from imagecache.model import FileType, InstanceRecord, Inventory, Policy, Source, User
 
 __all__ = ["counted_records", "record_claims", "users_by_entry"]
 
@@ -56,14 +59,24 @@ def users_by_entry(inventory: Inventory, policy: Policy) -> Mapping[str, tuple[U
     of claims on names that do not exist (``_sm`` copies, raw ids), and nobody asks about them.
     """
     wanted = {e.name for e in inventory.entries} | {t.name for t in inventory.trash}
+    same_file: defaultdict[tuple[int, int], list[str]] = defaultdict(list)
+    for e in inventory.entries:
+        if e.file_type is FileType.FILE:
+            same_file[(e.device, e.inode)].append(e.name)
     users: defaultdict[str, list[User]] = defaultdict(list)
     basename = os.path.basename
     for disk in inventory.disks:
+        ids = disk.chain_ids
         for depth, link in enumerate(disk.chain, start=1):
+            detail = "direct backing file" if depth == 1 else f"backing chain depth {depth}"
             name = basename(link)
             if name in wanted:
-                detail = "direct backing file" if depth == 1 else f"backing chain depth {depth}"
                 users[name].append(User(Source.BACKING, disk.path, detail))
+            if depth > len(ids):  # missing or unreadable: no file to compare
+                continue
+            for other in same_file.get(ids[depth - 1], ()):
+                if other != name:
+                    users[other].append(User(Source.BACKING, disk.path, f"{detail} via {link}"))
     for record in counted_records(inventory):
         for name, detail in record_claims(record, policy):
             if name in wanted:

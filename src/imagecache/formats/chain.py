@@ -30,7 +30,9 @@ class BackingChain:
 
     ``links`` holds absolute, normalised paths; a backing file that does not exist is the last
     link and is also ``missing`` (that is not an error). ``error`` says why the chain could not be
-    followed to its end; the links found before that are still there.
+    followed to its end; the links found before that are still there. ``link_ids`` holds the
+    ``(st_dev, st_ino)`` of each link, in the same order, as the file was found through its name
+    (symlinks followed); a last link that is missing or could not be read has none.
     """
 
     path: str
@@ -38,6 +40,7 @@ class BackingChain:
     links: tuple[str, ...]
     missing: str | None = None
     error: str | None = None
+    link_ids: tuple[tuple[int, int], ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -125,6 +128,7 @@ def resolve_chain(
     seen = {(st.st_dev, st.st_ino)}
     reads = HeaderCache() if headers is None else headers
     links: list[str] = []
+    ids: list[tuple[int, int]] = []
     missing = error = None
     header = top
     while header.backing_file is not None:
@@ -144,11 +148,13 @@ def resolve_chain(
                 error = f"cannot read backing file {link}: {outcome}"
             break
         header, st = outcome
-        if (st.st_dev, st.st_ino) in seen:
+        file_id = (st.st_dev, st.st_ino)
+        if file_id in seen:
             error = f"backing chain loops back to {link}"
             break
-        seen.add((st.st_dev, st.st_ino))
+        seen.add(file_id)
         links.append(link)
+        ids.append(file_id)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             error = f"backing file {link} is not a regular file or block device"
             break
@@ -161,6 +167,7 @@ def resolve_chain(
         links=tuple(links),
         missing=missing,
         error=error,
+        link_ids=tuple(ids),
     )
 
 
