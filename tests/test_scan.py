@@ -245,3 +245,57 @@ def test_a_hard_link_to_an_entry_protects_it(tmp_path: Path) -> None:
     os.link(base / FP, tmp_path / "golden" / "base.raw")
     make_overlay(inst / "u1" / "disk", tmp_path / "golden" / "base.raw")
     assert _reasons(inst, base) == {FP: Reason.IN_USE}
+
+
+def test_a_symlinked_instance_dir_is_scanned_under_the_links_name(tmp_path: Path) -> None:
+    """Operators move instance directories onto other volumes and leave a symlink behind."""
+    inst, base = host(tmp_path)
+    make_raw(base / FP)
+    moved = make_overlay(tmp_path / "volume2" / "u2" / "disk", base / FP)
+    (inst / "u2").symlink_to(moved.parent)
+    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    assert problems == ()
+    assert [(d.instance, d.path, d.chain) for d in disks] == [
+        ("u2", str(inst / "u2" / "disk"), (str(base / FP),))
+    ]
+    assert _reasons(inst, base) == {FP: Reason.IN_USE}
+
+
+def test_each_instance_dir_is_scanned_once_and_links_make_no_loops(tmp_path: Path) -> None:
+    inst, base = host(tmp_path)
+    make_raw(base / FP)
+    make_overlay(inst / "u1" / "disk", base / FP)
+    make_overlay(tmp_path / "volume2" / "u2" / "disk", base / FP)
+    (inst / "a-alias-of-u1").symlink_to("u1")  # sorts before it: the real name still wins
+    (inst / "u2").symlink_to(tmp_path / "volume2" / "u2")
+    (inst / "u2-again").symlink_to(tmp_path / "volume2" / "u2")
+    (inst / "self").symlink_to(".")
+    (inst / "parent-self").symlink_to(inst)
+    (inst / "cache-alias").symlink_to("_base")
+    make_overlay(inst / "locks" / "disk", base / FP)
+    (inst / "locks-alias").symlink_to("locks")
+    (inst / "a-file").symlink_to(base / FP)  # a link to a file is not an instance dir
+    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    assert problems == ()
+    assert [(d.instance, os.path.basename(d.path)) for d in disks] == [
+        ("u1", "disk"),
+        ("u2", "disk"),
+    ]
+
+
+def test_a_symlinked_instance_dir_that_cannot_be_resolved_blocks(tmp_path: Path) -> None:
+    inst, base = host(tmp_path)
+    make_raw(base / FP)
+    make_overlay(inst / "u1" / "disk", base / FP)
+    (inst / "unmounted").symlink_to(tmp_path / "volume2" / "gone")
+    (inst / "loop").symlink_to("loop")
+    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    assert [d.instance for d in disks] == ["u1"]
+    assert [(p.source, os.path.basename(p.ref), p.blocking) for p in problems] == [
+        ("instance", "loop", True),
+        ("instance", "unmounted", True),
+    ]
+    assert "Too many levels of symbolic links" in problems[0].message
+    assert "No such file or directory" in problems[1].message
+    inventory = scan.observe(host="h1", instances_path=str(inst), cache_dir=str(base))
+    assert not inventory.complete

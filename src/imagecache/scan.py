@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from imagecache import fsops, naming
@@ -105,11 +105,50 @@ def scan_trash(cache_dir: str) -> tuple[tuple[TrashEntry, ...], tuple[Problem, .
         return (), (Problem("trash", path, f"cannot list trash: {exc.strerror}"),)
 
 
-def _instance_dirs(instances_path: str, skip: frozenset[str]) -> Iterator[os.DirEntry[str]]:
+def _instance_dirs(
+    instances_path: str, skip: frozenset[str]
+) -> tuple[list[os.DirEntry[str]], list[Problem]]:
+    """The instance directories under ``instances_path``, by name: directories and links to them.
+
+    Operators symlink instance directories onto other volumes, so links are followed, and the
+    instance keeps the link's name. Each directory is scanned once, under its real name if it has
+    one (else the first link's), and a link back to ``instances_path``, the cache or ``locks`` is
+    not one: nothing is scanned twice and no link makes a loop. A link that cannot be resolved
+    (dangling, unreadable, looping) hides an instance's disks: a blocking problem.
+
+    Raises OSError when ``instances_path`` cannot be listed.
+    """
     with os.scandir(instances_path) as it:
-        for item in it:
-            if item.name not in skip and item.is_dir(follow_symlinks=False):
-                yield item
+        listing = sorted((e for e in it if e.name not in skip), key=lambda e: e.name)
+    dirs = [e for e in listing if e.is_dir(follow_symlinks=False)]
+    links = [e for e in listing if e.is_symlink()]
+    if not links:  # the common case costs no stat at all
+        return dirs, []
+    seen = {_dir_id(os.path.join(instances_path, name)) for name in (os.curdir, *skip)}
+    seen.update(_dir_id(d.path) for d in dirs)
+    problems: list[Problem] = []
+    for link in links:
+        try:
+            st = os.stat(link.path)
+        except OSError as exc:
+            message = f"cannot resolve symlinked instance directory: {exc.strerror}"
+            problems.append(Problem("instance", link.path, message))
+            continue
+        # A link to a file is no instance directory, any more than a file is.
+        if stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            dirs.append(link)
+    dirs.sort(key=lambda d: d.name)
+    return dirs, problems
+
+
+def _dir_id(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of a directory, or None when it cannot be stat()ed (then: not seen)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def scan_instances(
@@ -117,10 +156,11 @@ def scan_instances(
 ) -> tuple[tuple[Disk, ...], tuple[Problem, ...]]:
     """Every disk image in every instance directory, with its whole backing chain.
 
-    Every directory under ``instances_path`` except the cache and ``locks`` is an instance
-    directory, listed by an inventory or not, and every regular file in it is inspected whatever
-    its name (``disk``, ``disk.local``, ``disk.swap``, ``disk.rescue``, ...). Files whose header is
-    not a disk image (raw disks, ``console.log``, ``disk.info``) have no backing file: left out.
+    Every directory under ``instances_path`` (or symlink to one) except the cache and ``locks``
+    is an instance directory, listed by an inventory or not, and every regular file in it is
+    inspected whatever its name (``disk``, ``disk.local``, ``disk.swap``, ``disk.rescue``, ...).
+    Files whose header is not a disk image (raw disks, ``console.log``, ``disk.info``) have no
+    backing file: left out.
 
     Some files hold bytes the guest wrote: its serial console log, and disks Nova recorded as raw
     in ``disk.info`` (QEMU opens those as raw, whatever their first bytes say). A qcow2 header
@@ -133,11 +173,12 @@ def scan_instances(
     # Thousands of disks share a few hundred bases: each base header is read once per scan.
     headers = HeaderCache()
     try:
-        dirs = sorted(_instance_dirs(instances_path, skip), key=lambda d: d.name)
+        dirs, dir_problems = _instance_dirs(instances_path, skip)
     except FileNotFoundError:
         return (), (Problem("instances", instances_path, "instances path does not exist"),)
     except OSError as exc:
         return (), (Problem("instances", instances_path, f"cannot list: {exc.strerror}"),)
+    problems.extend(dir_problems)
     for directory in dirs:
         try:
             with os.scandir(directory.path) as it:
