@@ -186,11 +186,15 @@ def scan_instances(
         except OSError as exc:
             problems.append(Problem("instance", directory.path, f"cannot list: {exc.strerror}"))
             continue
-        guest_written = _guest_written(directory.path, [f.name for f in files])
+        guest_written: frozenset[str] | None = None  # read only when a header is bad
         for item in files:
-            disk, problem = _inspect_disk(
-                item.path, directory.name, headers, guest_written=item.name in guest_written
-            )
+            disk, problem = _inspect_disk(item.path, directory.name, headers)
+            if problem is not None and problem.blocking and problem.message.startswith(_BAD):
+                if guest_written is None:
+                    guest_written = _guest_written(directory.path, [f.name for f in files])
+                if item.name in guest_written:
+                    detail = problem.message.removeprefix(_BAD)
+                    problem = Problem("disk", item.path, _GUEST_BYTES + detail, blocking=False)
             if disk is not None:
                 disks.append(disk)
             if problem is not None:
@@ -200,6 +204,7 @@ def scan_instances(
 
 _CONSOLE_LOG = "console.log"
 _GUEST_BYTES = "guest-written file (console log, or raw per disk.info) with a bad image header"
+_BAD = "bad image header"  # the start of every problem a guest could cause with forged bytes
 _DISK_INFO = "disk.info"
 _DISK_INFO_MAX = 1 << 20
 
@@ -224,7 +229,7 @@ def _guest_written(directory: str, names: list[str]) -> frozenset[str]:
 
 
 def _inspect_disk(
-    path: str, instance: str, headers: HeaderCache | None = None, *, guest_written: bool = False
+    path: str, instance: str, headers: HeaderCache | None = None
 ) -> tuple[Disk | None, Problem | None]:
     try:
         chain = resolve_chain(path, headers=headers)
@@ -233,9 +238,7 @@ def _inspect_disk(
     except OSError as exc:
         return None, Problem("disk", path, f"cannot read header: {exc.strerror}")
     except ImageFormatError as exc:
-        if guest_written:
-            return None, Problem("disk", path, f"{_GUEST_BYTES}: {exc}", blocking=False)
-        return None, Problem("disk", path, f"unparsable header: {exc}")
+        return None, Problem("disk", path, f"{_BAD}: unparsable: {exc}")
     if not chain.header.is_disk_image:
         return None, None
     disk = Disk(
@@ -247,9 +250,7 @@ def _inspect_disk(
         chain_ids=chain.link_ids,
     )
     if chain.error is not None:
-        if guest_written:
-            return disk, Problem("disk", path, f"{_GUEST_BYTES}: {chain.error}", blocking=False)
-        return disk, Problem("disk", path, f"backing chain not resolved: {chain.error}")
+        return disk, Problem("disk", path, f"{_BAD}: backing chain not resolved: {chain.error}")
     if chain.missing is not None:
         # A broken instance, not a gap in the view: its missing base is reported, nothing else.
         return disk, Problem("disk", path, f"backing file missing: {chain.missing}", blocking=False)
