@@ -191,3 +191,18 @@ def test_quarantined_bytes_are_not_counted_as_freed(
     assert summary["bytes_to_free"] == sum(size[n] for n in size if act[n] in ("remove", "reap"))
     assert summary["bytes_to_quarantine"] == sum(size[n] for n in size if act[n] == "quarantine")
     assert summary["bytes_to_quarantine"] > 0
+
+
+def test_instances_path_option_overrides_the_config(
+    host: sample.SampleHost, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The command line: --config-file nova.conf --instances-path DIR plan --json.
+    conf = tmp_path / "nova.conf"
+    conf.write_text(
+        f"[DEFAULT]\ninstances_path = /nonexistent\nhost = {sample.HOST}\nmy_ip = 10.0.0.1\n"
+    )
+    argv = ["--config-file", str(conf), "--instances-path", str(host.instances_path)]
+    code, doc = plan_json(capsys, [*argv, "--inventory", str(host.inventory), "plan", "--json"])
+    assert code == 0 and doc["cache_dir"] == str(host.cache_dir)
+    got = {e["name"]: (e["kind"], e["action"], e["reason"]) for e in doc["entries"]}
+    assert got == sample.EXPECTED
