@@ -206,3 +206,17 @@ def test_instances_path_option_overrides_the_config(
     assert code == 0 and doc["cache_dir"] == str(host.cache_dir)
     got = {e["name"]: (e["kind"], e["action"], e["reason"]) for e in doc["entries"]}
     assert got == sample.EXPECTED
+
+
+def test_explain_finds_quarantined_entries(
+    host: sample.SampleHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(run(host, "clean")) == 0
+    capsys.readouterr()
+    assert main(run(host, "explain", sample.IMG_OLD)) == 0
+    text = capsys.readouterr().out
+    fp = naming.fingerprint(sample.IMG_OLD)
+    assert f"{fp}: quarantined at" in text and f"imagecache restore {fp}" in text
+    code, doc = plan_json(capsys, run(host, "explain", "--json", fp))
+    assert code == 0 and doc["entries"] == []
+    assert {t["name"] for t in doc["trash"]} == {fp, fp + "_sm"}  # its small copy too

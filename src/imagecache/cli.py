@@ -70,10 +70,13 @@ def cmd_plan(ctx: Context) -> int:
 def cmd_explain(ctx: Context) -> int:
     plan = manager.plan_pass(ctx.settings, inventory_files=ctx.inventory_files, now=ctx.clock())
     found = report.find_decisions(plan, ctx.args.target)
+    trashed = report.find_trash(plan, ctx.args.target)
     doc = {**report.plan_to_dict(plan), "query": ctx.args.target}
     doc["entries"] = [e for e in doc["entries"] if e["name"] in {d.entry.name for d in found}]
+    names = {t.entry.trash_name for t in trashed}
+    doc["trash"] = [t for t in doc["trash"] if t["trash_name"] in names]
     _emit(ctx, doc, lambda: report.render_explain(plan, ctx.args.target))
-    return 0 if found and plan.complete else 1
+    return 0 if (found or trashed) and plan.complete else 1
 
 
 def cmd_clean(ctx: Context) -> int:

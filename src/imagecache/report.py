@@ -28,6 +28,7 @@ from imagecache.model import (
 __all__ = [
     "REASON_TEXT",
     "find_decisions",
+    "find_trash",
     "human_bytes",
     "human_seconds",
     "iso",
@@ -336,13 +337,40 @@ def find_decisions(plan: Plan, query: str) -> list[Decision]:
     ]
 
 
+def find_trash(plan: Plan, query: str) -> list[TrashDecision]:
+    """Quarantined entries for a name, a trash name or an image id (as :func:`find_decisions`)."""
+    fp = naming.fingerprint(query)
+    keys = (query, fp)
+    return [
+        t
+        for t in plan.trash
+        if t.entry.name in keys
+        or t.entry.trash_name == query
+        or naming.image_prefix(t.entry.name) in keys
+    ]
+
+
 def render_explain(plan: Plan, query: str) -> str:
     found = find_decisions(plan, query)
-    if not found:
+    trashed = find_trash(plan, query)
+    if not found and not trashed:
         return (
             f"no cache entry named {query} (nor for image id {query}: {naming.fingerprint(query)})"
         )
     out: list[str] = []
+    for t in trashed:
+        out.append(
+            f"{t.entry.name}: quarantined at {iso(t.entry.quarantined_at)} as "
+            f"{t.entry.trash_name}, {human_bytes(t.entry.bytes_allocated)} on disk"
+        )
+        out.append(f"  decision: {t.action} ({t.reason})")
+        for u in t.users:
+            out.append(f"  used by {u.source} {u.ref}" + (f" ({u.detail})" if u.detail else ""))
+        if t.action is Action.KEEP and t.reason is Reason.IN_QUARANTINE:
+            out.append(
+                f"  purged at {iso(t.purge_at)} unless referenced again; "
+                f"`imagecache restore {t.entry.name}` brings it back"
+            )
     for d in found:
         e = d.entry
         out.append(
