@@ -244,6 +244,58 @@ def test_format_other_than_claimed_and_disallowed_vmdk_are_refused(
     assert issubclass(UnsafeImageError, ImageFormatError) and cache_files(opts) == []
 
 
+def _descriptor_over_host_file(tmp: Path, *create_lines: str) -> Path:
+    """A VMDK text descriptor whose one extent is a host file holding a secret."""
+    secret = tmp / "host-secret"
+    secret.write_bytes(b"HOST-SECRET".ljust(MIB, b"\0"))
+    desc = tmp / "evil.vmdk"
+    desc.write_text(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+        + "".join(f"{line}\n" for line in create_lines)
+        + f'RW 2048 FLAT "{secret}" 0\n'
+    )
+    return desc
+
+
+def no_secret_in(opts: FetchOptions) -> bool:
+    return all(b"HOST-SECRET" not in p.read_bytes() for p in Path(opts.cache_dir).iterdir())
+
+
+@pytest.mark.glance
+def test_vmdk_descriptor_with_two_create_types_is_refused(
+    glance: GlanceClient, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    # qemu reads the first createType (monolithicFlat, then copies the host file it names).
+    desc = _descriptor_over_host_file(
+        tmp_path, 'createType="monolithicFlat"', 'createType="monolithicSparse"'
+    )
+    image_id = glance_server.upload(desc, disk_format="vmdk", container_format="ovf")
+    opts = options(tmp_path)
+    with pytest.raises(ImageFormatError, match="createType"):
+        ensure_cached(image_id, source=glance, options=opts)
+    assert cache_files(opts) == [] and no_secret_in(opts)
+
+
+@pytest.mark.parametrize("force_raw", [True, False])
+def test_vmdk_text_descriptor_is_refused_even_of_an_allowed_type(
+    tmp_path: Path, force_raw: bool
+) -> None:
+    # An operator who allows monolithicFlat means VMDKs whose flat extent is in the image, not a
+    # descriptor naming a host file: a downloaded image is one file.
+    desc = _descriptor_over_host_file(tmp_path, 'createType="monolithicFlat"')
+    allowed = frozenset({"monolithicFlat", "monolithicSparse", "streamOptimized"})
+    opts = options(tmp_path, force_raw=force_raw, vmdk_allowed_types=allowed)
+    with pytest.raises(UnsafeImageError, match="text descriptor"):
+        ensure_cached(desc.as_uri(), source=UrlSource(), options=opts)
+    assert cache_files(opts) == [] and no_secret_in(opts)
+
+
+def test_sparse_vmdk_of_an_allowed_type_is_admitted(tmp_path: Path) -> None:
+    image = qemu.make_vmdk(tmp_path / "ok.vmdk", "2M", subformat="streamOptimized")
+    got = ensure_cached(image.as_uri(), source=UrlSource(), options=options(tmp_path))
+    assert got.outcome is Outcome.CACHED and read_header(got.path).format == "raw"
+
+
 @pytest.mark.glance
 def test_download_killed_half_way_publishes_nothing(
     glance_server: GlanceServer, tmp_path: Path
@@ -349,3 +401,19 @@ def test_both_published_digests_are_verified(tmp_path: Path, wrong: str) -> None
     bad = meta(md5="0" * 32, sha512=sha512) if wrong == "md5" else meta(md5=md5, sha512="0" * 128)
     with (tmp_path / "bad").open("wb") as out, pytest.raises(ChecksumMismatch, match=wrong):
         _copy_verified([data], out, bad, on_bytes=None)
+
+
+@pytest.mark.parametrize(
+    ("allowed", "match"),
+    [
+        ({"monolithicFlat"}, "is not the image file itself"),
+        ({"monolithicSparse", "streamOptimized"}, "create type"),
+    ],
+)
+def test_qemu_view_of_a_vmdk_is_checked_too(tmp_path: Path, allowed: set[str], match: str) -> None:
+    # Defence in depth behind the parser: what qemu itself says the file reads.
+    from imagecache import admission, process
+
+    desc = _descriptor_over_host_file(tmp_path, 'createType="monolithicFlat"')
+    with pytest.raises(UnsafeImageError, match=match):
+        admission._check_qemu_vmdk(desc, process.qemu_img_info(desc), allowed)

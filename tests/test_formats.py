@@ -404,3 +404,50 @@ def test_random_mutations_raise_only_image_format_error(tmp_path: Path, kind: st
     # Both branches are exercised, so the loop really tests something.
     assert outcomes["parsed"] > 100
     assert outcomes["refused"] > 100
+
+
+# --- VMDK descriptors read the way qemu reads them (CVE-2024-32498) ---------------------------
+
+
+def _flat_over(tmp: Path, *create_lines: str) -> Path:
+    """A descriptor whose extent is a plain host file, with the given createType lines."""
+    (tmp / "host-file").write_bytes(b"HOST-SECRET".ljust(1 << 20, b"\0"))
+    desc = tmp / "evil.vmdk"
+    desc.write_text(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+        + "".join(f"{line}\n" for line in create_lines)
+        + f'RW 2048 FLAT "{tmp / "host-file"}" 0\n'
+    )
+    return desc
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ['createType="monolithicFlat"', 'createType="monolithicSparse"'],
+        ['#createType="monolithicFlat"', 'createType="monolithicSparse"'],
+        ['createType = "monolithicSparse"'],
+        ['createType="monolithicSparse" "x"'],
+    ],
+    ids=["duplicate", "commented-first", "spaced", "trailing-quote"],
+)
+def test_descriptor_qemu_reads_differently_is_refused(tmp_path: Path, lines: list[str]) -> None:
+    desc = _flat_over(tmp_path, *lines)
+    with pytest.raises(ImageFormatError, match="createType"):
+        read_header(desc)
+
+
+def test_qemu_takes_the_first_create_type(tmp_path: Path) -> None:
+    # Why the duplicate is refused: qemu keeps the first, a last-wins parser the second.
+    desc = _flat_over(tmp_path, 'createType="monolithicFlat"', 'createType="monolithicSparse"')
+    assert qemu.info(desc)["format-specific"]["data"]["create-type"] == "monolithicFlat"
+
+
+def test_sparse_header_of_capacity_zero_with_a_descriptor_is_refused(tmp_path: Path) -> None:
+    # qemu opens such a file's embedded descriptor as a descriptor file, extents included.
+    image = qemu.make_vmdk(tmp_path / "z.vmdk")
+    with image.open("r+b") as f:
+        f.seek(12)  # capacity (sectors), after magic, version, flags
+        f.write(struct.pack("<Q", 0))
+    with pytest.raises(ImageFormatError, match="capacity 0"):
+        read_header(image)

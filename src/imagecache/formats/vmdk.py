@@ -2,6 +2,13 @@
 
 Only the descriptor matters here: its ``createType`` and its ``parentFileNameHint``, the name of
 the parent (backing) image of a VMDK snapshot.
+
+qemu finds each of those keys with ``strstr``: the FIRST occurrence anywhere in the descriptor,
+even inside a comment or another line, then skips two bytes (``="``) and reads up to the next
+quote. Reading them any other way lets a descriptor say one thing to us and another to qemu
+(``createType="monolithicFlat"`` first, ``createType="monolithicSparse"`` second: CVE-2024-32498
+style). So a key that occurs more than once, or whose one occurrence is not a ``key="value"``
+line, is refused rather than interpreted.
 """
 
 from __future__ import annotations
@@ -50,6 +57,10 @@ def parse_sparse(src: ByteSource) -> ImageHeader:
     )
     if version > _MAX_SPARSE_VERSION:
         raise ImageFormatError(f"unsupported vmdk version {version}")
+    if capacity == 0 and desc_offset:
+        # qemu then opens the embedded descriptor as a descriptor FILE, extents and all: a
+        # "sparse" file that makes qemu read other files.
+        raise ImageFormatError("vmdk sparse header of capacity 0 with a descriptor")
     create_type = parent = None
     if desc_offset and desc_size:
         if desc_size * _SECTOR > _MAX_DESCRIPTOR:
@@ -79,21 +90,32 @@ def parse_descriptor(data: bytes) -> ImageHeader:
 
 
 def _descriptor_fields(text: bytes) -> tuple[str | None, str | None]:
-    # The descriptor is NUL-terminated inside its sectors.
+    # The descriptor is NUL-terminated inside its sectors (qemu stops there too).
     text = text.split(b"\0", 1)[0]
-    create_type = parent = None
-    for line in text.splitlines():
-        key, sep, value = line.partition(b"=")
-        key = key.strip()
-        if not sep or key not in (_CREATE_TYPE, _PARENT_HINT):
-            continue
-        field = _quoted(value.strip(), key)
-        if key == _CREATE_TYPE:
-            create_type = field
-        else:
-            # An empty hint means no parent, as in qemu.
-            parent = field or None
-    return create_type, parent
+    create_type = _field(text, _CREATE_TYPE)
+    parent = _field(text, _PARENT_HINT)
+    # An empty hint means no parent, as in qemu.
+    return create_type, parent or None
+
+
+def _field(text: bytes, key: bytes) -> str | None:
+    """The value of ``key``, where qemu reads it: refused unless that is unambiguous."""
+    name = key.decode()
+    count = text.count(key)
+    if count == 0:
+        return None
+    if count > 1:
+        raise ImageFormatError(f"vmdk descriptor mentions {name} {count} times")
+    at = text.index(key)
+    start = text.rfind(b"\n", 0, at) + 1
+    end = text.find(b"\n", at)
+    line = text[start : len(text) if end < 0 else end]
+    before, _, rest = line.partition(key)
+    # qemu skips exactly the two bytes after the key: anything but ``key="`` on a line of its
+    # own (a comment, spaces around ``=``) is read differently by qemu than it looks.
+    if before.strip() or not rest.startswith(b'="'):
+        raise ImageFormatError(f'vmdk descriptor field {name} is not a {name}="..." line')
+    return _quoted(rest[1:].strip(), key)
 
 
 def _quoted(value: bytes, key: bytes) -> str:
@@ -101,4 +123,7 @@ def _quoted(value: bytes, key: bytes) -> str:
     name = key.decode()
     if len(value) < 2 or not value.startswith(b'"') or not value.endswith(b'"'):
         raise ImageFormatError(f"vmdk descriptor field {name} is not quoted")
+    if b'"' in value[1:-1]:
+        # qemu stops at the first quote: the rest would be ours alone.
+        raise ImageFormatError(f"vmdk descriptor field {name} holds a quote")
     return decode_name(value[1:-1], f"vmdk {name}")
