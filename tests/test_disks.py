@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 from imagecache import locks, naming
 from imagecache.disks import DiskRequest, create_disks
-from imagecache.errors import LockTimeout, UsageError
+from imagecache.errors import ImageFormatError, LockTimeout, UnsafeImageError, UsageError
 from imagecache.fetch import FetchOptions, Outcome
 from imagecache.glance import GlanceClient
 from imagecache.urlsource import UrlSource
@@ -175,3 +176,69 @@ def test_create_disk_command_from_glance(glance_server: GlanceServer, tmp_path: 
     assert info["virtual-size"] == 1 << 30
     assert Path(info["backing-filename"]).name == naming.fingerprint(image_id)
     assert GlanceClient(glance_server.settings).get(image_id).virtual_size == 4 * MIB
+
+
+# --- the base's format is the admitted one, never guessed from its bytes ------------------------
+
+
+def _descriptor_over_host_file(tmp: Path) -> bytes:
+    secret = tmp / "host-secret"
+    secret.write_bytes(b"HOST-SECRET".ljust(MIB, b"\0"))
+    return (
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+        f'createType="monolithicFlat"\nRW 2048 FLAT "{secret}" 0\n'
+    ).encode()
+
+
+def test_qcow2_whose_guest_data_is_a_vmdk_descriptor_makes_no_disk(tmp_path: Path) -> None:
+    # Converted to raw, the base would start with the descriptor; an overlay probing it (-F vmdk)
+    # would show the guest the host file.
+    guest = tmp_path / "guest.raw"
+    guest.write_bytes(_descriptor_over_host_file(tmp_path).ljust(4 * MIB, b"\0"))
+    image = tmp_path / "inner.qcow2"
+    qemu.qemu_img("convert", "-f", "raw", "-O", "qcow2", guest, image)
+    opts = options(tmp_path)
+
+    with pytest.raises(UnsafeImageError):
+        create_disks(
+            DiskRequest(instance=UUID, image=image.as_uri()), source=UrlSource(), options=opts
+        )
+    assert not Path(opts.instances_path, UUID, "disk").exists()
+    assert list(Path(opts.cache_dir).iterdir()) == []
+
+
+@pytest.mark.parametrize("force_raw", [True, False])
+def test_a_base_already_there_is_admitted_again(tmp_path: Path, force_raw: bool) -> None:
+    # A base left by an older release (or written by someone else): checked as on download.
+    opts = dataclasses.replace(options(tmp_path), force_raw=force_raw)
+    url = (tmp_path / "gone.img").as_uri()  # never fetched: the base is found
+    base = Path(opts.cache_dir, naming.fingerprint(url))
+    base.parent.mkdir(parents=True)
+    base.write_bytes(_descriptor_over_host_file(tmp_path).ljust(4 * MIB, b"\0"))
+
+    with pytest.raises(ImageFormatError):
+        create_disks(DiskRequest(instance=UUID, image=url), source=UrlSource(), options=opts)
+    assert not Path(opts.instances_path, UUID, "disk").exists()
+
+
+def test_force_raw_refuses_a_qcow2_base_already_there(tmp_path: Path) -> None:
+    opts = options(tmp_path)
+    url = (tmp_path / "gone.img").as_uri()
+    base = Path(opts.cache_dir, naming.fingerprint(url))
+    qemu.make_qcow2(base, "4M")
+    with pytest.raises(UnsafeImageError, match="force_raw_images"):
+        create_disks(DiskRequest(instance=UUID, image=url), source=UrlSource(), options=opts)
+    assert not Path(opts.instances_path, UUID, "disk").exists()
+
+
+@pytest.mark.parametrize(("fmt", "qemu_fmt"), [("vdi", "vdi"), ("vpc", "vpc"), ("vhdx", "vhdx")])
+def test_without_force_raw_the_overlay_names_the_real_format(
+    tmp_path: Path, fmt: str, qemu_fmt: str
+) -> None:
+    # Formats our parser reads as raw: the overlay must still say what qemu-img found.
+    image = tmp_path / f"img.{fmt}"
+    qemu.qemu_img("create", "-q", "-f", fmt, image, "4M")
+    opts = dataclasses.replace(options(tmp_path), force_raw=False)
+    create_disks(DiskRequest(instance=UUID, image=image.as_uri()), source=UrlSource(), options=opts)
+    disk = qemu.info(Path(opts.instances_path, UUID, "disk"))
+    assert disk["backing-filename-format"] == qemu_fmt

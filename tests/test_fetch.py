@@ -297,6 +297,27 @@ def test_sparse_vmdk_of_an_allowed_type_is_admitted(tmp_path: Path) -> None:
 
 
 @pytest.mark.glance
+def test_qcow2_whose_guest_data_reads_as_a_vmdk_is_refused_after_conversion(
+    glance: GlanceClient, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    # A clean qcow2; converted to raw, its first bytes are a descriptor naming a host file, and
+    # anything probing the base (Nova: "Converted to raw, but format is now ...") reads vmdk.
+    guest = tmp_path / "guest.raw"
+    desc = _descriptor_over_host_file(tmp_path, 'createType="monolithicFlat"').read_bytes()
+    guest.write_bytes(desc.ljust(4 * MIB, b"\0"))
+    image = tmp_path / "inner.qcow2"
+    qemu.qemu_img("convert", "-f", "raw", "-O", "qcow2", guest, image)
+    image_id = glance_server.upload(image, disk_format="qcow2")
+    opts = options(tmp_path)
+
+    with pytest.raises(UnsafeImageError, match="converted to raw, but"):
+        ensure_cached(image_id, source=glance, options=opts)
+    assert cache_files(opts) == []
+    kept = ensure_cached(image_id, source=glance, options=options(tmp_path / "b", force_raw=False))
+    assert read_header(kept.path).format == "qcow2"
+
+
+@pytest.mark.glance
 def test_download_killed_half_way_publishes_nothing(
     glance_server: GlanceServer, tmp_path: Path
 ) -> None:

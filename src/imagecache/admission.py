@@ -27,7 +27,7 @@ from imagecache import process
 from imagecache.errors import ImageFormatError, UnsafeImageError
 from imagecache.formats import read_header, vmdk
 
-__all__ = ["Admitted", "check_format"]
+__all__ = ["Admitted", "check_format", "check_raw"]
 
 # Glance disk_format -> the format the bytes must have (qemu's names differ for two of them).
 _EXPECTED: Mapping[str, str] = MappingProxyType(
@@ -86,6 +86,24 @@ def check_format(
         qemu_format=qemu_format,
         virtual_size=size if isinstance(size, int) else None,
     )
+
+
+def check_raw(path: str | os.PathLike[str]) -> None:
+    """Check that ``path``, the output of a conversion to raw, reads as raw to us and to qemu.
+
+    Nova's "Converted to raw, but format is now ...": a clean image whose guest data starts like
+    another format (a VMDK descriptor naming a host file, a qcow2 with a backing file) would be
+    probed as that format by anything that opens the base without ``-f raw``.
+
+    Raises UnsafeImageError when either reads another format, ImageFormatError when our parser
+    cannot parse the header it sees, ProcessError or OSError as :func:`check_format`.
+    """
+    ours = read_header(path).format
+    if ours != "raw":
+        raise UnsafeImageError(f"converted to raw, but its bytes now read as {ours}")
+    qemu_format = process.qemu_img_info(path).get("format")
+    if qemu_format != "raw":
+        raise UnsafeImageError(f"converted to raw, but qemu-img now reads {qemu_format!r}")
 
 
 def _check_qemu_agrees(ours: str, qemu_format: str, info: Mapping[str, Any]) -> None:

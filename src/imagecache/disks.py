@@ -5,6 +5,11 @@ What Nova's Qcow2 backend does at spawn (nova-imagecache.md §4.3), with its rac
 - the root disk ``<instances_path>/<uuid>/disk`` is a qcow2 overlay on the cached image. The base
   is fetched if missing, touched, and the overlay created all under the base's entry lock, which
   the cleaner takes too: it cannot remove the base between our look and the overlay's creation;
+- the base's format is never guessed from its first bytes (a raw image's guest data may start
+  like a VMDK descriptor naming a host file). Before every overlay the base passes admission
+  again (``qemu-img info`` under limits, as Nova's backend checks on every use); with
+  ``force_raw_images`` it must be raw and the overlay says ``-F raw``, otherwise the overlay
+  uses the format qemu-img reports. Swap and ephemeral bases are raw files we made: ``-F raw``;
 - ``disk.swap`` overlays ``_base/swap_<MB>`` (a sparse file with a swap signature) and
   ``disk.local`` overlays ``_base/ephemeral_<GB>_<tag>`` (a sparse file with a filesystem, the
   tag naming it as Nova does). Those backing files are built under a temp name, fsynced and
@@ -22,10 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagecache import fetch, fsops, locks, naming, process
-from imagecache.errors import ImageFormatError, UsageError
+from imagecache import admission, fetch, fsops, locks, naming, process
+from imagecache.errors import UnsafeImageError, UsageError
 from imagecache.fetch import FetchOptions, Outcome
-from imagecache.formats import read_header
 from imagecache.glance import ImageSource, cache_name
 
 __all__ = ["DISK_INFO", "CreatedDisk", "DiskRequest", "create_disks"]
@@ -34,6 +38,15 @@ DISK_INFO = "disk.info"
 _MIB = 1 << 20
 _GIB = 1 << 30
 _EPHEMERAL_LABEL = "ephemeral0"  # Nova's label for the first ephemeral disk
+
+
+@dataclass(frozen=True, slots=True)
+class _Base:
+    """A base ready to be overlaid: its path, qemu's name of its format, its virtual size."""
+
+    path: Path
+    format: str
+    virtual_size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +88,7 @@ def create_disks(
             ``size`` is smaller than the image.
         LockTimeout, ImageServiceError, ImageFormatError, ProcessError: as
             :func:`imagecache.fetch.ensure_cached`, or mkswap / mkfs / qemu-img create failed.
+        UnsafeImageError: the root base fails admission, or is not raw under force_raw.
         OSError: a directory or file cannot be created.
     """
     _check_request(request)
@@ -83,8 +97,9 @@ def create_disks(
     fsops.ensure_dir(instance_dir)
     base = cache_name(request.image)
 
-    def root_base() -> Path:
-        return fetch.fetch_locked(request.image, source=source, options=options).path
+    def root_base() -> _Base:
+        path = fetch.fetch_locked(request.image, source=source, options=options).path
+        return _admitted_base(path, options)
 
     made = [_overlay(instance_dir / "disk", base, root_base, options, size=request.size)]
     if request.swap_mb:
@@ -117,10 +132,26 @@ def _check_request(request: DiskRequest) -> None:
             raise UsageError(f"{label} must be positive, got {value}")
 
 
+def _admitted_base(path: Path, options: FetchOptions) -> _Base:
+    """The root base at ``path`` checked as a download is, and the format to overlay it with.
+
+    Raises UnsafeImageError (a backing or data file, a VMDK not allowed, a format not allowed,
+    or not raw while ``force_raw``), ImageFormatError or ProcessError, as admission does.
+    """
+    found = admission.check_format(
+        path, claimed=None, vmdk_allowed_types=options.vmdk_allowed_types
+    )
+    if options.force_raw and found.qemu_format != "raw":
+        raise UnsafeImageError(
+            f"{path} is {found.format}, but force_raw_images caches raw images only"
+        )
+    return _Base(path, found.qemu_format, found.virtual_size or path.stat().st_size)
+
+
 def _overlay(
     disk: Path,
     entry: str,
-    ensure_base: Callable[[], Path],
+    ensure_base: Callable[[], _Base],
     options: FetchOptions,
     *,
     size: int | None = None,
@@ -130,15 +161,12 @@ def _overlay(
         base = ensure_base()
         if disk.exists():
             return CreatedDisk(disk, entry, Outcome.EXISTING)
-        header = read_header(base)
-        if header.backing_file is not None or header.data_file is not None:
-            raise ImageFormatError(f"{base} has a backing or data file: not a usable base")
-        virtual = header.virtual_size or base.stat().st_size
+        virtual = base.virtual_size
         if size is not None and size < virtual:
             raise UsageError(f"--size {size} is smaller than the image ({virtual} bytes)")
         grow = size if size is not None and size > virtual else None
         with fsops.temp_path(disk.parent, disk.name) as temp:
-            process.create_overlay(temp, backing=base, backing_format=header.format, size=grow)
+            process.create_overlay(temp, backing=base.path, backing_format=base.format, size=grow)
             fsops.atomic_publish(temp, disk)
     return CreatedDisk(disk, entry, Outcome.CACHED)
 
@@ -148,20 +176,21 @@ def _generated(
     size: int,
     make: Callable[[str | os.PathLike[str]], None],
     options: FetchOptions,
-) -> Callable[[], Path]:
+) -> Callable[[], _Base]:
     """A base builder for ``_overlay``: the sparse file ``name`` of ``size`` bytes, formatted by
     ``make``, published atomically unless present (then touched). Runs under the entry lock."""
 
-    def build() -> Path:
+    def build() -> _Base:
         path = Path(options.cache_dir, name)
         if path.exists():
             fetch.touch_in_use(path)
-            return path
-        with fsops.temp_file(options.cache_dir, name) as (temp, stream):
-            stream.truncate(size)
-            make(temp)
-            fsops.atomic_publish(temp, path)
-        return path
+        else:
+            with fsops.temp_file(options.cache_dir, name) as (temp, stream):
+                stream.truncate(size)
+                make(temp)
+                fsops.atomic_publish(temp, path)
+        # Raw by construction (ours or Nova's): never what its first bytes look like.
+        return _Base(path, "raw", path.stat().st_size)
 
     return build
 

@@ -9,7 +9,8 @@
    (``<name>.<pid>.<token>.part``, never Nova's ``<name>.part``) while hashing them (Glance's
    ``os_hash_algo`` and its MD5 ``checksum``); compare size and digest; inspect the format
    with our own header parser and ``qemu-img info`` (:mod:`imagecache.admission`); convert to
-   raw when ``force_raw_images``; fsync; rename into place without replacing → ``cached``.
+   raw when ``force_raw_images`` and check the result still reads as raw to both; fsync; rename
+   into place without replacing → ``cached``.
 
 Any failure removes the temp files and publishes nothing. A process killed mid-download leaves
 its temp file for the reaper (a ``temp`` entry, removed after ``stale_temp_seconds`` when its lock
@@ -171,6 +172,7 @@ def fetch_locked(
         if convert and options.force_raw and found.format != "raw":
             with fsops.temp_path(options.cache_dir, name) as converted:
                 process.convert_to_raw(temp, converted, source_format=found.qemu_format)
+                admission.check_raw(converted)
                 fsops.atomic_publish(converted, path)
             fsops.remove(temp)
         else:
