@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imagecache import locks, naming
+from imagecache import locks, naming, scan
 from imagecache.disks import DiskRequest, create_disks
 from imagecache.errors import ImageFormatError, LockTimeout, UnsafeImageError, UsageError
 from imagecache.fetch import FetchOptions, Outcome
@@ -242,3 +242,31 @@ def test_without_force_raw_the_overlay_names_the_real_format(
     create_disks(DiskRequest(instance=UUID, image=image.as_uri()), source=UrlSource(), options=opts)
     disk = qemu.info(Path(opts.instances_path, UUID, "disk"))
     assert disk["backing-filename-format"] == qemu_fmt
+
+
+# --- instance names: only directories the cleaner scans ---------------------------------------
+
+
+@pytest.mark.parametrize("cache_name", ["_base", "cache"])
+def test_names_the_scanner_skips_are_refused(
+    tmp_path: Path, image_url: str, cache_name: str
+) -> None:
+    # A disk in a directory the scanner skips has a base the cleaner would remove.
+    inst = tmp_path / "instances"
+    opts = FetchOptions(instances_path=str(inst), cache_dir=str(inst / cache_name))
+    for name in ("locks", cache_name, "a/b", "..", ""):
+        with pytest.raises(UsageError):
+            create_disks(
+                DiskRequest(instance=name, image=image_url), source=UrlSource(), options=opts
+            )
+    assert not (inst / "locks" / "disk").exists() and not (inst / cache_name / "disk").exists()
+
+
+def test_plain_instance_names_are_scanned(tmp_path: Path, image_url: str) -> None:
+    opts = options(tmp_path)
+    names = [UUID, "instance-0000002a", "_other"]
+    for name in names:
+        create_disks(DiskRequest(instance=name, image=image_url), source=UrlSource(), options=opts)
+    disks, problems = scan.scan_instances(opts.instances_path, cache_dir_name="_base")
+    assert problems == ()
+    assert sorted(d.instance for d in disks) == sorted(names)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagecache import admission, fetch, fsops, locks, naming, process
+from imagecache import admission, fetch, fsops, locks, naming, process, scan
 from imagecache.errors import UnsafeImageError, UsageError
 from imagecache.fetch import FetchOptions, Outcome
 from imagecache.glance import ImageSource, cache_name
@@ -91,7 +91,7 @@ def create_disks(
         UnsafeImageError: the root base fails admission, or is not raw under force_raw.
         OSError: a directory or file cannot be created.
     """
-    _check_request(request)
+    _check_request(request, options)
     instance_dir = Path(options.instances_path, request.instance)
     fsops.ensure_dir(options.cache_dir)
     fsops.ensure_dir(instance_dir)
@@ -119,10 +119,14 @@ def create_disks(
     return tuple(made)
 
 
-def _check_request(request: DiskRequest) -> None:
+def _check_request(request: DiskRequest, options: FetchOptions) -> None:
     name = request.instance
-    if not name or name in (".", "..") or "/" in name or "\0" in name or name.startswith("_"):
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
         raise UsageError(f"not an instance directory name: {name!r}")
+    # The scanner skips these directories: a disk there would be invisible to the cleaner,
+    # which would then remove its base.
+    if name in (scan.LOCKS_DIR, os.path.basename(options.cache_dir)):
+        raise UsageError(f"{name!r} is not an instance directory: the cleaner never looks there")
     for label, value in (
         ("--size", request.size),
         ("--swap", request.swap_mb),

@@ -28,6 +28,7 @@ from imagecache.model import (
 )
 
 __all__ = [
+    "LOCKS_DIR",
     "OWN_STATE_DIR",
     "load_instance_records",
     "observe",
