@@ -231,6 +231,17 @@ def test_force_raw_refuses_a_qcow2_base_already_there(tmp_path: Path) -> None:
     assert not Path(opts.instances_path, UUID, "disk").exists()
 
 
+def test_a_base_already_there_of_a_format_not_allowed_is_refused(tmp_path: Path) -> None:
+    opts = dataclasses.replace(options(tmp_path), force_raw=False)
+    url = (tmp_path / "gone.img").as_uri()
+    base = Path(opts.cache_dir, naming.fingerprint(url))
+    base.parent.mkdir(parents=True)
+    qemu.qemu_img("create", "-q", "-f", "qed", base, "4M")
+    with pytest.raises(UnsafeImageError, match="not an allowed disk format"):
+        create_disks(DiskRequest(instance=UUID, image=url), source=UrlSource(), options=opts)
+    assert not Path(opts.instances_path, UUID, "disk").exists()
+
+
 @pytest.mark.parametrize(("fmt", "qemu_fmt"), [("vdi", "vdi"), ("vpc", "vpc"), ("vhdx", "vhdx")])
 def test_without_force_raw_the_overlay_names_the_real_format(
     tmp_path: Path, fmt: str, qemu_fmt: str

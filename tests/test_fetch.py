@@ -317,6 +317,41 @@ def test_qcow2_whose_guest_data_reads_as_a_vmdk_is_refused_after_conversion(
     assert read_header(kept.path).format == "qcow2"
 
 
+@pytest.mark.parametrize("fmt", ["qed", "parallels"])
+@pytest.mark.parametrize("force_raw", [True, False])
+def test_url_image_of_a_format_not_allowed_is_refused(
+    tmp_path: Path, fmt: str, force_raw: bool
+) -> None:
+    # qemu opens these; Nova has no inspector for them, and no cached image needs them.
+    image = tmp_path / f"img.{fmt}"
+    qemu.qemu_img("create", "-q", "-f", fmt, image, "4M")
+    opts = options(tmp_path, force_raw=force_raw)
+    with pytest.raises(UnsafeImageError, match=f"'{fmt}' is not an allowed disk format"):
+        ensure_cached(image.as_uri(), source=UrlSource(), options=opts)
+    assert cache_files(opts) == []
+
+
+@pytest.mark.parametrize("fmt", ["vdi", "vpc", "vhdx"])
+def test_url_images_of_allowed_formats_are_admitted(tmp_path: Path, fmt: str) -> None:
+    image = tmp_path / f"img.{fmt}"
+    qemu.qemu_img("create", "-q", "-f", fmt, image, "4M")
+    got = ensure_cached(image.as_uri(), source=UrlSource(), options=options(tmp_path))
+    assert got.outcome is Outcome.CACHED and qemu.info(got.path)["format"] == "raw"
+
+
+@pytest.mark.glance
+def test_glance_claim_of_a_format_not_allowed_is_refused(
+    glance: GlanceClient, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    image = tmp_path / "img.parallels"
+    qemu.qemu_img("create", "-q", "-f", "parallels", image, "4M")
+    image_id = glance_server.upload(image, disk_format="ploop", container_format="ovf")
+    opts = options(tmp_path)
+    with pytest.raises(UnsafeImageError, match="disk_format 'ploop' is not an allowed"):
+        ensure_cached(image_id, source=glance, options=opts)
+    assert cache_files(opts) == []
+
+
 @pytest.mark.glance
 def test_download_killed_half_way_publishes_nothing(
     glance_server: GlanceServer, tmp_path: Path

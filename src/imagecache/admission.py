@@ -12,7 +12,10 @@ Nova's rules (nova-imagecache.md §4.4), checked on the temp file before it is p
   for a VMDK a create type in ``vmdk_allowed_types`` and no extent but the file itself (the
   parser and qemu must not be able to disagree about which files a VMDK reads);
 - the detected format must equal the claimed ``disk_format``; ``iso``, ``aki``, ``ari`` and
-  ``ami`` are expected to be raw. No claim (a URL) accepts whatever was detected.
+  ``ami`` are expected to be raw. No claim (a URL) accepts whatever was detected, if allowed;
+- only the formats Nova has inspectors for are allowed, claimed or detected: raw, qcow2, vmdk,
+  vhd (qemu's vpc), vhdx and vdi. qemu opens many more (qed, dmg, cloop, bochs, parallels,
+  luks, ...), each a parser of untrusted bytes that no cached image needs.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ _EXPECTED: Mapping[str, str] = MappingProxyType(
     {"iso": "raw", "aki": "raw", "ari": "raw", "ami": "raw", "vhd": "vpc"}
 )
 _OURS = frozenset({"raw", "qcow2", "vmdk"})  # what formats.read_header recognises
+# qemu's names of the formats an image may have; Glance's are these (vpc as vhd) and _EXPECTED.
+_ALLOWED = frozenset({"raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,12 +60,15 @@ def check_format(
 
     Raises:
         UnsafeImageError: a backing file, a data file, a VMDK text descriptor, a VMDK type not
-            allowed or extents other than the file itself, or a format other than the claimed
-            one.
+            allowed or extents other than the file itself, a format (claimed or found) not
+            allowed, or a format other than the claimed one.
         ImageFormatError: a header that cannot be parsed, or our parser and qemu disagree.
         ProcessError: qemu-img cannot read the file.
         OSError: the file cannot be read.
     """
+    expected = _EXPECTED.get(claimed, claimed) if claimed else None
+    if expected is not None and expected not in _ALLOWED:
+        raise UnsafeImageError(f"disk_format {claimed!r} is not an allowed disk format")
     header = read_header(path)
     if header.backing_file is not None:
         raise UnsafeImageError(f"{header.format} image has a backing file {header.backing_file!r}")
@@ -75,8 +83,9 @@ def check_format(
     _check_qemu_agrees(header.format, qemu_format, info)
     if qemu_format == "vmdk":
         _check_qemu_vmdk(path, info, vmdk_allowed_types)
-    expected = _EXPECTED.get(claimed, claimed) if claimed else qemu_format
-    if qemu_format != expected:
+    if qemu_format not in _ALLOWED:
+        raise UnsafeImageError(f"{qemu_format!r} is not an allowed disk format")
+    if expected is not None and qemu_format != expected:
         raise UnsafeImageError(
             f"the image claims disk_format {claimed!r}, its bytes are {_glance_name(qemu_format)}"
         )
