@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +68,45 @@ def nova_conf(tmp_path: Path, endpoint: str, **imagecache: object) -> Path:
 def cli(conf: Path, *args: str) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "imagecache.cli", "--config-file", str(conf), *args]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+Serve = Callable[[int, BaseHTTPRequestHandler], None]
+
+
+@contextlib.contextmanager
+def http_image(serve: Serve) -> Iterator[str]:
+    """The URL of a tiny local HTTP server: ``serve(n, handler)`` answers its ``n``-th GET.
+
+    For what Glance cannot be made to do: announce one size and send another, or stall.
+    """
+    count = itertools.count()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                serve(next(count), self)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/image.raw"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def send(handler: BaseHTTPRequestHandler, length: int, body: Iterable[bytes] = ()) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(length))
+    handler.end_headers()
+    for block in body:
+        handler.wfile.write(block)
 
 
 @pytest.fixture
@@ -350,6 +394,23 @@ def test_glance_claim_of_a_format_not_allowed_is_refused(
     with pytest.raises(UnsafeImageError, match="disk_format 'ploop' is not an allowed"):
         ensure_cached(image_id, source=glance, options=opts)
     assert cache_files(opts) == []
+
+
+def test_download_longer_than_announced_stops_at_the_announced_size(tmp_path: Path) -> None:
+    # The metadata request says 1 MiB, the download sends 64: stop at once, not at the end.
+    block = pattern(MIB)
+
+    def serve(n: int, handler: BaseHTTPRequestHandler) -> None:
+        if n == 0:
+            send(handler, MIB)
+        else:
+            send(handler, 64 * MIB, (block for _ in range(64)))
+
+    received: list[int] = []
+    opts = options(tmp_path)
+    with http_image(serve) as url, pytest.raises(ChecksumMismatch, match="more than"):
+        ensure_cached(url, source=UrlSource(), options=opts, on_bytes=received.append)
+    assert sum(received) <= MIB and cache_files(opts) == []
 
 
 @pytest.mark.glance

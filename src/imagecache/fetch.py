@@ -229,6 +229,13 @@ def _copy_verified(
     total = 0
     with _Digests([h for _, _, h in hashers]) as digests:
         for chunk in chunks:
+            # Stop as soon as the bytes outgrow what the service announced: a store or server
+            # sending more must not fill the cache's disk first. A URL without Content-Length
+            # has no size (None): nothing to stop at, as for Nova's download of such a URL.
+            if meta.size is not None and total + len(chunk) > meta.size:
+                raise ChecksumMismatch(
+                    f"image {meta.id}: got more than the {meta.size} bytes the service says"
+                )
             digests.feed(chunk)
             view = memoryview(chunk)
             while view:
