@@ -413,6 +413,26 @@ def test_download_longer_than_announced_stops_at_the_announced_size(tmp_path: Pa
     assert sum(received) <= MIB and cache_files(opts) == []
 
 
+@pytest.mark.parametrize("force_raw", [True, False])
+def test_entry_published_meanwhile_by_an_unlocked_writer_is_existing(
+    tmp_path: Path, force_raw: bool
+) -> None:
+    # Nova's pre-cache takes no lock: its copy may get the name while ours downloads.
+    src = qemu.make_qcow2(tmp_path / "img.qcow2", "2M")
+    url = src.as_uri()
+    opts = options(tmp_path, force_raw=force_raw)
+    final = Path(opts.cache_dir, naming.fingerprint(url))
+
+    def nova_publishes(_: int) -> None:
+        if not final.exists():
+            final.write_bytes(b"\0" * 2 * MIB)
+
+    got = ensure_cached(url, source=UrlSource(), options=opts, on_bytes=nova_publishes)
+
+    assert got.outcome is Outcome.EXISTING and got.path == final
+    assert cache_files(opts) == [final.name] and final.read_bytes() == b"\0" * 2 * MIB
+
+
 @pytest.mark.glance
 def test_download_killed_half_way_publishes_nothing(
     glance_server: GlanceServer, tmp_path: Path

@@ -33,7 +33,12 @@ from typing import Any, BinaryIO
 
 from imagecache import admission, fsops, locks, process
 from imagecache.config import GlanceSettings, Settings
-from imagecache.errors import ChecksumMismatch, ImageCacheError, ImageServiceError
+from imagecache.errors import (
+    ChecksumMismatch,
+    EntryChanged,
+    ImageCacheError,
+    ImageServiceError,
+)
 from imagecache.glance import ImageMeta, ImageSource, cache_name, open_source
 
 __all__ = [
@@ -163,22 +168,58 @@ def fetch_locked(
         touch_in_use(path)
         return Fetched(image_ref, name, path, Outcome.EXISTING, path.stat().st_size, None)
     meta = source.get(image_ref)
-    with fsops.temp_file(options.cache_dir, name) as (temp, stream):
+    try:
+        found = _download(
+            image_ref,
+            path,
+            source=source,
+            meta=meta,
+            options=options,
+            convert=convert,
+            on_bytes=on_bytes,
+        )
+    except EntryChanged:
+        # Nova's pre-cache takes no lock: its copy got the name while ours was being made (our
+        # temp files are gone). Theirs passed Nova's own checks; it is in the cache now.
+        if not path.exists():
+            raise
+        log.info("%s appeared as %s while it was being fetched; keeping it", image_ref, name)
+        touch_in_use(path)
+        return Fetched(image_ref, name, path, Outcome.EXISTING, path.stat().st_size, meta)
+    log.info("cached %s as %s (%s)", image_ref, name, found.format)
+    return Fetched(image_ref, name, path, Outcome.CACHED, path.stat().st_size, meta)
+
+
+def _download(
+    image_ref: str,
+    path: Path,
+    *,
+    source: ImageSource,
+    meta: ImageMeta,
+    options: FetchOptions,
+    convert: bool,
+    on_bytes: OnBytes | None,
+) -> admission.Admitted:
+    """Download, verify, admit, convert and publish ``image_ref`` as ``path``; see the module.
+
+    Raises as :func:`fetch_locked`, and EntryChanged when ``path`` appeared meanwhile (the temp
+    files are removed in every case).
+    """
+    with fsops.temp_file(options.cache_dir, path.name) as (temp, stream):
         with source.open_stream(image_ref) as chunks:
             _copy_verified(chunks, stream, meta, on_bytes=on_bytes)
         found = admission.check_format(
             temp, claimed=meta.disk_format, vmdk_allowed_types=options.vmdk_allowed_types
         )
         if convert and options.force_raw and found.format != "raw":
-            with fsops.temp_path(options.cache_dir, name) as converted:
+            with fsops.temp_path(options.cache_dir, path.name) as converted:
                 process.convert_to_raw(temp, converted, source_format=found.qemu_format)
                 admission.check_raw(converted)
                 fsops.atomic_publish(converted, path)
             fsops.remove(temp)
         else:
             fsops.atomic_publish(temp, path)
-    log.info("cached %s as %s (%s)", image_ref, name, found.format)
-    return Fetched(image_ref, name, path, Outcome.CACHED, path.stat().st_size, meta)
+    return found
 
 
 def touch_in_use(path: Path) -> None:
