@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import itertools
 import json
@@ -431,6 +432,24 @@ def test_entry_published_meanwhile_by_an_unlocked_writer_is_existing(
 
     assert got.outcome is Outcome.EXISTING and got.path == final
     assert cache_files(opts) == [final.name] and final.read_bytes() == b"\0" * 2 * MIB
+
+
+def test_content_encoding_is_not_undone_before_the_checks(tmp_path: Path) -> None:
+    # Size and digests are those of the bytes sent; gzip must not be inflated behind them.
+    body = gzip.compress(b"\0" * 64 * MIB)
+
+    def serve(n: int, handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.send_header("Content-Encoding", "gzip")
+        handler.end_headers()
+        if n:
+            handler.wfile.write(body)
+
+    opts = options(tmp_path)
+    with http_image(serve) as url:
+        got = ensure_cached(url, source=UrlSource(), options=opts)
+    assert got.path.read_bytes() == body
 
 
 @pytest.mark.glance
