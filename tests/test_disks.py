@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +123,10 @@ def test_overlay_waits_for_the_base_lock(tmp_path: Path, image_url: str) -> None
         text=True,
     )
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert holder.stdout is not None
+        # A holder that never prints must fail the test, not hang it.
+        ready, _, _ = select.select([holder.stdout], [], [], 30)
+        assert ready and holder.stdout.readline() == "held\n"
         with pytest.raises(LockTimeout):
             create_disks(
                 DiskRequest(instance=UUID, image=image_url), source=UrlSource(), options=opts

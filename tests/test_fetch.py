@@ -452,36 +452,44 @@ def test_content_encoding_is_not_undone_before_the_checks(tmp_path: Path) -> Non
     assert got.path.read_bytes() == body
 
 
-@pytest.mark.glance
-def test_download_killed_half_way_publishes_nothing(
-    glance_server: GlanceServer, tmp_path: Path
-) -> None:
-    size = 128 * MIB
+def test_download_killed_half_way_publishes_nothing(tmp_path: Path) -> None:
+    # The server sends 4 MiB of 16 and stalls until the test has killed the downloader.
+    size = 16 * MIB
     data = pattern(size, b"big")
-    image_id = glance_server.upload(data)
-    conf = nova_conf(tmp_path, glance_server.endpoint)
+    release = threading.Event()
+
+    def serve(n: int, handler: BaseHTTPRequestHandler) -> None:
+        if release.is_set():
+            send(handler, size, (data,))
+        else:
+            send(handler, size, (data[: 4 * MIB],))
+            handler.wfile.flush()
+            release.wait(60)
+
+    conf = nova_conf(tmp_path, "http://127.0.0.1:9")
     cache = tmp_path / "instances" / "_base"
-    final = cache / naming.fingerprint(image_id)
-
-    proc = cli(conf, "precache", image_id)
-    seen = 0
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        parts = list(cache.glob("*.part")) if cache.is_dir() else []
-        seen = parts[0].stat().st_size if parts else 0
-        if seen >= 4 * MIB:
+    with http_image(serve) as url:
+        final = cache / naming.fingerprint(url)
+        proc = cli(conf, "precache", url)
+        seen = 0
+        deadline = time.monotonic() + 60
+        try:
+            while seen < 4 * MIB and time.monotonic() < deadline and proc.poll() is None:
+                parts = list(cache.glob("*.part")) if cache.is_dir() else []
+                seen = parts[0].stat().st_size if parts else 0
+                time.sleep(0.01)
+        finally:
             proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    proc.communicate()
+            proc.communicate()
+            release.set()
 
-    assert proc.returncode == -signal.SIGKILL and 4 * MIB <= seen < size
-    assert not final.exists()
-    # SIGKILL leaves the temp file: a temp entry the reaper removes once stale and unlocked.
-    leftovers = [p.name for p in cache.iterdir()]
-    assert len(leftovers) == 1 and naming.classify(leftovers[0]) is Kind.TEMP
-    retry = cli(conf, "--json", "precache", image_id)
-    out, err = retry.communicate()
+        assert proc.returncode == -signal.SIGKILL and seen == 4 * MIB
+        assert not final.exists()
+        # SIGKILL leaves the temp file: a temp entry the reaper removes once stale and unlocked.
+        leftovers = [p.name for p in cache.iterdir()]
+        assert len(leftovers) == 1 and naming.classify(leftovers[0]) is Kind.TEMP
+        retry = cli(conf, "--json", "precache", url)
+        out, err = retry.communicate(timeout=60)
     assert retry.returncode == 0, err
     assert json.loads(out)["results"][0]["result"] == "cached"
     assert hashlib.sha256(final.read_bytes()).digest() == hashlib.sha256(data).digest()
