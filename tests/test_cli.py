@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -220,3 +222,64 @@ def test_explain_finds_quarantined_entries(
     code, doc = plan_json(capsys, run(host, "explain", "--json", fp))
     assert code == 0 and doc["entries"] == []
     assert {t["name"] for t in doc["trash"]} == {fp, fp + "_sm"}  # its small copy too
+
+
+def test_odd_names_in_the_cache_are_kept_and_printed_escaped(
+    host: sample.SampleHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A name that is not UTF-8 used to stop every pass on the host (plan ids hashed str.encode).
+    with open(os.fsencode(host.cache_dir) + b"/bad\xff", "wb") as fh:
+        fh.write(b"x")
+    (host.cache_dir / "swap_10\nswap_20").write_bytes(b"x")
+    assert main(run(host, "plan")) == 0
+    out = capsys.readouterr().out
+    assert "bad\\xff" in out and "swap_10\\nswap_20" in out
+    assert not any(line.startswith("swap_20") for line in out.splitlines())
+    code, doc = plan_json(capsys, run(host, "clean", "--json"))
+    odd = {e["name"]: (e["kind"], e["action"]) for e in doc["entries"]}
+    assert code == 0
+    assert odd["bad\udcff"] == odd["swap_10\nswap_20"] == ("unknown", "keep")
+    assert (host.cache_dir / "swap_10\nswap_20").exists()
+
+
+def test_json_errors_are_one_json_document(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--config-file", str(tmp_path / "missing.conf"), "--json", "status"]) == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["exit_code"] == 2 and "missing.conf" in doc["error"]
+
+
+def test_sigint_while_waiting_for_nova_is_a_clean_exit(host: sample.SampleHost) -> None:
+    # nova-compute holds the lock of an entry to quarantine; Ctrl-C during clean's wait must
+    # release what it holds and say so, not print a traceback.
+    name = naming.fingerprint(sample.IMG_OLD)
+    lock_dir = str(host.instances_path / "locks")
+    child = [sys.executable, str(Path(__file__).with_name("_lock_child.py"))]
+    with host.config.open("a") as fh:
+        fh.write("lock_timeout_seconds = 60\n")  # the sample ends in [imagecache]
+    audit = host.root / "audit.jsonl"
+    hold = [*child, "hold", lock_dir, name]
+    with subprocess.Popen(hold, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as nova:
+        assert nova.stdin is not None and nova.stdout is not None
+        assert nova.stdout.readline().strip() == "held"
+        argv = [sys.executable, "-m", "imagecache.cli", *run(host, "--json", "clean")]
+        with subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as clean:
+            # The five free entries are quarantined first; then clean waits for Nova's lock.
+            for _ in range(200):
+                if clean.poll() is not None or (
+                    audit.exists() and audit.read_text().count("\n") >= 5
+                ):
+                    break
+                time.sleep(0.1)
+            assert clean.poll() is None, "clean finished before it waited for Nova's lock"
+            clean.send_signal(signal.SIGINT)
+            out, err = clean.communicate(timeout=30)
+        nova.stdin.write("\n")
+        nova.stdin.flush()
+    assert clean.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert json.loads(out)["exit_code"] == 130
+    assert (host.cache_dir / name).exists()  # the entry Nova held is untouched

@@ -7,6 +7,7 @@ configuration error. ``--json`` prints exactly one JSON document on stdout; logs
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import sys
 import time
@@ -313,6 +314,8 @@ def main(argv: Sequence[str] | None = None, *, clock: Callable[[], float] = time
     """Run the command line; ``clock`` is the one clock every command reads (tests pass theirs)."""
     parser, commands = build_parser()
     args = parser.parse_args(argv)
+    _tolerant(sys.stdout)
+    _tolerant(sys.stderr)
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.WARNING - 10 * min(args.verbose, 2),
@@ -338,14 +341,30 @@ def main(argv: Sequence[str] | None = None, *, clock: Callable[[], float] = time
         )
         return commands[args.command](ctx)
     except ImageCacheError as exc:
-        print(f"imagecache: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(args, str(exc), exc.exit_code)
     except OSError as exc:
         # The library maps what it expects; anything else at the edge is still one clear line
         # (say, `plan -o` into a directory that does not exist), never a traceback.
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"imagecache: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
+        return _fail(args, f"{exc.strerror or exc}{where}", 1)
+    except KeyboardInterrupt:
+        # Every mutation is atomic and each lock is released on the way out: what was done is
+        # in the audit log, nothing is half done.
+        return _fail(args, "interrupted (actions already taken are in the audit log)", 130)
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    """Report an error on stderr and, under --json, as the one JSON document on stdout."""
+    print(f"imagecache: error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        sys.stdout.write(report.dumps({"error": message, "exit_code": code}) + "\n")
+    return code
+
+
+def _tolerant(stream: object) -> None:
+    # A file name that is not UTF-8 arrives surrogate-escaped; printing it must not crash.
+    if isinstance(stream, io.TextIOWrapper):
+        stream.reconfigure(errors="backslashreplace")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,6 +34,7 @@ __all__ = [
     "iso",
     "plan_id",
     "plan_to_dict",
+    "printable",
     "problem_to_dict",
     "problems_text",
     "render_explain",
@@ -134,12 +135,14 @@ def _trash(t: TrashDecision) -> dict[str, Any]:
 def plan_id(plan: Plan) -> str:
     """A stable id of what a plan decided (same observations and decisions, same id)."""
     digest = hashlib.sha256()
-    digest.update(f"{plan.host}\0{plan.cache_dir}\0{plan.now}".encode())
+    # File names are bytes: a name that is not UTF-8 arrives surrogate-escaped, and must hash
+    # as the bytes it is rather than stop every pass on the host.
+    digest.update(os.fsencode(f"{plan.host}\0{plan.cache_dir}\0{plan.now}"))
     for d in plan.decisions:
         e = d.entry
-        digest.update(f"\0{e.name}\0{e.inode}\0{e.mtime}\0{d.action}".encode())
+        digest.update(os.fsencode(f"\0{e.name}\0{e.inode}\0{e.mtime}\0{d.action}"))
     for t in plan.trash:
-        digest.update(f"\0{t.entry.trash_name}\0{t.entry.inode}\0{t.action}".encode())
+        digest.update(os.fsencode(f"\0{t.entry.trash_name}\0{t.entry.inode}\0{t.action}"))
     return digest.hexdigest()[:16]
 
 
@@ -193,7 +196,25 @@ def dumps(doc: Any, *, pretty: bool = False) -> str:
     return json.dumps(doc, indent=2 if pretty else None)
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters and undecodable bytes escaped, for one table cell.
+
+    A file named ``swap_10\\nswap_20`` must not print as two entries, nor a name that is not
+    UTF-8 (surrogate-escaped by Python) stop the output.
+    """
+    if text.isprintable():
+        return text
+    return "".join(_escape_char(c) for c in text)
+
+
+def _escape_char(c: str) -> str:
+    if 0xDC80 <= ord(c) <= 0xDCFF:  # an undecodable byte, as os.fsdecode carries it
+        return f"\\x{ord(c) - 0xDC00:02x}"
+    return c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+
+
 def render_table(rows: list[list[str]], header: list[str]) -> str:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
