@@ -299,3 +299,64 @@ def test_a_symlinked_instance_dir_that_cannot_be_resolved_blocks(tmp_path: Path)
     assert "No such file or directory" in problems[1].message
     inventory = scan.observe(host="h1", instances_path=str(inst), cache_dir=str(base))
     assert not inventory.complete
+
+
+def _truncated_qcow2(path: Path, base: Path) -> Path:
+    """A download or conversion cut short: a real qcow2's first 30 bytes (magic, then nothing)."""
+    full = make_overlay(path.parent / "full.tmp", base, unsafe_size="1M")
+    path.write_bytes(full.read_bytes()[:30])
+    full.unlink()
+    return path
+
+
+def test_peer_hosts_caches_on_shared_storage_are_not_instance_dirs(tmp_path: Path) -> None:
+    # subdirectory_name = _base_$my_ip: every host sharing instances_path has its own cache.
+    inst = tmp_path / "instances"
+    mine, peer = inst / "_base_10.0.0.1", inst / "_base_10.0.0.2"
+    make_raw(mine / FP)
+    make_raw(peer / FP)
+    _truncated_qcow2(peer / f"{naming.fingerprint('img-2')}.part", peer / FP)  # peer downloading
+    make_overlay(peer / "snap", peer / FP)  # no instance's disk either
+    make_overlay(inst / "u1" / "disk", mine / FP)
+    disks, problems = scan.scan_instances(str(inst), cache_dir_name=mine.name)
+    assert problems == ()
+    assert [(d.instance, os.path.basename(d.path)) for d in disks] == [("u1", "disk")]
+    assert scan.observe(host="h1", instances_path=str(inst), cache_dir=str(mine)).complete
+
+
+def test_a_cache_linked_to_a_real_directory_is_not_scanned_under_its_real_name(
+    tmp_path: Path,
+) -> None:
+    inst = tmp_path / "instances"
+    real = inst / "realbase"
+    make_raw(real / FP)
+    make_overlay(real / "snap", real / FP)
+    _truncated_qcow2(real / "bad", real / FP)
+    (inst / "_base").symlink_to("realbase")
+    make_overlay(inst / "u1" / "disk", inst / "_base" / "snap", backing_fmt="qcow2")
+    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    assert problems == ()
+    assert [(d.instance, os.path.basename(d.path)) for d in disks] == [("u1", "disk")]
+
+
+def test_a_temp_file_in_an_instance_dir_warns_but_a_valid_one_still_protects(
+    tmp_path: Path,
+) -> None:
+    # An interrupted copy (disk.part, disk.converted) is attached to no VM: its broken header
+    # must not stop every removal, but a complete one still keeps its base (the safe side).
+    inst, base = host(tmp_path)
+    make_raw(base / FP)
+    make_raw(base / naming.fingerprint("img-2"))
+    _truncated_qcow2(inst / "u1" / "disk.part", base / FP)
+    (inst / "u1" / "disk.local.converted").write_bytes(GARBAGE)
+    make_overlay(inst / "u2" / "disk.converted", base / naming.fingerprint("img-2"))
+    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    assert [d.chain for d in disks] == [(str(base / naming.fingerprint("img-2")),)]
+    assert sorted((os.path.basename(p.ref), p.blocking) for p in problems) == [
+        ("disk.local.converted", False), ("disk.part", False)]  # fmt: skip
+    assert all(p.message.startswith("temporary file") for p in problems)
+    # Only the temp name is excused: garbage in the instance's own disk still blocks.
+    (inst / "u1" / "disk").write_bytes(GARBAGE)
+    _, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    assert [(os.path.basename(p.ref), p.blocking) for p in problems if p.blocking] == [
+        ("disk", True)]  # fmt: skip

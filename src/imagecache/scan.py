@@ -23,6 +23,7 @@ from imagecache.model import (
     FileType,
     InstanceRecord,
     Inventory,
+    Kind,
     Problem,
     TrashEntry,
 )
@@ -111,24 +112,36 @@ def _instance_dirs(
 ) -> tuple[list[os.DirEntry[str]], list[Problem]]:
     """The instance directories under ``instances_path``, by name: directories and links to them.
 
+    Not one: ``instances_path`` itself, the names in ``skip`` (the cache, ``locks``), and every
+    name starting with ``_base`` (Nova's cache naming: on shared storage each host may have its
+    own ``_base_<ip>``, whose ``.part`` downloads are no instance's disks), nor any directory,
+    real or linked, that is one of those under another name (``_base`` a link to ``realbase``).
+
     Operators symlink instance directories onto other volumes, so links are followed, and the
     instance keeps the link's name. Each directory is scanned once, under its real name if it has
-    one (else the first link's), and a link back to ``instances_path``, the cache or ``locks`` is
-    not one: nothing is scanned twice and no link makes a loop. A link that cannot be resolved
-    (dangling, unreadable, looping) hides an instance's disks: a blocking problem.
+    one (else the first link's): nothing is scanned twice and no link makes a loop. A link that
+    cannot be resolved (dangling, unreadable, looping) hides an instance's disks: a blocking
+    problem.
 
     Raises OSError when ``instances_path`` cannot be listed.
     """
     with os.scandir(instances_path) as it:
-        listing = sorted((e for e in it if e.name not in skip), key=lambda e: e.name)
-    dirs = [e for e in listing if e.is_dir(follow_symlinks=False)]
-    links = [e for e in listing if e.is_symlink()]
-    if not links:  # the common case costs no stat at all
-        return dirs, []
-    seen = {_dir_id(os.path.join(instances_path, name)) for name in (os.curdir, *skip)}
-    seen.update(_dir_id(d.path) for d in dirs)
+        listing = sorted(it, key=lambda e: e.name)
+    others = [e for e in listing if _is_instance_name(e.name, skip)]
+    # Compared by (st_dev, st_ino) from stat(), not d_ino: a mount point's d_ino is the covered
+    # directory's, so a cache mounted at ``realbase`` and linked as ``_base`` would not match.
+    excluded = {_dir_id(instances_path)}
+    excluded.update(_dir_id(e.path) for e in listing if not _is_instance_name(e.name, skip))
+    excluded.discard(None)
+    seen = set(excluded)
+    dirs: list[os.DirEntry[str]] = []
+    for d in (e for e in others if e.is_dir(follow_symlinks=False)):
+        found = _dir_id(d.path)  # None (cannot stat): kept, and listing it reports why
+        if found is None or found not in excluded:
+            seen.add(found)
+            dirs.append(d)
     problems: list[Problem] = []
-    for link in links:
+    for link in (e for e in others if e.is_symlink()):
         try:
             st = os.stat(link.path)
         except OSError as exc:
@@ -141,6 +154,13 @@ def _instance_dirs(
             dirs.append(link)
     dirs.sort(key=lambda d: d.name)
     return dirs, problems
+
+
+_CACHE_PREFIX = "_base"  # Nova's cache directory naming; shared storage has one per host
+
+
+def _is_instance_name(name: str, skip: frozenset[str]) -> bool:
+    return name not in skip and not name.startswith(_CACHE_PREFIX)
 
 
 def _dir_id(path: str) -> tuple[int, int] | None:
@@ -157,16 +177,20 @@ def scan_instances(
 ) -> tuple[tuple[Disk, ...], tuple[Problem, ...]]:
     """Every disk image in every instance directory, with its whole backing chain.
 
-    Every directory under ``instances_path`` (or symlink to one) except the cache and ``locks``
-    is an instance directory, listed by an inventory or not, and every regular file in it is
-    inspected whatever its name (``disk``, ``disk.local``, ``disk.swap``, ``disk.rescue``, ...).
-    Files whose header is not a disk image (raw disks, ``console.log``, ``disk.info``) have no
-    backing file: left out.
+    Every directory under ``instances_path`` (or symlink to one) except caches (``_base*``, and
+    the cache under any name) and ``locks`` is an instance directory, listed by an inventory or
+    not, and every regular file in it is inspected whatever its name (``disk``, ``disk.local``,
+    ``disk.swap``, ``disk.rescue``, ...). Files whose header is not a disk image (raw disks,
+    ``console.log``, ``disk.info``) have no backing file: left out.
 
     Some files hold bytes the guest wrote: its serial console log, and disks Nova recorded as raw
     in ``disk.info`` (QEMU opens those as raw, whatever their first bytes say). A qcow2 header
     forged there still counts as a user (keeping too much is safe), but a garbage one is only a
     warning: otherwise any guest could stop every removal on its host.
+
+    Files with a temporary name (``*.part``, ``*.converted``) are writes in progress or left
+    behind, which no VM has attached: likewise, a valid header counts as a user, but a truncated
+    or unresolvable one is only a warning, or one interrupted copy would stop every removal.
     """
     disks: list[Disk] = []
     problems: list[Problem] = []
@@ -193,9 +217,10 @@ def scan_instances(
             if problem is not None and problem.blocking and problem.message.startswith(_BAD):
                 if guest_written is None:
                     guest_written = _guest_written(directory.path, [f.name for f in files])
-                if item.name in guest_written:
+                why = _unattached(item.name, guest_written)
+                if why is not None:
                     detail = problem.message.removeprefix(_BAD)
-                    problem = Problem("disk", item.path, _GUEST_BYTES + detail, blocking=False)
+                    problem = Problem("disk", item.path, why + detail, blocking=False)
             if disk is not None:
                 disks.append(disk)
             if problem is not None:
@@ -205,9 +230,19 @@ def scan_instances(
 
 _CONSOLE_LOG = "console.log"
 _GUEST_BYTES = "guest-written file (console log, or raw per disk.info) with a bad image header"
+_PARTIAL = "temporary file (partial write, attached to no VM) with a bad image header"
 _BAD = "bad image header"  # the start of every problem a guest could cause with forged bytes
 _DISK_INFO = "disk.info"
 _DISK_INFO_MAX = 1 << 20
+
+
+def _unattached(name: str, guest_written: frozenset[str]) -> str | None:
+    """Why a bad header in file ``name`` is only a warning (no VM parses it), or None."""
+    if name in guest_written:
+        return _GUEST_BYTES
+    if naming.classify(name) is Kind.TEMP:
+        return _PARTIAL
+    return None
 
 
 def _guest_written(directory: str, names: list[str]) -> frozenset[str]:
