@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from imagecache import naming, scan
+from imagecache.formats import MAX_CHAIN_DEPTH
 from imagecache.model import FileType, Kind, Policy, Reason
 from imagecache.policy import decide
 from tests.opens import OpenWatch
@@ -360,3 +361,23 @@ def test_a_temp_file_in_an_instance_dir_warns_but_a_valid_one_still_protects(
     _, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
     assert [(os.path.basename(p.ref), p.blocking) for p in problems if p.blocking] == [
         ("disk", True)]  # fmt: skip
+
+
+def test_a_chain_deeper_than_the_limit_blocks_but_is_no_bad_header(tmp_path: Path) -> None:
+    # A long run of external snapshots is legitimate: unresolved, so blocking (safe), but the
+    # message must not call a valid header bad; a guest or a partial write still only warns.
+    inst, base = host(tmp_path)
+    top = make_raw(base / FP)
+    for n in range(1, MAX_CHAIN_DEPTH + 2):
+        fmt = "raw" if n == 1 else "qcow2"
+        top = make_overlay(inst / "u1" / f"snap{n}", top, backing_fmt=fmt)
+    (inst / "u1" / f"snap{MAX_CHAIN_DEPTH + 1}").rename(inst / "u1" / "disk")
+    _, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    assert [(os.path.basename(p.ref), p.blocking) for p in problems] == [("disk", True)]
+    message = problems[0].message
+    assert "bad" not in message and f"deeper than {MAX_CHAIN_DEPTH} files" in message
+    assert message.startswith("unusable image header or backing chain: backing chain not resolved")
+    (inst / "u1" / "disk").rename(inst / "u1" / "disk.part")
+    _, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    assert [(os.path.basename(p.ref), p.blocking) for p in problems] == [("disk.part", False)]
+    assert f"deeper than {MAX_CHAIN_DEPTH} files" in problems[0].message

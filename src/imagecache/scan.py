@@ -229,15 +229,18 @@ def scan_instances(
 
 
 _CONSOLE_LOG = "console.log"
-_GUEST_BYTES = "guest-written file (console log, or raw per disk.info) with a bad image header"
-_PARTIAL = "temporary file (partial write, attached to no VM) with a bad image header"
-_BAD = "bad image header"  # the start of every problem a guest could cause with forged bytes
+# The start of every problem a guest could cause with forged bytes: a header that cannot be
+# parsed, or a chain that cannot be followed (a json: name, a loop, or deeper than the limit,
+# which a long run of external snapshots reaches legitimately: still blocking, being unresolved).
+_BAD = "unusable image header or backing chain"
+_GUEST_BYTES = f"guest-written file (console log, or raw per disk.info) with an {_BAD}"
+_PARTIAL = f"temporary file (partial write, attached to no VM) with an {_BAD}"
 _DISK_INFO = "disk.info"
 _DISK_INFO_MAX = 1 << 20
 
 
 def _unattached(name: str, guest_written: frozenset[str]) -> str | None:
-    """Why a bad header in file ``name`` is only a warning (no VM parses it), or None."""
+    """Why an unusable header in file ``name`` is only a warning (no VM parses it), or None."""
     if name in guest_written:
         return _GUEST_BYTES
     if naming.classify(name) is Kind.TEMP:
