@@ -37,7 +37,11 @@ def test_plan_json_decides_every_sample_entry_right(
     host: sample.SampleHost, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, doc = plan_json(capsys, run(host, "plan", "--json"))
-    assert code == 0 and doc["complete"] is True and doc["problems"] == []
+    assert code == 0 and doc["complete"] is True
+    # Only the note that the other host's record protects nothing here (it shares no storage).
+    assert [(p["source"], p["ref"], p["blocking"]) for p in doc["problems"]] == [
+        ("inventory", "elsewhere", False)
+    ]
     got = {e["name"]: (e["kind"], e["action"], e["reason"]) for e in doc["entries"]}
     assert got == sample.EXPECTED
     assert doc["host"] == sample.HOST and doc["cache_dir"] == str(host.cache_dir)
@@ -69,7 +73,7 @@ def test_one_unreadable_disk_plans_no_removal_and_names_it(
     broken.write_bytes(b"QFI\xfb\x00\x00\x00\x09" + b"\x00" * 200)  # qcow2 magic, version 9
     code, doc = plan_json(capsys, run(host, "plan", "--json"))
     assert code == 1 and doc["complete"] is False
-    assert [p["ref"] for p in doc["problems"]] == [str(broken)]
+    assert [p["ref"] for p in doc["problems"] if p["blocking"]] == [str(broken)]
     assert {e["action"] for e in doc["entries"]} == {"keep"}
     assert "incomplete-view" in {e["reason"] for e in doc["entries"]}
 
@@ -142,8 +146,9 @@ def test_permission_denied_disk_is_a_problem_not_a_crash(host: sample.SampleHost
     )
     assert done.returncode == 1, done.stderr
     doc = json.loads(done.stdout)
-    assert [(p["ref"], p["blocking"]) for p in doc["problems"]] == [(str(denied), True)]
-    assert "Permission denied" in doc["problems"][0]["message"]
+    disk_problems = [p for p in doc["problems"] if p["source"] == "disk"]
+    assert [(p["ref"], p["blocking"]) for p in disk_problems] == [(str(denied), True)]
+    assert "Permission denied" in disk_problems[0]["message"]
     assert {e["action"] for e in doc["entries"]} == {"keep"}
 
 
@@ -283,3 +288,15 @@ def test_sigint_while_waiting_for_nova_is_a_clean_exit(host: sample.SampleHost) 
     assert "Traceback" not in err and "interrupted" in err
     assert json.loads(out)["exit_code"] == 130
     assert (host.cache_dir / name).exists()  # the entry Nova held is untouched
+
+
+def test_no_instance_records_is_said(
+    host: sample.SampleHost, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Without records, kernels, ramdisks and shelved images are unprotected: the plan says so.
+    code, doc = plan_json(capsys, ["--config-file", str(host.config), "plan", "--json"])
+    notes = [p for p in doc["problems"] if p["source"] == "inventory"]
+    assert code == 0 and len(notes) == 1 and not notes[0]["blocking"]
+    assert "no instance records" in notes[0]["message"]
+    assert main(["--config-file", str(host.config), "plan"]) == 0
+    assert "no instance records" in capsys.readouterr().out

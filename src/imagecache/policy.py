@@ -27,7 +27,7 @@ from imagecache.model import (
     User,
 )
 from imagecache.naming import Threshold
-from imagecache.usage import users_by_entry
+from imagecache.usage import record_notes, users_by_entry
 
 __all__ = ["decide", "threshold_seconds"]
 
@@ -183,7 +183,7 @@ def decide(inventory: Inventory, policy: Policy, now: float) -> Plan:
         now=now,
         complete=complete,
         decisions=decisions,
-        problems=inventory.problems,
+        problems=inventory.problems + record_notes(inventory),
         policy=policy,
         trash=_decide_trash(inventory, policy, users, now),
     )

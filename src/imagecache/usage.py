@@ -12,13 +12,13 @@ entry, protects the entry. Quarantined entries (whose device is not recorded) co
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
 
 from imagecache import naming
-from imagecache.model import FileType, InstanceRecord, Inventory, Policy, Source, User
+from imagecache.model import FileType, InstanceRecord, Inventory, Policy, Problem, Source, User
 
-__all__ = ["counted_records", "record_claims", "users_by_entry"]
+__all__ = ["counted_records", "record_claims", "record_notes", "users_by_entry"]
 
 _ID_FIELDS = ("image_ref", "kernel_id", "ramdisk_id")
 
@@ -31,6 +31,37 @@ def counted_records(inventory: Inventory) -> tuple[InstanceRecord, ...]:
     """
     sharing = {inventory.host} | {host for host, _ in inventory.registry}
     return tuple(r for r in inventory.instances if r.host is None or r.host in sharing)
+
+
+def record_notes(inventory: Inventory) -> tuple[Problem, ...]:
+    """Warnings about instance records that protect less than an operator may think.
+
+    Not blocking: they change nothing a pass does, but a plan that quarantines a kernel should
+    say that no record was there to protect it.
+    """
+    if not inventory.instances:
+        return (
+            Problem(
+                "inventory",
+                "-",
+                "no instance records (--inventory, [imagecache] inventory_files): only disk "
+                "backing chains protect entries, not kernels, ramdisks, shelved instances' images "
+                "or swap/ephemeral files named by records alone",
+                blocking=False,
+            ),
+        )
+    counted = {id(r) for r in counted_records(inventory)}
+    ignored = Counter(r.host for r in inventory.instances if id(r) not in counted)
+    return tuple(
+        Problem(
+            "inventory",
+            str(host),
+            f"{n} record(s) of host {host} protect nothing here: it is not in compute_nodes, "
+            "so it does not share this storage",
+            blocking=False,
+        )
+        for host, n in sorted(ignored.items(), key=lambda kv: str(kv[0]))
+    )
 
 
 def record_claims(record: InstanceRecord, policy: Policy) -> Iterator[tuple[str, str]]:
