@@ -545,17 +545,28 @@ def test_free_entries_are_done_and_released_before_waiting_for_busy_ones(
     assert results(doc) == {A: ("removed", "unused-expired"), D: ("removed", "unused-expired")}
 
 
-def test_an_audit_log_that_cannot_be_written_exits_1_but_the_action_stands(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_an_audit_log_that_cannot_be_written_stops_every_action_but_touches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
 ) -> None:
+    # A host where the log's directory cannot be created must not act without an audit trail.
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    host = make_host(tmp_path, quarantine_seconds=0, audit_log=blocker / "audit.jsonl")
-    put(host, A, 2 * DAY)
+    log = blocker / "audit.jsonl" if where == "under-a-file" else Path("/proc/nope/audit.jsonl")
+    host = make_host(tmp_path, audit_log=log)
+    put(host, A, 2 * DAY)  # would be quarantined
+    put(host, B + ".part", 30 * DAY)  # would be reaped
+    put(host, C, 2 * DAY)
+    use(host, C)  # in use: still touched
     code, doc = cli(host, capsys, "clean")
-    assert code == 1 and results(doc) == {A: ("removed", "unused-expired")}
-    assert [p["source"] for p in doc["apply_problems"]] == ["audit"]
-    assert not host.path(A).exists()
+    assert code == 1 and results(doc) == {}
+    assert results(doc, touched=True) == {C: ("touched", "in-use")}
+    assert host.path(C).stat().st_mtime == NOW
+    assert host.path(A).exists() and host.path(B + ".part").exists() and host.trash() == {}
+    assert not (host.instances / "locks" / f"nova-{A}").exists()  # no lock was taken either
+    [problem] = doc["apply_problems"]
+    assert problem["source"] == "audit"
+    assert problem["message"].startswith("audit log not writable: nothing removed")
 
 
 def test_human_output_says_what_was_done(

@@ -54,11 +54,7 @@ class AuditLog:
             "trash_name": outcome.trash_name,
         }
         data = (json.dumps(line, sort_keys=False) + "\n").encode("utf-8")
-        parent = os.path.dirname(self.path)
-        if parent:
-            os.makedirs(parent, mode=0o750, exist_ok=True)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        fd = os.open(self.path, flags, 0o640)
+        fd = self._open()
         try:
             written = os.write(fd, data)
             if written != len(data):
@@ -66,3 +62,21 @@ class AuditLog:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def check_writable(self) -> None:
+        """Open the log for append as :meth:`record` does (creating it and its directory), close it.
+
+        Writes nothing. Called before a pass acts, so that no action goes unlogged because the
+        log could never have been written (a directory that cannot be created, permissions).
+
+        Raises:
+            OSError: the directory cannot be created or the file cannot be opened for append.
+        """
+        os.close(self._open())
+
+    def _open(self) -> int:
+        parent = os.path.dirname(self.path)
+        if parent:
+            os.makedirs(parent, mode=0o750, exist_ok=True)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        return os.open(self.path, flags, 0o640)

@@ -22,6 +22,9 @@
    timeout. Now a free entry's lock is held only for one observation and its action, and no lock
    is held longer than ``lock_timeout`` plus one observation and its actions, however many entries
    are busy: a bounded total hold time for Nova's spawns;
+   Before any of this (after the touches), the audit log is opened for append: if it cannot
+   be, no entry is removed, quarantined, purged, restored or reaped and no lock file collected,
+   only a problem says so: every action must leave its line;
 3. reap each stale temporary whose entry lock is free at that moment;
 4. collect lock files of names gone for long, only where a removal pass could have removed those
    names: the plan is complete, removal is enabled, and the cache directory was listed. A cache
@@ -67,6 +70,7 @@ __all__ = ["apply", "restore_entry"]
 LOG = logging.getLogger(__name__)
 
 _REMOVALS = frozenset({Action.REMOVE, Action.QUARANTINE})
+_ACTIONS = _REMOVALS | {Action.REAP}
 
 # Why a fresh decision no longer removes, as the reason a planned action is skipped.
 _SKIP_REASON = {
@@ -169,11 +173,32 @@ def apply(
     now = clock()
     if touch_in_use:
         _touch_in_use(run, now)
+    if _acts(plan) and not _audit_writable(run):
+        return Report(run.plan_id, now, tuple(run.outcomes), tuple(run.problems))
     _apply_locked(run, observe=observe, policy=policy, clock=clock, lock_timeout=lock_timeout)
     _reap_temps(run, now=clock(), stale_age=policy.stale_temp_age)
     if _may_collect_lock_files(plan, policy):
         _collect_lock_files(run, now=now)
     return Report(run.plan_id, now, tuple(run.outcomes), tuple(run.problems))
+
+
+def _acts(plan: Plan) -> bool:
+    """Whether applying ``plan`` may take an audited action (touches are not audited)."""
+    return any(d.action in _ACTIONS for d in plan.decisions) or any(
+        t.action is not Action.KEEP for t in plan.trash
+    )
+
+
+def _audit_writable(run: _Run) -> bool:
+    """Whether the audit log can be appended to; if not, say why as a problem of the pass."""
+    try:
+        run.audit.check_writable()
+    except OSError as exc:
+        LOG.error("cannot open the audit log %s: %s; nothing removed", run.audit.path, exc)
+        message = f"audit log not writable: nothing removed ({exc})"
+        run.problems.append(Problem("audit", run.audit.path, message))
+        return False
+    return True
 
 
 def _touch_in_use(run: _Run, now: float) -> None:
