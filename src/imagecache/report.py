@@ -371,6 +371,10 @@ def find_trash(plan: Plan, query: str) -> list[TrashDecision]:
     ]
 
 
+def _used_by(users: tuple[User, ...]) -> list[str]:
+    return [f"  used by {u.source} {u.ref}" + (f" ({u.detail})" if u.detail else "") for u in users]
+
+
 def render_explain(plan: Plan, query: str) -> str:
     found = find_decisions(plan, query)
     trashed = find_trash(plan, query)
@@ -385,8 +389,7 @@ def render_explain(plan: Plan, query: str) -> str:
             f"{t.entry.trash_name}, {human_bytes(t.entry.bytes_allocated)} on disk"
         )
         out.append(f"  decision: {t.action} ({t.reason})")
-        for u in t.users:
-            out.append(f"  used by {u.source} {u.ref}" + (f" ({u.detail})" if u.detail else ""))
+        out.extend(_used_by(t.users))
         if t.action is Action.KEEP and t.reason is Reason.IN_QUARANTINE:
             out.append(
                 f"  purged at {iso(t.purge_at)} unless referenced again; "
@@ -399,8 +402,7 @@ def render_explain(plan: Plan, query: str) -> str:
             f"last used {iso(d.last_used)} ({human_seconds(d.age_seconds)} ago)"
         )
         out.append(f"  decision: {d.action} ({d.reason}: {REASON_TEXT[d.reason]})")
-        for u in d.users:
-            out.append(f"  used by {u.source} {u.ref}" + (f" ({u.detail})" if u.detail else ""))
+        out.extend(_used_by(d.users))
         if d.threshold is not None and not d.users:
             out.append(f"  threshold: unused for {human_seconds(d.threshold)}")
         if d.removable_at is not None:
