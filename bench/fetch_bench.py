@@ -132,7 +132,7 @@ def bench_size(work: Path, endpoint: str, size_mib: int, runs: int) -> str:
         code = (
             "import os, sys\n"
             "from imagecache.config import GlanceSettings\n"
-            "from imagecache.glance import GlanceClient\n"
+            "from imagecache.images.glance import GlanceClient\n"
             "c = GlanceClient(GlanceSettings(api_servers=(sys.argv[1],), auth_type='none'))\n"
             "fd = os.open(sys.argv[3], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)\n"
             "with c.open_stream(sys.argv[2]) as chunks:\n"

@@ -373,8 +373,9 @@ def measure_cli(host: Host, repeat: int) -> dict[str, float]:
     )
     print(f"command: {' '.join(plan_argv)}")
 
-    from imagecache import manager, report
+    from imagecache import manager
     from imagecache.config import load_settings
+    from imagecache.render import plan as report
 
     settings = load_settings([str(host.config)], ())
     inv = (str(host.inventory),)

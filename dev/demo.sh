@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 dev/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
 work=${1:-$(mktemp -d /tmp/imagecache-demo.XXXXXX)}
-python -m imagecache.sample "$work" >/dev/null
+python -m imagecache._sample "$work" >/dev/null
 echo "== sample host in $work (config $work/nova.conf)"
 echo "== imagecache status"
 imagecache --config-file "$work/nova.conf" --inventory "$work/inventory.json" status

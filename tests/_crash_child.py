@@ -12,8 +12,9 @@ from __future__ import annotations
 import sys
 import time
 
-from imagecache import fsops, manager
+from imagecache import manager
 from imagecache.config import load_settings
+from imagecache.store import fsops
 
 
 def main(argv: list[str]) -> int:

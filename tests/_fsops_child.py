@@ -15,7 +15,7 @@ import itertools
 import sys
 from pathlib import Path
 
-from imagecache import fsops
+from imagecache.store import fsops
 
 PAYLOADS = 3
 

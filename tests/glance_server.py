@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from imagecache.glance import GlanceSettings
+from imagecache.images.glance import GlanceSettings
 
 __all__ = ["GlanceServer", "glance_server"]
 

@@ -4,7 +4,7 @@ import time
 from pathlib import Path
 
 import imagecache
-from imagecache import sample
+from imagecache import _sample as sample
 
 
 def test_public_api_is_explicit_and_sorted() -> None:

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from imagecache import naming, sample
+from imagecache import _sample as sample
+from imagecache import naming
 from imagecache.cli import main
 
 COMMANDS = ["status", "plan", "explain", "clean", "restore", "precache", "create-disk"]

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from imagecache import fsops, naming
+from imagecache import naming
 from imagecache.cli import main
+from imagecache.store import fsops
 
 CHILD = Path(__file__).with_name("_crash_child.py")
 KILLS = 30

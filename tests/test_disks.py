@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from imagecache import locks, naming, scan
-from imagecache.disks import DiskRequest, create_disks
+from imagecache import locks, naming
+from imagecache import sources as scan
 from imagecache.errors import ImageFormatError, LockTimeout, UnsafeImageError, UsageError
-from imagecache.fetch import FetchOptions, Outcome
-from imagecache.glance import GlanceClient
-from imagecache.urlsource import UrlSource
+from imagecache.images.fetch import FetchOptions, Outcome
+from imagecache.images.glance import GlanceClient
+from imagecache.images.overlays import DiskRequest, create_disks
+from imagecache.images.url import UrlSource
 from tests import qemu
 from tests.glance_server import GlanceServer
 

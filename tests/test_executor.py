@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from imagecache import naming, planfile, report, sample
+from imagecache import _sample as sample
+from imagecache import naming, planfile
 from imagecache.cli import main
 from imagecache.config import load_settings
 from imagecache.manager import plan_pass
@@ -34,6 +35,7 @@ from imagecache.model import (
     TrashEntry,
 )
 from imagecache.policy import decide
+from imagecache.render import plan as report
 from tests.qemu import make_overlay
 from tests.test_locks import nova_holds, nova_tries
 

@@ -30,11 +30,11 @@ from imagecache.errors import (
     ImageUnavailable,
     UnsafeImageError,
 )
-from imagecache.fetch import FetchOptions, Outcome, Sources, ensure_cached, precache
 from imagecache.formats import read_header
-from imagecache.glance import GlanceClient
+from imagecache.images.fetch import FetchOptions, Outcome, Sources, ensure_cached, precache
+from imagecache.images.glance import GlanceClient
+from imagecache.images.url import UrlSource
 from imagecache.model import Kind
-from imagecache.urlsource import UrlSource
 from tests import qemu
 from tests.glance_server import GlanceServer
 
@@ -547,8 +547,8 @@ def test_both_published_digests_are_verified(tmp_path: Path, wrong: str) -> None
     # Bytes that match one of Glance's digests but not the other are refused: a store rewritten
     # by a tool that updated only one of them.
     from imagecache.errors import ChecksumMismatch
-    from imagecache.fetch import _copy_verified
-    from imagecache.glance import ImageMeta
+    from imagecache.images.fetch import _copy_verified
+    from imagecache.images.glance import ImageMeta
 
     data = b"image bytes " * 1000
     md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
@@ -576,7 +576,7 @@ def test_both_published_digests_are_verified(tmp_path: Path, wrong: str) -> None
 )
 def test_qemu_view_of_a_vmdk_is_checked_too(tmp_path: Path, allowed: set[str], match: str) -> None:
     # Defence in depth behind the parser: what qemu itself says the file reads.
-    from imagecache import admission, process
+    from imagecache.images import admission, process
 
     desc = _descriptor_over_host_file(tmp_path, 'createType="monolithicFlat"')
     with pytest.raises(UnsafeImageError, match=match):

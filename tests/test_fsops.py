@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from imagecache import fsops, naming
+from imagecache import naming
 from imagecache.errors import EntryChanged
 from imagecache.model import Kind
+from imagecache.store import fsops
 from tests._fsops_child import PAYLOADS, payload
 
 CHILD = Path(__file__).with_name("_fsops_child.py")

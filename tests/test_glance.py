@@ -26,7 +26,7 @@ from imagecache.errors import (
     ImageServiceUnreachable,
     ImageUnavailable,
 )
-from imagecache.glance import (
+from imagecache.images.glance import (
     CHUNK_SIZE,
     GlanceClient,
     GlanceSettings,
@@ -452,7 +452,7 @@ FOREIGN = sorted(
 def test_every_foreign_exception_maps_to_an_image_service_error(
     foreign: type[BaseException],
 ) -> None:
-    from imagecache.imagesource import HANDLED, translate
+    from imagecache.images.base import HANDLED, translate
 
     exc = foreign.__new__(foreign)  # no constructor: some need arguments, the mapping needs none
     assert isinstance(exc, HANDLED), f"{foreign} escapes the adapter"
@@ -481,6 +481,6 @@ def test_every_foreign_exception_maps_to_an_image_service_error(
     ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else v.__name__,
 )
 def test_exception_mapping(exc: BaseException, expected: type[ImageServiceError]) -> None:
-    from imagecache.imagesource import translate
+    from imagecache.images.base import translate
 
     assert type(translate(exc, "x")) is expected

@@ -6,7 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from imagecache import naming, scan
+from imagecache import naming
+from imagecache import sources as scan
 from imagecache.formats import MAX_CHAIN_DEPTH
 from imagecache.model import FileType, Kind, Policy, Reason
 from imagecache.policy import decide

@@ -36,7 +36,7 @@ from imagecache.model import (
 )
 from imagecache.naming import classify, fingerprint
 from imagecache.policy import decide
-from imagecache.report import plan_to_dict
+from imagecache.render.plan import plan_to_dict
 
 __all__ = [
     "Action",

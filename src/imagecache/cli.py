@@ -15,9 +15,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from imagecache import manager, outcome, planfile, report
+from imagecache import manager, planfile
 from imagecache.config import Settings, load_settings
 from imagecache.errors import ImageCacheError
+from imagecache.render import clean as outcome
+from imagecache.render import plan as report
 
 __all__ = ["main"]
 
@@ -110,9 +112,8 @@ def cmd_restore(ctx: Context) -> int:
 
 
 def cmd_precache(ctx: Context) -> int:
-    from imagecache import (
-        fetch,
-    )  # lazily: keystoneauth and requests only for the commands that fetch
+    # Lazily: keystoneauth and requests only for the commands that fetch.
+    from imagecache.images import fetch
 
     s = ctx.settings
     sources = fetch.Sources(s.glance)
@@ -141,7 +142,8 @@ def cmd_precache(ctx: Context) -> int:
 
 
 def cmd_create_disk(ctx: Context) -> int:
-    from imagecache import disks, fetch
+    from imagecache.images import fetch
+    from imagecache.images import overlays as disks
 
     a, s = ctx.args, ctx.settings
     request = disks.DiskRequest(

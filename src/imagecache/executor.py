@@ -44,8 +44,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-from imagecache import fsops, locks, naming
-from imagecache.audit import AuditLog
+from imagecache import locks, naming
 from imagecache.errors import EntryChanged, LockTimeout, ObservationError
 from imagecache.model import (
     Action,
@@ -63,7 +62,9 @@ from imagecache.model import (
     TrashEntry,
 )
 from imagecache.policy import decide
-from imagecache.report import plan_id
+from imagecache.render.plan import plan_id
+from imagecache.store import fsops
+from imagecache.store.audit import AuditLog
 
 __all__ = ["apply", "restore_entry"]
 

@@ -34,9 +34,10 @@ from pathlib import Path
 
 import fasteners
 
-from imagecache import fsops, naming
+from imagecache import naming
 from imagecache.errors import LockTimeout
 from imagecache.model import Kind
+from imagecache.store import fsops
 
 __all__ = [
     "LOCKS_DIR",

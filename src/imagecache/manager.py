@@ -13,10 +13,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from imagecache import executor, fsops, policy, registry, scan
-from imagecache.audit import AuditLog
+from imagecache import executor, policy
+from imagecache import sources as scan
 from imagecache.config import Settings
 from imagecache.model import Inventory, Plan, Problem, Report
+from imagecache.store import fsops, registry
+from imagecache.store.audit import AuditLog
 
 __all__ = ["apply_plan", "observe", "plan_pass", "register", "restore", "run_pass", "save_plan"]
 

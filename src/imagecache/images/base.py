@@ -1,7 +1,7 @@
 """What every image source shares: the metadata value, the protocol, and the error mapping.
 
-Glance (:mod:`imagecache.glance`) and plain URLs (:mod:`imagecache.urlsource`) both answer over
-HTTP or from files; every foreign exception they meet (keystoneauth1, requests, urllib3,
+Glance (:mod:`imagecache.images.glance`) and plain URLs (:mod:`imagecache.images.url`) both
+answer over HTTP or from files; every foreign exception they meet (keystoneauth1, requests, urllib3,
 ``OSError``) is translated here, in one table, into :mod:`imagecache.errors`. A test checks the
 table is complete for every exception those libraries define.
 """

@@ -1,4 +1,4 @@
-"""Build a realistic sample host: ``python -m imagecache.sample DIR`` (demo and end-to-end tests).
+"""Build a realistic sample host: ``python -m imagecache._sample DIR`` (demo and end-to-end tests).
 
 Everything is real: raw bases with data in them, qcow2 overlays made by ``qemu-img`` with
 absolute, relative and 3-deep backing chains, a ``nova.conf``, an inventory file and Nova's
@@ -195,7 +195,7 @@ def build(root: Path, *, now: float | None = None) -> SampleHost:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m imagecache.sample DIR", file=sys.stderr)
+        print("usage: python -m imagecache._sample DIR", file=sys.stderr)
         return 2
     host = build(Path(argv[0]).resolve())
     print(host.config)

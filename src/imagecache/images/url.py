@@ -17,7 +17,7 @@ from urllib.request import url2pathname
 import requests
 
 from imagecache.errors import ImageNotFound, ImageServiceError
-from imagecache.imagesource import (
+from imagecache.images.base import (
     CHUNK_SIZE,
     ImageMeta,
     check_status,

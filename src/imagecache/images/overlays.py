@@ -27,10 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagecache import admission, fetch, fsops, locks, naming, process, scan
+from imagecache import locks, naming
+from imagecache import sources as scan
 from imagecache.errors import UnsafeImageError, UsageError
-from imagecache.fetch import FetchOptions, Outcome
-from imagecache.glance import ImageSource, cache_name
+from imagecache.images import admission, fetch, process
+from imagecache.images.fetch import FetchOptions, Outcome
+from imagecache.images.glance import ImageSource, cache_name
+from imagecache.store import fsops
 
 __all__ = ["DISK_INFO", "CreatedDisk", "DiskRequest", "create_disks"]
 
@@ -87,7 +90,8 @@ def create_disks(
         UsageError: the instance name is not a plain directory name, a size is not positive, or
             ``size`` is smaller than the image.
         LockTimeout, ImageServiceError, ImageFormatError, ProcessError: as
-            :func:`imagecache.fetch.ensure_cached`, or mkswap / mkfs / qemu-img create failed.
+            :func:`imagecache.images.fetch.ensure_cached`, or mkswap / mkfs / qemu-img create
+            failed.
         UnsafeImageError: the root base fails admission, or is not raw under force_raw.
         OSError: a directory or file cannot be created.
     """

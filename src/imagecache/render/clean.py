@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from imagecache import report
 from imagecache.model import Outcome, Plan, Report, Result
+from imagecache.render import plan as report
 
 __all__ = ["clean_to_dict", "render_clean", "render_restore", "report_to_dict"]
 

@@ -14,7 +14,7 @@ import stat
 from collections.abc import Iterable
 from typing import Any
 
-from imagecache import fsops, naming
+from imagecache import naming
 from imagecache.errors import ImageFormatError
 from imagecache.formats.chain import HeaderCache, resolve_chain
 from imagecache.model import (
@@ -27,6 +27,7 @@ from imagecache.model import (
     Problem,
     TrashEntry,
 )
+from imagecache.store import fsops
 
 __all__ = [
     "LOCKS_DIR",

@@ -12,8 +12,8 @@ internal calls on every resource and request, and its ``download_image`` fetches
 second time. Two plain GETs (metadata, then ``/file``) are all this needs.
 
 Every foreign exception (keystoneauth1, requests, ``OSError``; openstacksdk's while loading a
-cloud) is translated at the boundary, through :mod:`imagecache.imagesource`'s one table, into
-:mod:`imagecache.errors`. URLs are served by :mod:`imagecache.urlsource`.
+cloud) is translated at the boundary, through :mod:`imagecache.images.base`'s one table, into
+:mod:`imagecache.errors`. URLs are served by :mod:`imagecache.images.url`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from keystoneauth1 import exceptions as ks_exc
 
 from imagecache.config import GlanceSettings
 from imagecache.errors import ConfigError, ImageNotFound, ImageServiceError, ImageUnavailable
-from imagecache.imagesource import (
+from imagecache.images.base import (
     CHUNK_SIZE,
     ImageMeta,
     ImageSource,
@@ -39,8 +39,8 @@ from imagecache.imagesource import (
     response_chunks,
     url_scheme,
 )
+from imagecache.images.url import UrlSource
 from imagecache.naming import fingerprint
-from imagecache.urlsource import UrlSource
 
 __all__ = [
     "CHUNK_SIZE",

@@ -8,7 +8,7 @@
 3. absent → stream the bytes into a temp file unique to this writer
    (``<name>.<pid>.<token>.part``, never Nova's ``<name>.part``) while hashing them (Glance's
    ``os_hash_algo`` and its MD5 ``checksum``); compare size and digest; inspect the format
-   with our own header parser and ``qemu-img info`` (:mod:`imagecache.admission`); convert to
+   with our own header parser and ``qemu-img info`` (:mod:`imagecache.images.admission`); convert to
    raw when ``force_raw_images`` and check the result still reads as raw to both; fsync; rename
    into place without replacing → ``cached``.
 
@@ -31,7 +31,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from imagecache import admission, fsops, locks, process
+from imagecache import locks
 from imagecache.config import GlanceSettings, Settings
 from imagecache.errors import (
     ChecksumMismatch,
@@ -39,7 +39,9 @@ from imagecache.errors import (
     ImageCacheError,
     ImageServiceError,
 )
-from imagecache.glance import ImageMeta, ImageSource, cache_name, open_source
+from imagecache.images import admission, process
+from imagecache.images.glance import ImageMeta, ImageSource, cache_name, open_source
+from imagecache.store import fsops
 
 __all__ = [
     "FetchOptions",

@@ -20,9 +20,11 @@ import json
 import os
 import stat
 
-from imagecache import fsops, locks, scan
+from imagecache import locks
+from imagecache import sources as scan
 from imagecache.errors import LockTimeout
 from imagecache.model import Problem
+from imagecache.store import fsops
 
 __all__ = ["REGISTRY_LOCK", "register_host"]
 

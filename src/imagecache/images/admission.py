@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from imagecache import process
 from imagecache.errors import ImageFormatError, UnsafeImageError
 from imagecache.formats import read_header, vmdk
+from imagecache.images import process
 
 __all__ = ["Admitted", "check_format", "check_raw"]
 

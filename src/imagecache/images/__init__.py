@@ -1,0 +1,1 @@
+"""Images into the cache: sources (Glance, URLs), admission, fetching, instance overlays."""
