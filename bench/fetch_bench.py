@@ -119,7 +119,7 @@ def bench_size(work: Path, endpoint: str, size_mib: int, runs: int) -> str:
         f"[DEFAULT]\ninstances_path = {work / 'instances'}\nhost = bench\nmy_ip = 127.0.0.1\n"
         f"[glance]\napi_servers = {endpoint}\n"
     )
-    cli = [sys.executable, "-m", "imagecache.cli", "--config-file", str(conf), "precache"]
+    cli = [sys.executable, "-m", "imagecache", "--config-file", str(conf), "precache"]
 
     def curl() -> int:
         return child(["curl", "-sf", "-o", str(out), url])
@@ -130,10 +130,12 @@ def bench_size(work: Path, endpoint: str, size_mib: int, runs: int) -> str:
 
     def stream() -> int:
         code = (
-            "import os, sys\n"
-            "from imagecache.config import GlanceSettings\n"
+            "import dataclasses, os, sys\n"
+            "from imagecache.config import load_settings\n"
             "from imagecache.images.glance import GlanceClient\n"
-            "c = GlanceClient(GlanceSettings(api_servers=(sys.argv[1],), auth_type='none'))\n"
+            "g = dataclasses.replace(\n"
+            "    load_settings([]).glance, api_servers=(sys.argv[1],), auth_type='none')\n"
+            "c = GlanceClient(g)\n"
             "fd = os.open(sys.argv[3], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)\n"
             "with c.open_stream(sys.argv[2]) as chunks:\n"
             "    for chunk in chunks: os.write(fd, chunk)\n"

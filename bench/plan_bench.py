@@ -375,7 +375,8 @@ def measure_cli(host: Host, repeat: int) -> dict[str, float]:
 
     from imagecache import manager
     from imagecache.config import load_settings
-    from imagecache.render import plan as report
+    from imagecache.plan import plan_to_dict
+    from imagecache.render.text import dumps
 
     settings = load_settings([str(host.config)], ())
     inv = (str(host.inventory),)
@@ -391,7 +392,7 @@ def measure_cli(host: Host, repeat: int) -> dict[str, float]:
         "rss": max(r.maxrss_kib for r in runs) / 1024,
         "startup_rss": max(r.maxrss_kib for r in startups) / 1024,
         "pass": statistics.median(passes),
-        "render": timed(lambda: report.dumps(report.plan_to_dict(plan)), 1)[0],
+        "render": timed(lambda: dumps(plan_to_dict(plan)), 1)[0],
     }
 
 

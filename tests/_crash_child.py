@@ -13,17 +13,20 @@ import sys
 import time
 
 from imagecache import manager
+from imagecache.clock import Clock
 from imagecache.config import load_settings
-from imagecache.store import fsops
+from imagecache.store import trash as trash_store
 
 
 def main(argv: list[str]) -> int:
     settings = load_settings([argv[0]])
     print("ready", flush=True)
     while True:
-        for entry in fsops.list_trash(settings.cache_dir):
-            manager.restore(settings, entry.trash_name, clock=time.time)
-        manager.run_pass(settings, clock=time.time)
+        for entry in trash_store.list_trash(settings.cache_dir):
+            manager.restore(
+                settings, entry.trash_name, clock=Clock(time.time, time.monotonic, time.sleep)
+            )
+        manager.run_pass(settings, clock=Clock(time.time, time.monotonic, time.sleep))
 
 
 if __name__ == "__main__":

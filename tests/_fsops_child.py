@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from imagecache.store import fsops
+from imagecache.store import trash as trash_store
 
 PAYLOADS = 3
 
@@ -27,12 +28,12 @@ def payload(i: int) -> bytes:
 
 def quarantine_forever(cache: Path, names: list[str]) -> None:
     for now in itertools.count(1):
-        trashed = {entry.name: entry.trash_name for entry in fsops.list_trash(cache)}
+        trashed = {entry.name: entry.trash_name for entry in trash_store.list_trash(cache)}
         for name in names:
             if name in trashed:
-                fsops.restore(cache, trashed[name])
+                trash_store.restore(cache, trashed[name])
             else:
-                fsops.quarantine(cache, name, now=now)
+                trash_store.quarantine(cache, name, now=now)
 
 
 def write_forever(path: Path) -> None:

@@ -45,8 +45,9 @@ from pathlib import Path
 from oslo_concurrency import lockutils
 
 from imagecache import manager, naming
+from imagecache.clock import Clock
 from imagecache.config import load_settings
-from imagecache.model import Result
+from imagecache.results import Result
 
 BASES = tuple(naming.fingerprint(f"race-image-{i}") for i in range(5))
 DRAIN_PASSES = 50
@@ -179,7 +180,7 @@ def cleaner(config: str, stopfile: Path) -> dict[str, object]:
     cache = Path(settings.cache_dir)
 
     def one_pass() -> None:
-        _, report = manager.run_pass(settings, clock=time.time)
+        _, report = manager.run_pass(settings, clock=Clock(time.time, time.monotonic, time.sleep))
         counts["passes"] += 1
         for o in report.outcomes:
             if o.result is not Result.TOUCHED:

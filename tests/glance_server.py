@@ -26,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from imagecache.images.glance import GlanceSettings
+from imagecache.settings import GlanceSettings
+from tests.defaults import glance as glance_settings
 
 __all__ = ["GlanceServer", "glance_server"]
 
@@ -57,7 +58,7 @@ class GlanceServer:
     @property
     def settings(self) -> GlanceSettings:
         """Client settings for this server: its endpoint, no authentication."""
-        return GlanceSettings(api_servers=(self.endpoint,), auth_type="none")
+        return glance_settings(api_servers=(self.endpoint,), auth_type="none")
 
     def upload(
         self,

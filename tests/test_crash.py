@@ -23,7 +23,7 @@ import pytest
 
 from imagecache import naming
 from imagecache.cli import main
-from imagecache.store import fsops
+from imagecache.store import trash as trash_store
 
 CHILD = Path(__file__).with_name("_crash_child.py")
 KILLS = 30
@@ -45,11 +45,11 @@ def _where(cache: Path) -> dict[str, list[Path]]:
     for path in cache.iterdir():
         if path.name != ".imagecache":
             found.setdefault(path.name, []).append(path)
-    for entry in fsops.list_trash(cache):
-        found.setdefault(entry.name, []).append(fsops.trash_dir(cache) / entry.trash_name)
-    leftovers = {p.name for p in fsops.trash_dir(cache).iterdir()} - {
-        e.trash_name for e in fsops.list_trash(cache)
-    } if fsops.trash_dir(cache).exists() else set()  # fmt: skip
+    for entry in trash_store.list_trash(cache):
+        found.setdefault(entry.name, []).append(trash_store.trash_dir(cache) / entry.trash_name)
+    leftovers = {p.name for p in trash_store.trash_dir(cache).iterdir()} - {
+        e.trash_name for e in trash_store.list_trash(cache)
+    } if trash_store.trash_dir(cache).exists() else set()  # fmt: skip
     assert leftovers == set()
     return found
 

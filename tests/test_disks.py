@@ -15,23 +15,24 @@ import pytest
 from imagecache import locks, naming
 from imagecache import sources as scan
 from imagecache.errors import ImageFormatError, LockTimeout, UnsafeImageError, UsageError
-from imagecache.images.fetch import FetchOptions, Outcome
+from imagecache.images.fetch import FetchOptions
 from imagecache.images.glance import GlanceClient
 from imagecache.images.overlays import DiskRequest, create_disks
 from imagecache.images.url import UrlSource
+from imagecache.layout import Layout
+from imagecache.results import Result
 from tests import qemu
+from tests.defaults import fetch_options
 from tests.glance_server import GlanceServer
 
 UUID = "6b1f6a52-3c1e-4f4e-8d8e-0d5c1f3e2a10"
 MIB = 1 << 20
-CLI = (sys.executable, "-m", "imagecache.cli")
+CLI = (sys.executable, "-m", "imagecache")
 
 
 def options(tmp_path: Path, *, lock_timeout: float = 60.0) -> FetchOptions:
     inst = tmp_path / "instances"
-    return FetchOptions(
-        instances_path=str(inst), cache_dir=str(inst / "_base"), lock_timeout=lock_timeout
-    )
+    return fetch_options(inst, lock_timeout=lock_timeout)
 
 
 def blkid_type(path: Path) -> str:
@@ -66,9 +67,9 @@ def test_root_swap_and_ephemeral_overlays_with_disk_info(tmp_path: Path, image_u
     cache = tmp_path / "instances" / "_base"
     base, swap, eph = naming.fingerprint(image_url), "swap_64", naming.ephemeral_name(1, "ext4")
     assert [(d.path.name, d.backing, d.result) for d in made] == [
-        ("disk", base, Outcome.CACHED),
-        ("disk.swap", swap, Outcome.CACHED),
-        ("disk.local", eph, Outcome.CACHED),
+        ("disk", base, Result.CACHED),
+        ("disk.swap", swap, Result.CACHED),
+        ("disk.local", eph, Result.CACHED),
     ]
     disk = qemu.info(inst / "disk")
     assert (disk["format"], disk["virtual-size"]) == ("qcow2", 16 * MIB)
@@ -104,7 +105,7 @@ def test_again_leaves_disks_alone_and_touches_the_bases(tmp_path: Path, image_ur
 
     again = create_disks(request, source=UrlSource(), options=opts)
 
-    assert {d.result for d in again} == {Outcome.EXISTING} and disk.read_bytes() == before
+    assert {d.result for d in again} == {Result.EXISTING} and disk.read_bytes() == before
     assert all(entry.stat().st_mtime > 1000 for entry in cache.iterdir())
     assert blkid_type(cache / naming.ephemeral_name(1, None)) == "vfat"
 
@@ -269,7 +270,7 @@ def test_names_the_scanner_skips_are_refused(
 ) -> None:
     # A disk in a directory the scanner skips has a base the cleaner would remove.
     inst = tmp_path / "instances"
-    opts = FetchOptions(instances_path=str(inst), cache_dir=str(inst / cache_name))
+    opts = fetch_options(inst, cache_name)
     for name in ("locks", cache_name, "a/b", "..", ""):
         with pytest.raises(UsageError):
             create_disks(
@@ -283,6 +284,6 @@ def test_plain_instance_names_are_scanned(tmp_path: Path, image_url: str) -> Non
     names = [UUID, "instance-0000002a", "_other"]
     for name in names:
         create_disks(DiskRequest(instance=name, image=image_url), source=UrlSource(), options=opts)
-    disks, problems = scan.scan_instances(opts.instances_path, cache_dir_name="_base")
+    disks, problems = scan.scan_instances(Layout(opts.instances_path, "_base"))
     assert problems == ()
     assert sorted(d.instance for d in disks) == sorted(names)

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 
 from imagecache import naming
-from imagecache.config import GlanceSettings
 from imagecache.errors import (
     ChecksumMismatch,
     ImageFormatError,
@@ -31,11 +30,14 @@ from imagecache.errors import (
     UnsafeImageError,
 )
 from imagecache.formats import read_header
-from imagecache.images.fetch import FetchOptions, Outcome, Sources, ensure_cached, precache
+from imagecache.images.fetch import FetchOptions, Sources, ensure_cached, precache
 from imagecache.images.glance import GlanceClient
 from imagecache.images.url import UrlSource
 from imagecache.model import Kind
+from imagecache.results import Result
 from tests import qemu
+from tests.defaults import fetch_options
+from tests.defaults import glance as glance_settings
 from tests.glance_server import GlanceServer
 
 MIB = 1 << 20
@@ -43,7 +45,7 @@ MIB = 1 << 20
 
 def options(tmp_path: Path, **kw: Any) -> FetchOptions:
     inst = tmp_path / "instances"
-    return FetchOptions(instances_path=str(inst), cache_dir=str(inst / "_base"), **kw)
+    return fetch_options(inst, **kw)
 
 
 def cache_files(opts: FetchOptions) -> list[str]:
@@ -67,7 +69,7 @@ def nova_conf(tmp_path: Path, endpoint: str, **imagecache: object) -> Path:
 
 
 def cli(conf: Path, *args: str) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "imagecache.cli", "--config-file", str(conf), *args]
+    argv = [sys.executable, "-m", "imagecache", "--config-file", str(conf), *args]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -128,13 +130,13 @@ def test_raw_image_is_cached_byte_exact_once_then_touched(
 
     got = ensure_cached(image_id, source=glance, options=opts)
 
-    assert got.outcome is Outcome.CACHED and got.name == naming.fingerprint(image_id)
+    assert got.outcome is Result.CACHED and got.name == naming.fingerprint(image_id)
     assert got.path.read_bytes() == data and got.bytes == len(data)
     assert cache_files(opts) == [got.name]  # no temp file left behind
     assert Path(opts.instances_path, "locks", f"nova-{got.name}").is_file()
     os.utime(got.path, (1000, 1000))
     again = ensure_cached(image_id, source=glance, options=opts)
-    assert again.outcome is Outcome.EXISTING and got.path.stat().st_mtime > 1000
+    assert again.outcome is Result.EXISTING and got.path.stat().st_mtime > 1000
     assert glance_server.downloads(image_id) == 1
 
 
@@ -172,11 +174,11 @@ def test_precache_caches_kernel_and_ramdisk_under_their_sha1_names(
     sources.close()
 
     assert [(r.image, r.role, r.result) for r in rows] == [
-        (image_id, "image", Outcome.CACHED),
-        (kernel, "kernel", Outcome.CACHED),
-        (ramdisk, "ramdisk", Outcome.CACHED),
+        (image_id, "image", Result.CACHED),
+        (kernel, "kernel", Result.CACHED),
+        (ramdisk, "ramdisk", Result.CACHED),
     ]
-    assert {r.result for r in again} == {Outcome.EXISTING}
+    assert {r.result for r in again} == {Result.EXISTING}
     assert Path(opts.cache_dir, naming.fingerprint(kernel)).read_bytes() == b"k" * 4096
     assert Path(opts.cache_dir, naming.fingerprint(ramdisk)).read_bytes() == b"r" * 4096
     assert len(cache_files(opts)) == 3
@@ -206,19 +208,19 @@ def test_an_existing_entry_whose_touch_is_refused_is_still_existing(tmp_path: Pa
         again = ensure_cached(url, source=UrlSource(), options=opts)
     finally:
         subprocess.run(["chattr", "-i", str(first.path)], check=True)
-    assert again.outcome is Outcome.EXISTING and again.path == first.path
+    assert again.outcome is Result.EXISTING and again.path == first.path
 
 
 # --- failures: each publishes nothing and leaves no temp file -----------------------------------
 
 
 def test_unreachable_glance_is_an_error_row(tmp_path: Path) -> None:
-    closed = GlanceSettings(api_servers=("http://127.0.0.1:9",), auth_type="none", timeout=5)
+    closed = glance_settings(api_servers=("http://127.0.0.1:9",), auth_type="none", timeout=5)
     opts = options(tmp_path)
     with pytest.raises(ImageServiceUnreachable):
         ensure_cached("a-1", source=GlanceClient(closed), options=opts)
     rows = precache(["a-1"], sources=Sources(closed), options=opts)
-    assert rows[0].result is Outcome.ERROR and "ImageServiceUnreachable" in (rows[0].reason or "")
+    assert rows[0].result is Result.FAILED and "ImageServiceUnreachable" in (rows[0].reason or "")
     assert cache_files(opts) == []
 
 
@@ -338,7 +340,7 @@ def test_vmdk_text_descriptor_is_refused_even_of_an_allowed_type(
 def test_sparse_vmdk_of_an_allowed_type_is_admitted(tmp_path: Path) -> None:
     image = qemu.make_vmdk(tmp_path / "ok.vmdk", "2M", subformat="streamOptimized")
     got = ensure_cached(image.as_uri(), source=UrlSource(), options=options(tmp_path))
-    assert got.outcome is Outcome.CACHED and read_header(got.path).format == "raw"
+    assert got.outcome is Result.CACHED and read_header(got.path).format == "raw"
 
 
 @pytest.mark.glance
@@ -381,7 +383,7 @@ def test_url_images_of_allowed_formats_are_admitted(tmp_path: Path, fmt: str) ->
     image = tmp_path / f"img.{fmt}"
     qemu.qemu_img("create", "-q", "-f", fmt, image, "4M")
     got = ensure_cached(image.as_uri(), source=UrlSource(), options=options(tmp_path))
-    assert got.outcome is Outcome.CACHED and qemu.info(got.path)["format"] == "raw"
+    assert got.outcome is Result.CACHED and qemu.info(got.path)["format"] == "raw"
 
 
 @pytest.mark.glance
@@ -430,7 +432,7 @@ def test_entry_published_meanwhile_by_an_unlocked_writer_is_existing(
 
     got = ensure_cached(url, source=UrlSource(), options=opts, on_bytes=nova_publishes)
 
-    assert got.outcome is Outcome.EXISTING and got.path == final
+    assert got.outcome is Result.EXISTING and got.path == final
     assert cache_files(opts) == [final.name] and final.read_bytes() == b"\0" * 2 * MIB
 
 
@@ -530,7 +532,7 @@ def test_cli_json_rows_and_exit_code(glance_server: GlanceServer, tmp_path: Path
         "reason": None,
         "bytes": MIB,
     }
-    assert rows[1]["result"] == "error" and "ImageNotFound" in rows[1]["reason"]
+    assert rows[1]["result"] == "failed" and "ImageNotFound" in rows[1]["reason"]
 
 
 def test_cli_startup_does_not_import_the_image_service_clients() -> None:
@@ -547,8 +549,8 @@ def test_both_published_digests_are_verified(tmp_path: Path, wrong: str) -> None
     # Bytes that match one of Glance's digests but not the other are refused: a store rewritten
     # by a tool that updated only one of them.
     from imagecache.errors import ChecksumMismatch
+    from imagecache.images.base import ImageMeta
     from imagecache.images.fetch import _copy_verified
-    from imagecache.images.glance import ImageMeta
 
     data = b"image bytes " * 1000
     md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()

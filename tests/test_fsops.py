@@ -18,6 +18,7 @@ from imagecache import naming
 from imagecache.errors import EntryChanged
 from imagecache.model import Kind
 from imagecache.store import fsops
+from imagecache.store import trash as trash_store
 from tests._fsops_child import PAYLOADS, payload
 
 CHILD = Path(__file__).with_name("_fsops_child.py")
@@ -121,71 +122,71 @@ def test_touch_sets_times_and_never_follows_a_symlink(cache: Path) -> None:
 def test_quarantine_and_restore_round_trip(cache: Path) -> None:
     entry = _file(cache / SHA)
     inode = entry.stat().st_ino
-    trash_name = fsops.quarantine(cache, SHA, now=NOW + 0.7)
+    trash_name = trash_store.quarantine(cache, SHA, now=NOW + 0.7)
     assert trash_name == f"{SHA}@{int(NOW)}"
     assert not entry.exists()
-    assert (cache / fsops.TRASH_DIR / trash_name).stat().st_ino == inode
-    [trashed] = fsops.list_trash(cache)
+    assert (cache / ".imagecache/trash" / trash_name).stat().st_ino == inode
+    [trashed] = trash_store.list_trash(cache)
     assert trashed.name == SHA
     assert trashed.trash_name == trash_name
     assert trashed.quarantined_at == int(NOW)
     assert trashed.inode == inode
     assert (
         trashed.bytes_allocated
-        == entry.parent.joinpath(fsops.TRASH_DIR, trash_name).stat().st_blocks * 512
+        == entry.parent.joinpath(".imagecache/trash", trash_name).stat().st_blocks * 512
     )
     assert trashed.bytes_allocated > 0
 
-    assert fsops.restore(cache, trash_name) == SHA
+    assert trash_store.restore(cache, trash_name) == SHA
     assert entry.stat().st_ino == inode
-    assert fsops.list_trash(cache) == ()
+    assert trash_store.list_trash(cache) == ()
 
 
 def test_restore_never_clobbers_an_entry_that_came_back(cache: Path) -> None:
     _file(cache / SHA, b"old")
-    trash_name = fsops.quarantine(cache, SHA, now=NOW)
+    trash_name = trash_store.quarantine(cache, SHA, now=NOW)
     _file(cache / SHA, b"fetched again")
     with pytest.raises(EntryChanged, match=f"an entry named {SHA} exists again"):
-        fsops.restore(cache, trash_name)
+        trash_store.restore(cache, trash_name)
     assert (cache / SHA).read_bytes() == b"fetched again"
-    assert (cache / fsops.TRASH_DIR / trash_name).read_bytes() == b"old"
+    assert (cache / ".imagecache/trash" / trash_name).read_bytes() == b"old"
 
 
 def test_quarantine_refuses_a_vanished_entry_or_a_taken_trash_name(cache: Path) -> None:
     with pytest.raises(EntryChanged, match="gone"):
-        fsops.quarantine(cache, SHA, now=NOW)
+        trash_store.quarantine(cache, SHA, now=NOW)
     _file(cache / SHA, b"first")
-    fsops.quarantine(cache, SHA, now=NOW)
+    trash_store.quarantine(cache, SHA, now=NOW)
     _file(cache / SHA, b"second")
     with pytest.raises(EntryChanged, match="already holds"):
-        fsops.quarantine(cache, SHA, now=NOW)
+        trash_store.quarantine(cache, SHA, now=NOW)
     assert (cache / SHA).read_bytes() == b"second"
-    assert (cache / fsops.TRASH_DIR / f"{SHA}@{int(NOW)}").read_bytes() == b"first"
+    assert (cache / ".imagecache/trash" / f"{SHA}@{int(NOW)}").read_bytes() == b"first"
 
 
 @pytest.mark.parametrize("name", ["", "..", "a/b", f"../{SHA}"])
 def test_quarantine_takes_only_plain_names(cache: Path, name: str) -> None:
     with pytest.raises(ValueError, match="not a valid entry name"):
-        fsops.quarantine(cache, name, now=NOW)
+        trash_store.quarantine(cache, name, now=NOW)
 
 
 @pytest.mark.parametrize("trash_name", [SHA, f"{SHA}@", f"@{int(NOW)}", f"{SHA}@1x", "..@1"])
 def test_restore_and_purge_take_only_trash_names(cache: Path, trash_name: str) -> None:
     with pytest.raises(ValueError, match="not a trash name"):
-        fsops.restore(cache, trash_name)
+        trash_store.restore(cache, trash_name)
     with pytest.raises(ValueError, match="not a trash name"):
-        fsops.purge(cache, trash_name)
+        trash_store.purge(cache, trash_name)
 
 
 def test_purge_and_remove_return_the_bytes_they_freed(cache: Path) -> None:
     entry = _file(cache / SHA, os.urandom(100_000))
     allocated = entry.stat().st_blocks * 512
     assert allocated >= 100_000
-    trash_name = fsops.quarantine(cache, SHA, now=NOW)
-    assert fsops.purge(cache, trash_name) == allocated
-    assert fsops.list_trash(cache) == ()
+    trash_name = trash_store.quarantine(cache, SHA, now=NOW)
+    assert trash_store.purge(cache, trash_name) == allocated
+    assert trash_store.list_trash(cache) == ()
     with pytest.raises(FileNotFoundError):
-        fsops.purge(cache, trash_name)
+        trash_store.purge(cache, trash_name)
 
     swap = _file(cache / "swap_1", os.urandom(50_000))
     allocated = swap.stat().st_blocks * 512
@@ -201,15 +202,15 @@ def test_removing_one_of_two_hard_links_frees_nothing(cache: Path) -> None:
 
 
 def test_list_trash_skips_what_is_not_ours(cache: Path) -> None:
-    assert fsops.list_trash(cache) == ()
-    trash = cache / fsops.TRASH_DIR
+    assert trash_store.list_trash(cache) == ()
+    trash = cache / ".imagecache/trash"
     trash.mkdir(parents=True)
     for junk in ("README", f"{SHA}@", f"@{int(NOW)}", f"{SHA}@12x", f"{SHA}@-1"):
         _file(trash / junk)
     (trash / f"dir@{int(NOW)}").mkdir()
     _file(trash / f"swap_1@{int(NOW)}")
     _file(trash / f"odd@name@{int(NOW)}")
-    assert [(e.name, e.quarantined_at) for e in fsops.list_trash(cache)] == [
+    assert [(e.name, e.quarantined_at) for e in trash_store.list_trash(cache)] == [
         ("odd@name", NOW),
         ("swap_1", NOW),
     ]
@@ -238,13 +239,15 @@ def test_quarantine_and_restore_survive_sigkill(cache: Path) -> None:
     states = set()
     for _round in range(20):
         _kill_at_random(["quarantine", str(cache), *names], rng)
-        listed = fsops.list_trash(cache)
+        listed = trash_store.list_trash(cache)
         trashed = {entry.name: entry for entry in listed}
         assert len(trashed) == len(listed), f"a name is in the trash twice: {listed}"
         for name in names:
             in_place, in_trash = (cache / name).exists(), name in trashed
             assert in_place != in_trash, f"{name}: in place {in_place}, in trash {in_trash}"
-            path = cache / name if in_place else cache / fsops.TRASH_DIR / trashed[name].trash_name
+            path = (
+                cache / name if in_place else cache / ".imagecache/trash" / trashed[name].trash_name
+            )
             assert _digest(path) == digests[name]
         assert {p.name for p in cache.iterdir()} <= {*names, ".imagecache"}
         states.add(frozenset(trashed))

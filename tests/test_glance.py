@@ -26,16 +26,13 @@ from imagecache.errors import (
     ImageServiceUnreachable,
     ImageUnavailable,
 )
-from imagecache.images.glance import (
-    CHUNK_SIZE,
-    GlanceClient,
-    GlanceSettings,
-    ImageSource,
-    UrlSource,
-    cache_name,
-    open_source,
-)
+from imagecache.images import cache_name, open_source
+from imagecache.images.base import ImageSource
+from imagecache.images.glance import CHUNK_SIZE, GlanceClient
+from imagecache.images.url import UrlSource
+from imagecache.settings import GlanceSettings
 from tests import qemu
+from tests.defaults import glance as glance_settings
 from tests.glance_server import GlanceServer
 
 KERNEL = b"kernel bytes"
@@ -177,7 +174,7 @@ def test_image_without_data_is_unavailable(
 
 
 def test_closed_port_is_unreachable() -> None:
-    client = GlanceClient(GlanceSettings(api_servers=(f"http://127.0.0.1:{_closed_port()}",)))
+    client = GlanceClient(glance_settings(api_servers=(f"http://127.0.0.1:{_closed_port()}",)))
     try:
         with pytest.raises(ImageServiceUnreachable):
             client.get("00000000-0000-4000-8000-000000000000")
@@ -189,7 +186,7 @@ def test_closed_port_is_unreachable() -> None:
 
 def test_unreachable_keystone_is_unreachable() -> None:
     closed = f"http://127.0.0.1:{_closed_port()}"
-    settings = GlanceSettings(
+    settings = glance_settings(
         api_servers=(closed,),
         auth_type="password",
         auth_options={"auth_url": f"{closed}/v3", "username": "nova", "password": "secret"},
@@ -208,7 +205,7 @@ def test_api_servers_are_taken_as_nova_writes_them(glance_server: GlanceServer, 
     endpoint = glance_server.endpoint
     server = endpoint.removeprefix("http://") if form == "host:port" else form.format(endpoint)
     image_id = glance_server.upload(b"any form")
-    client = GlanceClient(GlanceSettings(api_servers=(server,)))
+    client = GlanceClient(glance_settings(api_servers=(server,)))
     try:
         assert client.get(image_id).size == len(b"any form")
     finally:
@@ -231,23 +228,23 @@ def test_os_cloud_from_clouds_yaml(glance_server: GlanceServer, tmp_path: Path) 
         f"    image_endpoint_override: '{glance_server.endpoint}'\n"
     )
     image_id = glance_server.upload(b"from a cloud")
-    client = GlanceClient(GlanceSettings(os_cloud="devstack", clouds_yaml=str(clouds)))
+    client = GlanceClient(glance_settings(os_cloud="devstack", clouds_yaml=str(clouds)))
     try:
         assert _sha512(client, image_id)[0] == hashlib.sha512(b"from a cloud").hexdigest()
     finally:
         client.close()
 
     with pytest.raises(ConfigError, match="os-cloud elsewhere"):
-        GlanceClient(GlanceSettings(os_cloud="elsewhere", clouds_yaml=str(clouds)))
+        GlanceClient(glance_settings(os_cloud="elsewhere", clouds_yaml=str(clouds)))
 
 
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        (GlanceSettings(), "api_servers is needed"),
-        (GlanceSettings(api_servers=("g:9292",), auth_type="kerberos9"), "unknown auth plugin"),
+        (glance_settings(), "api_servers is needed"),
+        (glance_settings(api_servers=("g:9292",), auth_type="kerberos9"), "unknown auth plugin"),
         (
-            GlanceSettings(auth_type="password", auth_options={"username": "nova"}),
+            glance_settings(auth_type="password", auth_options={"username": "nova"}),
             "auth_type password",
         ),
     ],
@@ -406,7 +403,7 @@ def test_cache_name_is_the_sha1_of_the_id_or_url() -> None:
 
 
 def test_open_source_dispatches_on_the_reference() -> None:
-    settings = GlanceSettings(api_servers=("http://127.0.0.1:9",))
+    settings = glance_settings(api_servers=("http://127.0.0.1:9",))
     for ref, kind in [
         ("http://h/x.img", UrlSource),
         ("HTTPS://h/x.img", UrlSource),

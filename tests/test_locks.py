@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from imagecache import locks, naming
+from imagecache import lockfiles, locks, naming
 from imagecache.errors import LockTimeout
 
 CHILD = Path(__file__).with_name("_lock_child.py")
@@ -197,7 +197,7 @@ def test_stale_lock_files_of_gone_entries_are_collected(instances: Path) -> None
 
     with nova_holds(instances, nova_busy), locks.entry_lock(instances, we_busy, timeout=0):
         os.utime(locks.lock_path(instances, we_busy), (old, old))
-        removed = locks.collect_stale_lock_files(
+        removed = lockfiles.collect_stale_lock_files(
             instances, {live}, cache_dir=cache_of(instances), now=NOW
         )
 
@@ -212,16 +212,18 @@ def test_the_age_threshold_is_inclusive_and_configurable(instances: Path) -> Non
     _lock_file(instances, "swap_1", mtime=NOW - 100)
     cache = cache_of(instances)
     assert (
-        locks.collect_stale_lock_files(instances, (), cache_dir=cache, now=NOW, min_age=101) == []
+        lockfiles.collect_stale_lock_files(instances, (), cache_dir=cache, now=NOW, min_age=101)
+        == []
     )
-    assert locks.collect_stale_lock_files(instances, (), cache_dir=cache, now=NOW, min_age=100) == [
-        locks.lock_path(instances, "swap_1")
-    ]
+    assert lockfiles.collect_stale_lock_files(
+        instances, (), cache_dir=cache, now=NOW, min_age=100
+    ) == [locks.lock_path(instances, "swap_1")]
 
 
 def test_no_locks_directory_means_nothing_to_collect(instances: Path) -> None:
     assert (
-        locks.collect_stale_lock_files(instances, (), cache_dir=cache_of(instances), now=NOW) == []
+        lockfiles.collect_stale_lock_files(instances, (), cache_dir=cache_of(instances), now=NOW)
+        == []
     )
 
 
@@ -239,7 +241,7 @@ def test_a_lock_file_is_kept_while_anything_of_its_name_is_in_the_cache(instance
     for name in (entry, ours, novas, trashed, gone):
         _lock_file(instances, name, mtime=NOW - 8 * DAY)
 
-    removed = locks.collect_stale_lock_files(instances, (), cache_dir=cache, now=NOW)
+    removed = lockfiles.collect_stale_lock_files(instances, (), cache_dir=cache, now=NOW)
 
     assert removed == [locks.lock_path(instances, gone)]
     left = {p.name for p in (instances / "locks").iterdir()}
@@ -250,6 +252,6 @@ def test_a_missing_cache_directory_collects_nothing(instances: Path) -> None:
     # An unmounted share or a wrong path shows no entry at all: that is not "every name is gone".
     _lock_file(instances, naming.fingerprint("gone"), mtime=NOW - 8 * DAY)
     missing = instances / "_base"
-    assert locks.collect_stale_lock_files(instances, (), cache_dir=missing, now=NOW) == []
+    assert lockfiles.collect_stale_lock_files(instances, (), cache_dir=missing, now=NOW) == []
     missing.mkdir()
-    assert len(locks.collect_stale_lock_files(instances, (), cache_dir=missing, now=NOW)) == 1
+    assert len(lockfiles.collect_stale_lock_files(instances, (), cache_dir=missing, now=NOW)) == 1

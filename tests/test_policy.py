@@ -9,25 +9,25 @@ import pytest
 
 from imagecache import naming
 from imagecache.model import (
-    Action,
     CacheEntry,
     Disk,
     FileType,
     InstanceRecord,
     Inventory,
     Kind,
-    Policy,
     Problem,
-    Reason,
+    ProblemCode,
     Source,
     User,
 )
+from imagecache.plan import Action, Policy, Reason
 from imagecache.policy import decide
+from tests.defaults import policy as make_policy
 
 NOW = 1_800_000_000.0
 IMAGE = "fd0cb2f1-8375-44c9-b1f4-3e1f4c4a8ef0"
 FP = naming.fingerprint(IMAGE)
-POLICY = Policy(quarantine_seconds=0)
+POLICY = make_policy(quarantine_seconds=0)
 
 
 def entry(name: str, age: float, file_type: FileType = FileType.FILE) -> CacheEntry:
@@ -99,25 +99,28 @@ def test_symlinks_and_directories_are_never_removed() -> None:
 
 def test_legacy_id_removed_only_with_remove_unused_kernels() -> None:
     inv = inventory([entry(IMAGE, 86400)])
-    policy = Policy(quarantine_seconds=0, remove_unused_kernels=True)
+    policy = make_policy(quarantine_seconds=0, remove_unused_kernels=True)
     assert one(inv, policy) == (Action.REMOVE, Reason.UNUSED_EXPIRED)
 
 
 def test_quarantine_instead_of_remove_when_configured() -> None:
     inv = inventory([entry(FP, 86400)])
-    assert one(inv, Policy(quarantine_seconds=60)) == (Action.QUARANTINE, Reason.UNUSED_EXPIRED)
+    assert one(inv, make_policy(quarantine_seconds=60)) == (
+        Action.QUARANTINE,
+        Reason.UNUSED_EXPIRED,
+    )
 
 
 def test_report_only_removes_nothing() -> None:
     inv = inventory([entry(FP, 10 * 86400), entry(FP + ".part", 10 * 86400)])
-    plan = decide(inv, Policy(remove_unused=False), NOW)
+    plan = decide(inv, make_policy(remove_unused=False), NOW)
     assert {(d.action, d.reason) for d in plan.decisions} == {
         (Action.KEEP, Reason.REMOVAL_DISABLED)
     }
 
 
 def test_incomplete_view_removes_nothing_but_still_reports() -> None:
-    problem = Problem("disk", "/i/x/disk", "unparsable header")
+    problem = Problem(ProblemCode.HEADER_GARBAGE, "/i/x/disk", "unparsable header")
     inv = inventory([entry(FP, 10 * 86400), entry("swap_1", 60)], problems=[problem])
     plan = decide(inv, POLICY, NOW)
     assert not plan.complete
@@ -128,7 +131,7 @@ def test_incomplete_view_removes_nothing_but_still_reports() -> None:
 
 
 def test_non_blocking_problem_does_not_stop_removal() -> None:
-    warning = Problem("disk", "/i/x/disk", "backing file missing", blocking=False)
+    warning = Problem(ProblemCode.BACKING_MISSING, "/i/x/disk", "backing file missing")
     assert one(inventory([entry(FP, 86400)], problems=[warning]))[0] is Action.REMOVE
 
 
@@ -207,7 +210,7 @@ def test_instance_records_protect_image_kernel_ramdisk_swap_ephemeral_and_raw_id
     ]
     plan = decide(
         inventory([entry(n, 9e6) for n in names], records=[record]),
-        Policy(quarantine_seconds=0, remove_unused_kernels=True),
+        make_policy(quarantine_seconds=0, remove_unused_kernels=True),
         NOW,
     )
     assert all(d.reason is Reason.IN_USE for d in plan.decisions)
@@ -225,7 +228,7 @@ def test_ephemeral_tag_follows_default_format() -> None:
     )
     vfat = decide(inv, POLICY, NOW)
     assert [d.reason for d in vfat.decisions] == [Reason.UNUSED_EXPIRED, Reason.IN_USE]
-    ext4 = decide(inv, Policy(quarantine_seconds=0, default_ephemeral_format="ext4"), NOW)
+    ext4 = decide(inv, make_policy(quarantine_seconds=0, default_ephemeral_format="ext4"), NOW)
     assert [d.reason for d in ext4.decisions] == [Reason.IN_USE, Reason.UNUSED_EXPIRED]
 
 

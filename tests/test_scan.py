@@ -9,8 +9,12 @@ from pathlib import Path
 from imagecache import naming
 from imagecache import sources as scan
 from imagecache.formats import MAX_CHAIN_DEPTH
-from imagecache.model import FileType, Kind, Policy, Reason
+from imagecache.layout import Layout
+from imagecache.model import FileType, Kind, ProblemCode
+from imagecache.plan import Reason
 from imagecache.policy import decide
+from imagecache.sources import disks
+from tests.defaults import policy
 from tests.opens import OpenWatch
 from tests.qemu import make_overlay, make_raw
 
@@ -56,7 +60,7 @@ def test_every_disk_of_every_instance_dir_whatever_its_name(tmp_path: Path) -> N
     (inst / "u1" / "disk.info").write_text("{}")
     make_overlay(inst / "not-in-any-inventory" / "disk", base / FP)
     make_overlay(inst / "locks" / "disk", base / FP)  # not an instance dir
-    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    disks, problems = scan.scan_instances(Layout(str(inst), "_base"))
     assert problems == ()
     got = sorted((d.instance, os.path.basename(d.path)) for d in disks)
     assert got == [
@@ -74,7 +78,7 @@ def test_relative_and_deep_chains_resolve_to_cache_paths(tmp_path: Path) -> None
     make_overlay(base / "snap", base / FP)
     make_overlay(inst / "u1" / "mid", Path("..") / "_base" / "snap", backing_fmt="qcow2")
     make_overlay(inst / "u1" / "disk", "mid", backing_fmt="qcow2")
-    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    disks, problems = scan.scan_instances(Layout(str(inst), "_base"))
     assert problems == ()
     top = next(d for d in disks if d.path.endswith("/disk"))
     assert top.chain == (str(inst / "u1" / "mid"), str(base / "snap"), str(base / FP))
@@ -89,7 +93,7 @@ def test_unreadable_headers_are_problems_not_crashes(tmp_path: Path) -> None:
     bad.write_bytes(b"QFI\xfb" + b"\xff" * 100)  # qcow2 magic, garbage after it
     truncated = inst / "bad" / "disk.local"
     truncated.write_bytes((inst / "good" / "disk").read_bytes()[:30])
-    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    disks, problems = scan.scan_instances(Layout(str(inst), "_base"))
     assert [d.instance for d in disks] == ["good"]
     assert sorted(p.ref for p in problems) == sorted([str(bad), str(truncated)])
     assert all(p.blocking and p.source == "disk" for p in problems)
@@ -100,14 +104,14 @@ def test_json_backing_name_makes_the_view_incomplete_for_that_disk(tmp_path: Pat
     target = inst / "u1" / "disk"
     spec = 'json:{"file": {"driver": "file", "filename": "/x"}}'
     make_overlay(target, spec, unsafe_size="1M")
-    _, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    _, problems = scan.scan_instances(Layout(str(inst), "_base"))
     assert len(problems) == 1 and problems[0].ref == str(target) and problems[0].blocking
 
 
 def test_missing_backing_file_is_reported_but_does_not_block(tmp_path: Path) -> None:
     inst, base = host(tmp_path)
     make_overlay(inst / "u1" / "disk", base / FP, unsafe_size="1M")
-    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    disks, problems = scan.scan_instances(Layout(str(inst), "_base"))
     assert disks[0].missing == str(base / FP) and disks[0].chain == (str(base / FP),)
     assert len(problems) == 1 and not problems[0].blocking
 
@@ -129,20 +133,22 @@ def test_inventory_file_records_and_errors(tmp_path: Path) -> None:
 
 def test_registry_read_and_corruption(tmp_path: Path) -> None:
     inst, _ = host(tmp_path)
-    assert scan.read_registry(str(inst)) == ((), ())
+    assert scan.observe_registry(Layout(str(inst))) == ((), ())
     (inst / "compute_nodes").write_text(json.dumps({"h2": 5, "h1": 7.5}))
-    assert scan.read_registry(str(inst)) == ((("h1", 7.5), ("h2", 5.0)), ())
+    assert scan.observe_registry(Layout(str(inst))) == ((("h1", 7.5), ("h2", 5.0)), ())
     (inst / "compute_nodes").write_text("")  # LP 1252659: an empty file is not "no peers"
-    registry, problems = scan.read_registry(str(inst))
+    registry, problems = scan.observe_registry(Layout(str(inst)))
     assert registry == () and problems[0].blocking
 
 
 def test_disk_vanished_between_listing_and_reading_is_a_problem(tmp_path: Path) -> None:
     # The listing saw it; by the time the header is read it is gone (instance deleted mid-scan).
     gone = tmp_path / "u1" / "disk"
-    disk, problem = scan._inspect_disk(str(gone), "u1")
+    disk, problem = disks._inspect_disk(str(gone), "u1")
     assert disk is None and problem is not None
-    assert problem.blocking and "vanished" in problem.message and problem.ref == str(gone)
+    assert (
+        problem.blocking and problem.code is ProblemCode.DISK_VANISHED and problem.ref == str(gone)
+    )
 
 
 GARBAGE = b"QFI\xfb" + b"\xff" * 100  # a qcow2 magic with nonsense after it
@@ -158,7 +164,7 @@ def test_guest_written_garbage_warns_but_does_not_block(tmp_path: Path) -> None:
     (d / "console.log.0").write_bytes(GARBAGE)
     (d / "disk").write_bytes(GARBAGE)
     (d / "disk.info").write_text(json.dumps({str(d / "disk"): "raw"}))
-    _, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    _, problems = scan.scan_instances(Layout(str(inst), "_base"))
     assert sorted(os.path.basename(p.ref) for p in problems) == [
         "console.log", "console.log.0", "disk"]  # fmt: skip
     assert not any(p.blocking for p in problems)
@@ -170,7 +176,7 @@ def test_guest_written_valid_header_still_protects(tmp_path: Path) -> None:
     make_raw(base / FP)
     disk = make_overlay(inst / "u1" / "disk", base / FP)
     (inst / "u1" / "disk.info").write_text(json.dumps({str(disk): "raw"}))
-    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    disks, problems = scan.scan_instances(Layout(str(inst), "_base"))
     assert problems == () and disks[0].chain == (str(base / FP),)
 
 
@@ -184,7 +190,7 @@ def test_garbage_in_a_disk_nova_did_not_record_as_raw_blocks(tmp_path: Path) -> 
     (inst / "u2").mkdir()
     (inst / "u2" / "disk").write_bytes(GARBAGE)
     (inst / "u2" / "disk.info").write_text("{not json")  # believed: headers decide
-    _, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    _, problems = scan.scan_instances(Layout(str(inst), "_base"))
     assert len(problems) == 3 and all(p.blocking for p in problems)
 
 
@@ -199,7 +205,7 @@ def test_devices_and_fifos_linked_into_an_instance_dir_are_never_opened(tmp_path
     (d / "disk.swap").symlink_to("/dev/null")
     make_overlay(d / "disk.eph0", fifo, unsafe_size="1M")  # and as a backing file
     with OpenWatch(fifo) as watch:
-        disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+        disks, problems = scan.scan_instances(Layout(str(inst), "_base"))
         assert watch.opened() == set()
     assert sorted(os.path.basename(d.path) for d in disks) == ["disk", "disk.eph0"]
     assert [(os.path.basename(p.ref), p.blocking) for p in problems] == [("disk.eph0", True)]
@@ -210,7 +216,7 @@ def test_a_guest_cannot_block_removals_with_a_forged_header_in_its_raw_base(tmp_
     inst, base = host(tmp_path)
     (base / FP).write_bytes(GARBAGE)  # a raw base: the guest wrote these bytes
     make_overlay(inst / "u1" / "disk", base / FP, backing_fmt="raw")
-    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    disks, problems = scan.scan_instances(Layout(str(inst), "_base"))
     assert problems == ()
     assert [d.chain for d in disks] == [(str(base / FP),)]
 
@@ -219,10 +225,10 @@ DAY = 86400.0
 
 
 def _reasons(inst: Path, base: Path) -> dict[str, Reason]:
-    inventory = scan.observe(host="h1", instances_path=str(inst), cache_dir=str(base))
+    inventory = scan.observe(Layout(str(inst), base.name), host="h1")
     assert inventory.complete, inventory.problems
     now = max(e.mtime for e in inventory.entries) + 30 * DAY
-    return {d.entry.name: d.reason for d in decide(inventory, Policy(), now).decisions}
+    return {d.entry.name: d.reason for d in decide(inventory, policy(), now).decisions}
 
 
 def test_a_base_named_through_a_symlink_is_in_use(tmp_path: Path) -> None:
@@ -255,7 +261,7 @@ def test_a_symlinked_instance_dir_is_scanned_under_the_links_name(tmp_path: Path
     make_raw(base / FP)
     moved = make_overlay(tmp_path / "volume2" / "u2" / "disk", base / FP)
     (inst / "u2").symlink_to(moved.parent)
-    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    disks, problems = scan.scan_instances(Layout(str(inst), "_base"))
     assert problems == ()
     assert [(d.instance, d.path, d.chain) for d in disks] == [
         ("u2", str(inst / "u2" / "disk"), (str(base / FP),))
@@ -277,7 +283,7 @@ def test_each_instance_dir_is_scanned_once_and_links_make_no_loops(tmp_path: Pat
     make_overlay(inst / "locks" / "disk", base / FP)
     (inst / "locks-alias").symlink_to("locks")
     (inst / "a-file").symlink_to(base / FP)  # a link to a file is not an instance dir
-    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    disks, problems = scan.scan_instances(Layout(str(inst), "_base"))
     assert problems == ()
     assert [(d.instance, os.path.basename(d.path)) for d in disks] == [
         ("u1", "disk"),
@@ -291,7 +297,7 @@ def test_a_symlinked_instance_dir_that_cannot_be_resolved_blocks(tmp_path: Path)
     make_overlay(inst / "u1" / "disk", base / FP)
     (inst / "unmounted").symlink_to(tmp_path / "volume2" / "gone")
     (inst / "loop").symlink_to("loop")
-    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    disks, problems = scan.scan_instances(Layout(str(inst), "_base"))
     assert [d.instance for d in disks] == ["u1"]
     assert [(p.source, os.path.basename(p.ref), p.blocking) for p in problems] == [
         ("instance", "loop", True),
@@ -299,7 +305,7 @@ def test_a_symlinked_instance_dir_that_cannot_be_resolved_blocks(tmp_path: Path)
     ]
     assert "Too many levels of symbolic links" in problems[0].message
     assert "No such file or directory" in problems[1].message
-    inventory = scan.observe(host="h1", instances_path=str(inst), cache_dir=str(base))
+    inventory = scan.observe(Layout(str(inst), base.name), host="h1")
     assert not inventory.complete
 
 
@@ -320,10 +326,10 @@ def test_peer_hosts_caches_on_shared_storage_are_not_instance_dirs(tmp_path: Pat
     _truncated_qcow2(peer / f"{naming.fingerprint('img-2')}.part", peer / FP)  # peer downloading
     make_overlay(peer / "snap", peer / FP)  # no instance's disk either
     make_overlay(inst / "u1" / "disk", mine / FP)
-    disks, problems = scan.scan_instances(str(inst), cache_dir_name=mine.name)
+    disks, problems = scan.scan_instances(Layout(str(inst), mine.name))
     assert problems == ()
     assert [(d.instance, os.path.basename(d.path)) for d in disks] == [("u1", "disk")]
-    assert scan.observe(host="h1", instances_path=str(inst), cache_dir=str(mine)).complete
+    assert scan.observe(Layout(str(inst), mine.name), host="h1").complete
 
 
 def test_a_cache_linked_to_a_real_directory_is_not_scanned_under_its_real_name(
@@ -336,7 +342,7 @@ def test_a_cache_linked_to_a_real_directory_is_not_scanned_under_its_real_name(
     _truncated_qcow2(real / "bad", real / FP)
     (inst / "_base").symlink_to("realbase")
     make_overlay(inst / "u1" / "disk", inst / "_base" / "snap", backing_fmt="qcow2")
-    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    disks, problems = scan.scan_instances(Layout(str(inst), "_base"))
     assert problems == ()
     assert [(d.instance, os.path.basename(d.path)) for d in disks] == [("u1", "disk")]
 
@@ -352,14 +358,14 @@ def test_a_temp_file_in_an_instance_dir_warns_but_a_valid_one_still_protects(
     _truncated_qcow2(inst / "u1" / "disk.part", base / FP)
     (inst / "u1" / "disk.local.converted").write_bytes(GARBAGE)
     make_overlay(inst / "u2" / "disk.converted", base / naming.fingerprint("img-2"))
-    disks, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    disks, problems = scan.scan_instances(Layout(str(inst), "_base"))
     assert [d.chain for d in disks] == [(str(base / naming.fingerprint("img-2")),)]
     assert sorted((os.path.basename(p.ref), p.blocking) for p in problems) == [
         ("disk.local.converted", False), ("disk.part", False)]  # fmt: skip
     assert all(p.message.startswith("temporary file") for p in problems)
     # Only the temp name is excused: garbage in the instance's own disk still blocks.
     (inst / "u1" / "disk").write_bytes(GARBAGE)
-    _, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    _, problems = scan.scan_instances(Layout(str(inst), "_base"))
     assert [(os.path.basename(p.ref), p.blocking) for p in problems if p.blocking] == [
         ("disk", True)]  # fmt: skip
 
@@ -373,12 +379,12 @@ def test_a_chain_deeper_than_the_limit_blocks_but_is_no_bad_header(tmp_path: Pat
         fmt = "raw" if n == 1 else "qcow2"
         top = make_overlay(inst / "u1" / f"snap{n}", top, backing_fmt=fmt)
     (inst / "u1" / f"snap{MAX_CHAIN_DEPTH + 1}").rename(inst / "u1" / "disk")
-    _, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    _, problems = scan.scan_instances(Layout(str(inst), "_base"))
     assert [(os.path.basename(p.ref), p.blocking) for p in problems] == [("disk", True)]
     message = problems[0].message
     assert "bad" not in message and f"deeper than {MAX_CHAIN_DEPTH} files" in message
-    assert message.startswith("unusable image header or backing chain: backing chain not resolved")
+    assert problems[0].code is ProblemCode.CHAIN_TOO_DEEP
     (inst / "u1" / "disk").rename(inst / "u1" / "disk.part")
-    _, problems = scan.scan_instances(str(inst), cache_dir_name="_base")
+    _, problems = scan.scan_instances(Layout(str(inst), "_base"))
     assert [(os.path.basename(p.ref), p.blocking) for p in problems] == [("disk.part", False)]
     assert f"deeper than {MAX_CHAIN_DEPTH} files" in problems[0].message

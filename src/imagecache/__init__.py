@@ -9,7 +9,8 @@ The library in one screen::
 
 from __future__ import annotations
 
-from imagecache.config import Settings, load_settings
+from imagecache._version import __version__ as __version__
+from imagecache.config import load_settings
 from imagecache.errors import (
     ConfigError,
     ImageCacheError,
@@ -18,25 +19,23 @@ from imagecache.errors import (
     LockTimeout,
 )
 from imagecache.formats import BackingChain, ImageHeader, read_header, resolve_chain
+from imagecache.layout import Layout
 from imagecache.manager import observe, plan_pass
 from imagecache.model import (
-    Action,
     CacheEntry,
-    Decision,
     Disk,
     InstanceRecord,
     Inventory,
     Kind,
-    Plan,
-    Policy,
     Problem,
-    Reason,
+    ProblemCode,
     Source,
     User,
 )
 from imagecache.naming import classify, fingerprint
+from imagecache.plan import Action, Decision, Plan, Policy, Reason, plan_from_dict, plan_to_dict
 from imagecache.policy import decide
-from imagecache.render.plan import plan_to_dict
+from imagecache.settings import Settings
 
 __all__ = [
     "Action",
@@ -52,19 +51,23 @@ __all__ = [
     "InstanceRecord",
     "Inventory",
     "Kind",
+    "Layout",
     "LockTimeout",
     "Plan",
     "Policy",
     "Problem",
+    "ProblemCode",
     "Reason",
     "Settings",
     "Source",
     "User",
+    "__version__",
     "classify",
     "decide",
     "fingerprint",
     "load_settings",
     "observe",
+    "plan_from_dict",
     "plan_pass",
     "plan_to_dict",
     "read_header",

@@ -15,11 +15,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from imagecache import manager, planfile
-from imagecache.config import Settings, load_settings
+from imagecache import manager
+from imagecache.clock import Clock
+from imagecache.config import load_settings
 from imagecache.errors import ImageCacheError
+from imagecache.plan import plan_to_dict
 from imagecache.render import clean as outcome
 from imagecache.render import plan as report
+from imagecache.render.text import dumps
+from imagecache.settings import Settings
+from imagecache.store import plans
 
 __all__ = ["main"]
 
@@ -33,7 +38,7 @@ class Context:
     settings: Settings
     args: argparse.Namespace
     inventory_files: tuple[str, ...]
-    clock: Callable[[], float] = time.time
+    clock: Clock
 
     @property
     def json(self) -> bool:
@@ -47,34 +52,40 @@ def _emit(ctx: Context, doc: object, text: str | Callable[[], str]) -> None:
     several times faster on a large host, and whatever reads it does not care.
     """
     if ctx.json:
-        sys.stdout.write(report.dumps(doc, pretty=sys.stdout.isatty()) + "\n")
+        sys.stdout.write(dumps(doc, pretty=sys.stdout.isatty()) + "\n")
     else:
         sys.stdout.write((text() if callable(text) else text) + "\n")
 
 
 def cmd_status(ctx: Context) -> int:
-    plan = manager.plan_pass(ctx.settings, inventory_files=ctx.inventory_files, now=ctx.clock())
+    plan = manager.plan_pass(
+        ctx.settings, inventory_files=ctx.inventory_files, now=ctx.clock.wall()
+    )
     if ctx.json:
-        _emit(ctx, report.plan_to_dict(plan), "")
+        _emit(ctx, plan_to_dict(plan), "")
     else:
         _emit(ctx, None, report.render_status(plan))
     return 0 if plan.complete else 1
 
 
 def cmd_plan(ctx: Context) -> int:
-    plan = manager.plan_pass(ctx.settings, inventory_files=ctx.inventory_files, now=ctx.clock())
-    doc = report.plan_to_dict(plan)
+    plan = manager.plan_pass(
+        ctx.settings, inventory_files=ctx.inventory_files, now=ctx.clock.wall()
+    )
+    doc = plan_to_dict(plan)
     if getattr(ctx.args, "output", None):  # `clean --dry-run` has no -o
-        manager.save_plan(ctx.args.output, doc)
+        plans.save_plan(ctx.args.output, plan)
     _emit(ctx, doc, lambda: report.render_plan(plan))
     return 0 if plan.complete else 1
 
 
 def cmd_explain(ctx: Context) -> int:
-    plan = manager.plan_pass(ctx.settings, inventory_files=ctx.inventory_files, now=ctx.clock())
+    plan = manager.plan_pass(
+        ctx.settings, inventory_files=ctx.inventory_files, now=ctx.clock.wall()
+    )
     found = report.find_decisions(plan, ctx.args.target)
     trashed = report.find_trash(plan, ctx.args.target)
-    doc = {**report.plan_to_dict(plan), "query": ctx.args.target}
+    doc = {**plan_to_dict(plan), "query": ctx.args.target}
     doc["entries"] = [e for e in doc["entries"] if e["name"] in {d.entry.name for d in found}]
     names = {t.entry.trash_name for t in trashed}
     doc["trash"] = [t for t in doc["trash"] if t["trash_name"] in names]
@@ -90,7 +101,7 @@ def cmd_clean(ctx: Context) -> int:
         return cmd_plan(ctx)
     s = ctx.settings
     if ctx.args.plan:
-        plan = planfile.load_plan(ctx.args.plan)
+        plan = plans.load_plan(ctx.args.plan)
         if (plan.host, plan.cache_dir) != (s.host, s.cache_dir):
             print(
                 f"imagecache: error: {ctx.args.plan} is a plan for {plan.cache_dir} on "
@@ -122,8 +133,8 @@ def cmd_precache(ctx: Context) -> int:
         results = fetch.precache(
             ctx.args.images,
             sources=sources,
-            options=fetch.FetchOptions.from_settings(s),
-            concurrency=s.precache_concurrency,
+            options=fetch.FetchOptions.of(s.layout, s.fetch),
+            concurrency=s.fetch.precache_concurrency,
             on_bytes=progress.add_bytes if progress else None,
             on_result=progress.add_result if progress else None,
         )
@@ -138,7 +149,7 @@ def cmd_precache(ctx: Context) -> int:
         for r in results
     )
     _emit(ctx, {"results": [r.to_dict() for r in results]}, text)
-    return 1 if any(r.result == "error" for r in results) else 0
+    return 1 if any(r.failed for r in results) else 0
 
 
 def cmd_create_disk(ctx: Context) -> int:
@@ -152,12 +163,12 @@ def cmd_create_disk(ctx: Context) -> int:
         size=a.size,
         swap_mb=a.swap,
         ephemeral_gb=a.ephemeral,
-        ephemeral_format=a.ephemeral_format or s.default_ephemeral_format,
+        ephemeral_format=a.ephemeral_format or s.policy.default_ephemeral_format,
     )
     sources = fetch.Sources(s.glance)
     try:
         made = disks.create_disks(
-            request, source=sources(a.image), options=fetch.FetchOptions.from_settings(s)
+            request, source=sources(a.image), options=fetch.FetchOptions.of(s.layout, s.fetch)
         )
     finally:
         sources.close()
@@ -338,8 +349,8 @@ def main(argv: Sequence[str] | None = None, *, clock: Callable[[], float] = time
         ctx = Context(
             settings=settings,
             args=args,
-            inventory_files=settings.inventory_files + tuple(args.inventory or ()),
-            clock=clock,
+            inventory_files=tuple(args.inventory or ()),
+            clock=Clock(wall=clock, monotonic=time.monotonic, sleep=time.sleep),
         )
         return commands[args.command](ctx)
     except ImageCacheError as exc:
@@ -359,7 +370,7 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
     """Report an error on stderr and, under --json, as the one JSON document on stdout."""
     print(f"imagecache: error: {message}", file=sys.stderr)
     if getattr(args, "json", False):
-        sys.stdout.write(report.dumps({"error": message, "exit_code": code}) + "\n")
+        sys.stdout.write(dumps({"error": message, "exit_code": code}) + "\n")
     return code
 
 
@@ -367,7 +378,3 @@ def _tolerant(stream: object) -> None:
     # A file name that is not UTF-8 arrives surrogate-escaped; printing it must not crash.
     if isinstance(stream, io.TextIOWrapper):
         stream.reconfigure(errors="backslashreplace")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,28 +1,46 @@
-"""nova.conf and imagecache.conf, read once with oslo.config into one frozen :class:`Settings`.
+"""nova.conf and imagecache.conf, read once with oslo.config into frozen :class:`Settings`.
 
-This is the only module that knows about oslo.config. Nova's options keep their names, groups and
-deprecated aliases (DESIGN.md §5), so an existing ``nova.conf`` of any release since Icehouse works
-unchanged; this project's own options live in ``[imagecache]``. oslo.config validates lazily (a
-bad integer raises only when read), so :func:`load_settings` reads every option once and turns the
-first bad one into a :class:`ConfigError` naming it.
+This is the only module that imports oslo.config. Every option is declared once, in
+:data:`_OPTIONS`: its group, name, deprecated names, type and bounds, default and help text (all
+in the oslo ``Opt``), and the settings field it fills. Nova's options keep their names, groups
+and deprecated aliases (DESIGN.md §5), so an existing ``nova.conf`` of any release since Icehouse
+works unchanged; this project's own options live in ``[imagecache]``. oslo.config validates
+lazily (a bad integer raises only when read), so :func:`load_settings` reads every option once
+and turns the first bad one into a :class:`ConfigError` naming it.
+
+:func:`list_opts` is the ``oslo.config.opts`` entry point: ``oslo-config-generator --namespace
+imagecache`` writes ``etc/imagecache.conf.sample`` from the same table.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
+import glob
+import logging
 import os
 import socket
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 from oslo_config import cfg
 
 from imagecache.errors import ConfigError
-from imagecache.model import Policy
+from imagecache.layout import Layout
+from imagecache.plan import Policy
+from imagecache.settings import (
+    CleanSettings,
+    DaemonSettings,
+    FetchSettings,
+    GlanceSettings,
+    Settings,
+    VerifySettings,
+)
 
-__all__ = ["DEFAULT_CONFIG_FILES", "GlanceSettings", "Settings", "load_settings"]
+__all__ = ["DEFAULT_CONFIG_FILES", "list_opts", "load_settings"]
+
+LOG = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_FILES = ("/etc/nova/nova.conf", "/etc/imagecache/imagecache.conf")
 
@@ -31,175 +49,352 @@ def _old(name: str, group: str) -> list[cfg.DeprecatedOpt]:
     return [cfg.DeprecatedOpt(name, group=group)]
 
 
+@dataclass(frozen=True, slots=True)
+class _Option:
+    """One option: where it is read (``group``, ``opt``) and which settings fields it fills."""
+
+    group: str
+    opt: cfg.Opt
+    targets: tuple[str, ...]  # "section.field"; "" section = a top-level field of Settings
+    convert: Callable[[Any], Any] = lambda v: v
+
+
+def _tuple(value: Any) -> tuple[str, ...]:
+    return tuple(value or ())
+
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option(
+        "DEFAULT",
+        cfg.StrOpt(
+            "state_path",
+            default="/var/lib/nova",
+            help="Top-level directory of Nova's state; instances_path defaults below it.",
+        ),
+        (),
+    ),
+    _Option(
+        "DEFAULT",
+        cfg.StrOpt(
+            "instances_path",
+            default="$state_path/instances",
+            help="Where instance directories, the image cache, locks/ and compute_nodes live.",
+        ),
+        ("layout.instances_path",),
+        os.path.abspath,
+    ),
+    _Option(
+        "DEFAULT",
+        cfg.StrOpt(
+            "host",
+            sample_default="<hostname>",
+            help="This host's name, as nova-compute registers it in compute_nodes and in instance "
+            "records.",
+        ),
+        (".host",),
+    ),
+    _Option(
+        "DEFAULT",
+        cfg.StrOpt(
+            "my_ip",
+            sample_default="<primary IP>",
+            help="This host's IP address; subdirectory_name may use it as $my_ip.",
+        ),
+        (),
+    ),
+    _Option(
+        "DEFAULT",
+        cfg.BoolOpt(
+            "force_raw_images",
+            default=True,
+            help="Convert downloaded non-raw images to raw before publishing them in the cache.",
+        ),
+        ("fetch.force_raw",),
+    ),
+    _Option(
+        "DEFAULT",
+        cfg.StrOpt(
+            "default_ephemeral_format",
+            help="Filesystem of ephemeral disks when an instance record names none (Nova: vfat).",
+        ),
+        ("policy.default_ephemeral_format",),
+    ),
+    _Option(
+        "image_cache",
+        cfg.IntOpt(
+            "manager_interval",
+            default=2400,
+            deprecated_opts=_old("image_cache_manager_interval", "DEFAULT"),
+            help="Seconds between passes of `imagecache run`; 0 means every 60 s, negative "
+            "disables the periodic pass.",
+        ),
+        ("daemon.manager_interval",),
+    ),
+    _Option(
+        "image_cache",
+        cfg.StrOpt(
+            "subdirectory_name",
+            default="_base",
+            deprecated_opts=_old("image_cache_subdirectory_name", "DEFAULT"),
+            help="Name of the image cache directory under instances_path ($my_ip allowed, e.g. "
+            "_base_$my_ip for one cache per host on shared storage).",
+        ),
+        ("layout.cache_name",),
+    ),
+    _Option(
+        "image_cache",
+        cfg.BoolOpt(
+            "remove_unused_base_images",
+            default=True,
+            deprecated_opts=_old("remove_unused_base_images", "DEFAULT"),
+            help="Remove unused cache entries; false only reports what would be removed.",
+        ),
+        ("policy.remove_unused",),
+    ),
+    _Option(
+        "image_cache",
+        cfg.IntOpt(
+            "remove_unused_original_minimum_age_seconds",
+            default=86400,
+            min=0,
+            deprecated_opts=_old("remove_unused_original_minimum_age_seconds", "DEFAULT"),
+            help="Seconds an original image (and swap, ephemeral and legacy-id entries) must be "
+            "unused before it is removed.",
+        ),
+        ("policy.original_age",),
+    ),
+    _Option(
+        "image_cache",
+        cfg.IntOpt(
+            "remove_unused_resized_minimum_age_seconds",
+            default=3600,
+            min=0,
+            deprecated_opts=_old("remove_unused_resized_minimum_age_seconds", "libvirt"),
+            help="Seconds a resized (<sha1>_<size>) or small (_sm) copy must be unused before it "
+            "is removed.",
+        ),
+        ("policy.resized_age",),
+    ),
+    _Option(
+        "image_cache",
+        cfg.IntOpt(
+            "precache_concurrency",
+            default=1,
+            min=1,
+            help="Images `imagecache precache` downloads at the same time.",
+        ),
+        ("fetch.precache_concurrency",),
+    ),
+    _Option(
+        "libvirt",
+        cfg.BoolOpt(
+            "checksum_base_images",
+            default=False,
+            deprecated_opts=_old("checksum_base_images", "DEFAULT"),
+            help="Verify the checksums of cached images on each pass.",
+        ),
+        ("verify.checksum_base_images",),
+    ),
+    _Option(
+        "libvirt",
+        cfg.IntOpt(
+            "checksum_interval_seconds",
+            default=3600,
+            min=0,
+            help="Do not re-hash a cached image verified more recently than this many seconds.",
+        ),
+        ("verify.checksum_interval",),
+    ),
+    _Option(
+        "libvirt",
+        cfg.BoolOpt(
+            "remove_unused_kernels",
+            default=False,
+            deprecated_opts=_old("remove_unused_kernels", "DEFAULT"),
+            help="Also remove kernels and ramdisks cached under their raw image id (pre-2013 "
+            "Nova).",
+        ),
+        ("policy.remove_unused_kernels",),
+    ),
+    _Option(
+        "imagecache",
+        cfg.FloatOpt(
+            "lock_timeout_seconds",
+            default=60.0,
+            min=0,
+            help="Seconds a pass waits in all for busy entry locks (one deadline per pass, not per "
+            "lock), and a fetch for its entry lock.",
+        ),
+        ("clean.lock_timeout", "fetch.lock_timeout"),
+    ),
+    _Option(
+        "imagecache",
+        cfg.IntOpt(
+            "quarantine_seconds",
+            default=86400,
+            min=0,
+            help="Seconds an expired entry waits in _base/.imagecache/trash before it is purged; "
+            "0 removes at once, as Nova does.",
+        ),
+        ("policy.quarantine_seconds",),
+    ),
+    _Option(
+        "imagecache",
+        cfg.IntOpt(
+            "stale_temp_seconds",
+            default=86400,
+            min=0,
+            help="Seconds after which a partial download or conversion (*.part, *.converted) "
+            "whose entry lock is free is reaped.",
+        ),
+        ("policy.stale_temp_age",),
+    ),
+    _Option(
+        "imagecache",
+        cfg.StrOpt(
+            "audit_log",
+            default="/var/log/imagecache/audit.jsonl",
+            help="JSON-lines file every action is appended to; a pass that cannot open it removes "
+            "nothing.",
+        ),
+        ("clean.audit_log",),
+    ),
+    _Option(
+        "imagecache",
+        cfg.ListOpt(
+            "inventory_files",
+            default=[],
+            help="Instance-record files (DESIGN.md §7) read every pass, as if given with "
+            "--inventory.",
+        ),
+        ("clean.inventory_files",),
+        _tuple,
+    ),
+    _Option(
+        "imagecache",
+        cfg.BoolOpt(
+            "touch_in_use",
+            default=True,
+            help="Refresh the mtime of in-use entries each pass, as Nova does, so that a peer's "
+            "manager never sees them as old.",
+        ),
+        ("clean.touch_in_use",),
+    ),
+    _Option(
+        "imagecache",
+        cfg.ListOpt(
+            "vmdk_allowed_types",
+            default=["streamOptimized", "monolithicSparse"],
+            deprecated_opts=_old("vmdk_allowed_types", "compute"),
+            help="VMDK create types admitted into the cache (Nova's [compute] option).",
+        ),
+        ("fetch.vmdk_allowed_types",),
+        lambda v: frozenset(v or ()),
+    ),
+)
+
+# nova.conf [glance]: where Glance is and how to authenticate (keystoneauth's session and adapter
+# options that matter here; the auth plugin's own options are registered once auth_type is known,
+# from keystoneauth1.loading, so any plugin works).
+_GLANCE_OPTIONS: tuple[_Option, ...] = (
+    _Option(
+        "glance",
+        cfg.ListOpt(
+            "api_servers",
+            help="Glance endpoints; empty: found in the service catalog.",
+        ),
+        ("glance.api_servers",),
+        _tuple,
+    ),
+    _Option(
+        "glance",
+        cfg.StrOpt(
+            "endpoint_override",
+            help="Glance endpoint, used when api_servers is empty.",
+        ),
+        (),
+    ),
+    _Option(
+        "glance",
+        cfg.StrOpt(
+            "auth_type",
+            help="keystoneauth plugin (password, v3password, none, ...).",
+        ),
+        ("glance.auth_type",),
+    ),
+    _Option(
+        "glance",
+        cfg.StrOpt(
+            "region_name",
+            help="Region of the Glance endpoint in the catalog.",
+        ),
+        ("glance.region_name",),
+    ),
+    _Option(
+        "glance",
+        cfg.ListOpt(
+            "valid_interfaces",
+            default=["internal", "public"],
+            help="Catalog interfaces to try, in order.",
+        ),
+        ("glance.valid_interfaces",),
+        _tuple,
+    ),
+    _Option(
+        "glance",
+        cfg.BoolOpt(
+            "insecure",
+            default=False,
+            help="Do not verify Glance's TLS certificate.",
+        ),
+        ("glance.insecure",),
+    ),
+    _Option(
+        "glance",
+        cfg.StrOpt(
+            "cafile",
+            help="CA bundle to verify Glance's TLS certificate with.",
+        ),
+        ("glance.cafile",),
+    ),
+    _Option(
+        "glance",
+        cfg.FloatOpt(
+            "timeout",
+            min=0,
+            help="Seconds to wait for Glance to answer.",
+        ),
+        ("glance.timeout",),
+    ),
+)
+_NO_AUTH = ("none", "noauth")
+
+_SECTIONS: dict[str, type[Any]] = {
+    "policy": Policy,
+    "clean": CleanSettings,
+    "fetch": FetchSettings,
+    "verify": VerifySettings,
+    "daemon": DaemonSettings,
+}
+
+
+def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
+    """Every option by group, for ``oslo-config-generator`` (entry point ``oslo.config.opts``)."""
+    groups: dict[str, list[cfg.Opt]] = {}
+    for option in (*_OPTIONS, *_GLANCE_OPTIONS):
+        groups.setdefault(option.group, []).append(option.opt)
+    return list(groups.items())
+
+
 def _default_ip() -> str:
     from oslo_utils import netutils
 
     return str(netutils.get_my_ipv4())
 
 
-_DEFAULT_OPTS = [
-    cfg.StrOpt("state_path", default="/var/lib/nova"),
-    cfg.StrOpt("instances_path", default="$state_path/instances"),
-    cfg.StrOpt("host", sample_default="<hostname>"),
-    cfg.StrOpt("my_ip", sample_default="<primary IP>"),
-    cfg.BoolOpt("force_raw_images", default=True),
-    cfg.StrOpt("default_ephemeral_format"),
-]
-
-_IMAGE_CACHE_OPTS = [
-    cfg.IntOpt(
-        "manager_interval",
-        default=2400,
-        deprecated_opts=_old("image_cache_manager_interval", "DEFAULT"),
-    ),
-    cfg.StrOpt(
-        "subdirectory_name",
-        default="_base",
-        deprecated_opts=_old("image_cache_subdirectory_name", "DEFAULT"),
-    ),
-    cfg.BoolOpt(
-        "remove_unused_base_images",
-        default=True,
-        deprecated_opts=_old("remove_unused_base_images", "DEFAULT"),
-    ),
-    cfg.IntOpt(
-        "remove_unused_original_minimum_age_seconds",
-        default=86400,
-        min=0,
-        deprecated_opts=_old("remove_unused_original_minimum_age_seconds", "DEFAULT"),
-    ),
-    cfg.IntOpt(
-        "remove_unused_resized_minimum_age_seconds",
-        default=3600,
-        min=0,
-        deprecated_opts=_old("remove_unused_resized_minimum_age_seconds", "libvirt"),
-    ),
-    cfg.IntOpt("precache_concurrency", default=1, min=1),
-]
-
-_LIBVIRT_OPTS = [
-    cfg.BoolOpt(
-        "checksum_base_images",
-        default=False,
-        deprecated_opts=_old("checksum_base_images", "DEFAULT"),
-    ),
-    cfg.IntOpt("checksum_interval_seconds", default=3600, min=0),
-    cfg.BoolOpt(
-        "remove_unused_kernels",
-        default=False,
-        deprecated_opts=_old("remove_unused_kernels", "DEFAULT"),
-    ),
-]
-
-_IMAGECACHE_OPTS = [
-    cfg.FloatOpt("lock_timeout_seconds", default=60.0, min=0),
-    cfg.IntOpt("quarantine_seconds", default=86400, min=0),
-    cfg.IntOpt("stale_temp_seconds", default=86400, min=0),
-    cfg.StrOpt("audit_log", default="/var/log/imagecache/audit.jsonl"),
-    # Instance-record files (DESIGN.md §7) read every pass, as if given with --inventory.
-    cfg.ListOpt("inventory_files", default=[]),
-    cfg.BoolOpt("touch_in_use", default=True),
-    cfg.ListOpt(
-        "vmdk_allowed_types",
-        default=["streamOptimized", "monolithicSparse"],
-        deprecated_opts=_old("vmdk_allowed_types", "compute"),
-    ),
-]
-
-# nova.conf [glance]: where Glance is and how to authenticate (keystoneauth's session and adapter
-# options that matter here; the auth plugin's own options are registered once auth_type is known,
-# from keystoneauth1.loading, so any plugin works). Not in _GROUPS: they build GlanceSettings.
-_GLANCE_OPTS = [
-    cfg.ListOpt("api_servers"),
-    cfg.StrOpt("endpoint_override"),
-    cfg.StrOpt("auth_type"),
-    cfg.StrOpt("region_name"),
-    cfg.ListOpt("valid_interfaces", default=["internal", "public"]),
-    cfg.BoolOpt("insecure", default=False),
-    cfg.StrOpt("cafile"),
-    cfg.FloatOpt("timeout", min=0),
-]
-_NO_AUTH = ("none", "noauth")
-
-_GROUPS: tuple[tuple[str, list[Any]], ...] = (
-    ("DEFAULT", _DEFAULT_OPTS),
-    ("image_cache", _IMAGE_CACHE_OPTS),
-    ("libvirt", _LIBVIRT_OPTS),
-    ("imagecache", _IMAGECACHE_OPTS),
-)
-
-
-@dataclass(frozen=True, slots=True)
-class GlanceSettings:
-    """How to reach Glance: nova.conf ``[glance]`` or a clouds.yaml cloud (``--os-cloud``).
-
-    Defined here, not in ``glance.py``, so that reading the configuration does not import
-    keystoneauth and requests (``plan`` and ``status`` start without them).
-    """
-
-    api_servers: tuple[str, ...] = ()  # empty: find the endpoint in the catalog via auth
-    os_cloud: str | None = None  # a clouds.yaml cloud; its settings replace auth_* below
-    clouds_yaml: str | None = None  # that file; None: openstacksdk's usual search path
-    auth_type: str | None = None  # keystoneauth plugin ("password", ...); "none"/"noauth"
-    auth_options: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    insecure: bool = False
-    cafile: str | None = None
-    timeout: float | None = None
-    region_name: str | None = None
-    valid_interfaces: tuple[str, ...] = ("internal", "public")
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Every option imagecache reads, already validated. Built once by :func:`load_settings`."""
-
-    state_path: str = "/var/lib/nova"
-    instances_path: str = "/var/lib/nova/instances"
-    host: str = "localhost"
-    my_ip: str = "127.0.0.1"
-    subdirectory_name: str = "_base"
-    manager_interval: int = 2400
-    remove_unused_base_images: bool = True
-    remove_unused_original_minimum_age_seconds: int = 86400
-    remove_unused_resized_minimum_age_seconds: int = 3600
-    precache_concurrency: int = 1
-    checksum_base_images: bool = False
-    checksum_interval_seconds: int = 3600
-    remove_unused_kernels: bool = False
-    force_raw_images: bool = True
-    default_ephemeral_format: str | None = None
-    lock_timeout_seconds: float = 60.0
-    quarantine_seconds: int = 86400
-    stale_temp_seconds: int = 86400
-    audit_log: str = "/var/log/imagecache/audit.jsonl"
-    inventory_files: tuple[str, ...] = ()
-    touch_in_use: bool = True
-    vmdk_allowed_types: tuple[str, ...] = ("streamOptimized", "monolithicSparse")
-    config_files: tuple[str, ...] = ()
-    glance: GlanceSettings = field(default_factory=GlanceSettings)
-
-    @property
-    def cache_dir(self) -> str:
-        return os.path.join(self.instances_path, self.subdirectory_name)
-
-    @property
-    def pass_interval(self) -> int | None:
-        """Seconds between daemon passes: Nova's 0 means every 60 s, negative means disabled."""
-        if self.manager_interval < 0:
-            return None
-        return self.manager_interval or 60
-
-    @property
-    def policy(self) -> Policy:
-        return Policy(
-            remove_unused=self.remove_unused_base_images,
-            original_age=self.remove_unused_original_minimum_age_seconds,
-            resized_age=self.remove_unused_resized_minimum_age_seconds,
-            remove_unused_kernels=self.remove_unused_kernels,
-            stale_temp_age=self.stale_temp_seconds,
-            quarantine_seconds=self.quarantine_seconds,
-            default_ephemeral_format=self.default_ephemeral_format,
-        )
+def _register(conf: cfg.ConfigOpts) -> None:
+    for option in (*_OPTIONS, *_GLANCE_OPTIONS):
+        conf.register_opt(option.opt, group=None if option.group == "DEFAULT" else option.group)
 
 
 def load_settings(
@@ -212,9 +407,11 @@ def load_settings(
 ) -> Settings:
     """Read the configuration files and return validated settings.
 
-    ``config_files`` None means the defaults of DESIGN.md §5 that exist. Command-line overrides
-    (``instances_path``, ``host``) win over the files and take part in ``$name`` interpolation.
-    ``os_cloud`` names a clouds.yaml cloud to reach Glance through, instead of ``[glance]``.
+    ``config_files`` None means the defaults of DESIGN.md §5 that exist; ``[]`` means none (every
+    option at its default). Command-line overrides (``instances_path``, ``host``) win over the
+    files and take part in ``$name`` interpolation. ``os_cloud`` names a clouds.yaml cloud to
+    reach Glance through, instead of ``[glance]``. An unknown option in ``[imagecache]`` (a typo)
+    is logged as a warning naming the closest known option.
 
     Raises:
         ConfigError: a file is missing or unparsable, or an option has a bad value (the message
@@ -223,9 +420,7 @@ def load_settings(
     if config_files is None:
         config_files = [f for f in DEFAULT_CONFIG_FILES if os.path.exists(f)]
     conf = cfg.ConfigOpts()
-    for group, opts in _GROUPS:
-        conf.register_opts(opts, group=None if group == "DEFAULT" else group)
-    conf.register_opts(_GLANCE_OPTS, group="glance")
+    _register(conf)
     args: list[str] = []
     for path in config_files:
         args += ["--config-file", path]
@@ -239,6 +434,7 @@ def load_settings(
         raise ConfigError(f"cannot parse configuration: {exc}") from exc
     except cfg.Error as exc:
         raise ConfigError(f"configuration error: {exc}") from exc
+    _warn_unknown(_files_read(config_files, config_dirs))
     if instances_path is not None:
         conf.set_override("instances_path", instances_path)
     if host is not None:
@@ -250,30 +446,65 @@ def load_settings(
     if conf.my_ip is None:
         conf.set_default("my_ip", _default_ip())
 
-    values: dict[str, Any] = {}
-    for group, opts in _GROUPS:
-        section = conf if group == "DEFAULT" else conf[group]
-        for opt in opts:
-            values[opt.dest] = _read(section, _label(group, opt), opt.dest)
-    values["vmdk_allowed_types"] = tuple(values["vmdk_allowed_types"])
-    values["inventory_files"] = tuple(values["inventory_files"] or ())
-    values["instances_path"] = os.path.abspath(values["instances_path"])
-    values["config_files"] = tuple(config_files)
-    if "/" in values["subdirectory_name"] or values["subdirectory_name"] in ("", ".", ".."):
+    fields: dict[str, dict[str, Any]] = {name: {} for name in (*_SECTIONS, "layout", "")}
+    for option in _OPTIONS:
+        section = conf if option.group == "DEFAULT" else conf[option.group]
+        value = option.convert(_read(section, _label(option.group, option.opt), option.opt.dest))
+        for target in option.targets:
+            name, _, field_name = target.partition(".")
+            fields[name][field_name] = value
+    cache_name = fields["layout"]["cache_name"]
+    if "/" in cache_name or cache_name in ("", ".", ".."):
         raise ConfigError(
             "[image_cache] subdirectory_name: must be a directory name under instances_path, "
-            f"got {values['subdirectory_name']!r}"
+            f"got {cache_name!r}"
         )
-    values["glance"] = _glance(conf, os_cloud)
-    fields = {f.name for f in dataclasses.fields(Settings)}
-    return Settings(**{k: v for k, v in values.items() if k in fields})
+    return Settings(
+        host=fields[""]["host"],
+        layout=Layout(**fields["layout"]),
+        glance=_glance(conf, os_cloud),
+        config_files=tuple(config_files),
+        **{name: cls(**fields[name]) for name, cls in _SECTIONS.items()},
+    )
+
+
+def _files_read(config_files: Sequence[str], config_dirs: Sequence[str]) -> list[str]:
+    """The files oslo.config read, in its order: the files, then each directory's ``*.conf``."""
+    found = list(config_files)
+    for directory in config_dirs:
+        found += sorted(glob.glob(os.path.join(glob.escape(directory), "*.conf")))
+    return found
+
+
+def _warn_unknown(paths: Sequence[str]) -> None:
+    """Warn about options in ``[imagecache]`` that no option declares: typos, most likely.
+
+    Nova's groups are shared with nova-compute, so options imagecache does not read are expected
+    there; ``[imagecache]`` is ours alone, and a misspelt ``lock_timeout_secs`` would otherwise be
+    silently ignored, its default in force.
+    """
+    known = sorted(o.opt.dest for o in _OPTIONS if o.group == "imagecache")
+    for path in paths:
+        sections: dict[str, dict[str, list[str]]] = {}
+        try:
+            cfg.ConfigParser(path, sections).parse()
+        except (OSError, cfg.ParseError):
+            continue  # oslo.config itself already read or refused it
+        for name in sorted(sections.get("imagecache", {})):
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                LOG.warning("%s: [imagecache] %s is not an imagecache option%s", path, name, hint)
 
 
 def _glance(conf: cfg.ConfigOpts, os_cloud: str | None) -> GlanceSettings:
     """``[glance]`` as :class:`GlanceSettings`; Nova's ``endpoint_override`` is used when
     ``api_servers`` is empty (Nova prefers ``api_servers`` too)."""
     section = conf.glance
-    read = {o.dest: _read(section, f"[glance] {o.dest}", o.dest) for o in _GLANCE_OPTS}
+    read: dict[str, Any] = {}
+    for option in _GLANCE_OPTIONS:
+        value = option.convert(_read(section, f"[glance] {option.opt.dest}", option.opt.dest))
+        read[option.opt.dest] = value
     auth_type = read["auth_type"]
     auth_options: dict[str, str] = {}
     if auth_type and auth_type not in _NO_AUTH and not os_cloud:
@@ -289,7 +520,7 @@ def _glance(conf: cfg.ConfigOpts, os_cloud: str | None) -> GlanceSettings:
             value = _read(section, f"[glance] {opt.dest}", opt.dest)
             if value is not None:
                 auth_options[opt.dest] = str(value)
-    servers = tuple(read["api_servers"] or ()) or (
+    servers = read["api_servers"] or (
         (read["endpoint_override"],) if read["endpoint_override"] else ()
     )
     return GlanceSettings(
@@ -301,7 +532,7 @@ def _glance(conf: cfg.ConfigOpts, os_cloud: str | None) -> GlanceSettings:
         cafile=read["cafile"],
         timeout=read["timeout"],
         region_name=read["region_name"],
-        valid_interfaces=tuple(read["valid_interfaces"]),
+        valid_interfaces=read["valid_interfaces"],
     )
 
 

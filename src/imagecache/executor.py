@@ -1,15 +1,17 @@
-"""Apply a plan beside nova-compute: entry locks, a re-check under them, quarantine, audit log.
+"""Apply a plan beside nova-compute: entry locks, a re-decision under them, quarantine, audit.
 
 :func:`apply` does, in this order:
 
 1. touch every entry decided ``in-use`` (``touch_in_use``), without a lock, as Nova does, so a
    peer's manager never sees it as old;
-2. for every entry to quarantine or remove and every quarantined entry to purge or restore, in
-   at most two batches: take the entry locks that are free right now, without waiting; while
-   holding them, observe the host once more and decide again with the same policy; act; release.
-   Then the same for the entries whose lock was busy, waiting for those locks within what is left
-   of *one* deadline of ``lock_timeout`` seconds for the whole pass (a lock still busy then skips
-   its entry with ``lock-timeout``). An entry is acted on only if the fresh decision still says so
+2. check that the audit log can be appended to: if not, nothing is removed, quarantined, purged,
+   restored or reaped and no lock file collected (every action must leave its line);
+3. for every entry to quarantine, remove or reap and every quarantined entry to purge or restore,
+   in at most two batches: take the entry locks that are free right now, without waiting; while
+   holding them, observe the host once more and decide again; act; release. Then the same for the
+   removals whose lock was busy, waiting for those locks within what is left of *one* deadline of
+   ``lock_timeout`` seconds for the whole pass (a temp whose lock is busy is being written: it is
+   skipped, never waited for). An entry is acted on only if the fresh decision still says so
    *and* it is the very file planned (inode, size, mtime). A re-check of the file alone is not
    enough: a spawn may have created an overlay on it since the plan without changing it. Holding
    the lock, a well-behaved writer (nova-compute, our own create-disk) has either finished, and
@@ -19,61 +21,48 @@
    Why two batches and one deadline: every lock we hold blocks nova-compute's spawns on that
    base. Waiting for the locks one by one, each for ``lock_timeout``, while holding those already
    taken, let one long Nova download block spawns on every other planned entry for N times the
-   timeout. Now a free entry's lock is held only for one observation and its action, and no lock
-   is held longer than ``lock_timeout`` plus one observation and its actions, however many entries
-   are busy: a bounded total hold time for Nova's spawns;
-   Before any of this (after the touches), the audit log is opened for append: if it cannot
-   be, no entry is removed, quarantined, purged, restored or reaped and no lock file collected,
-   only a problem says so: every action must leave its line;
-3. reap each stale temporary whose entry lock is free at that moment;
+   timeout. Now a free entry's lock is held only for one observation and its action;
 4. collect lock files of names gone for long, only where a removal pass could have removed those
-   names: the plan is complete, removal is enabled, and the cache directory was listed. A cache
-   directory that is missing or unreadable (an unmounted share) observes no entry at all, which
-   would make every lock file look dead, live entries' included.
+   names: the plan is complete, removal is enabled, and the cache directory was fully listed.
 
-Every action taken is appended to the audit log. Nothing here raises for one entry: each entry's
-fate is an :class:`~imagecache.model.Outcome` in the returned :class:`~imagecache.model.Report`.
+A saved plan (``clean --plan``) is decided afresh with the current policy *and* with the policy it
+was made with: an entry goes only if both fresh decisions remove it, and it is quarantined unless
+both say remove. So a plan never does more than either policy would do now.
+
+The clock is a parameter (:class:`~imagecache.clock.Clock`), and so is ``should_stop``, asked
+between entries: a daemon told to stop leaves the remaining entries as they are. Nothing here
+raises for one entry: each entry's fate is an :class:`~imagecache.results.Outcome`, and every
+exception an action may meet maps to one through :data:`_FAILURES`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
-from imagecache import locks, naming
-from imagecache.errors import EntryChanged, LockTimeout, ObservationError
-from imagecache.model import (
-    Action,
-    CacheEntry,
-    Decision,
-    Inventory,
-    Outcome,
-    Plan,
-    Policy,
-    Problem,
-    Reason,
-    Report,
-    Result,
-    TrashDecision,
-    TrashEntry,
-)
+from imagecache import lockfiles, locks, naming
+from imagecache.clock import Clock
+from imagecache.errors import EntryChanged, LockTimeout
+from imagecache.layout import Layout
+from imagecache.model import CacheEntry, Inventory, Kind, Problem, ProblemCode, TrashEntry
+from imagecache.plan import Action, Decision, Plan, Policy, Reason, TrashDecision, plan_id
 from imagecache.policy import decide
-from imagecache.render.plan import plan_id
+from imagecache.results import Outcome, Report, Result
 from imagecache.store import fsops
+from imagecache.store import trash as trash_store
 from imagecache.store.audit import AuditLog
 
-__all__ = ["apply", "restore_entry"]
+__all__ = ["Failure", "apply", "failure_of"]
 
 LOG = logging.getLogger(__name__)
 
 _REMOVALS = frozenset({Action.REMOVE, Action.QUARANTINE})
 _ACTIONS = _REMOVALS | {Action.REAP}
 
-# Why a fresh decision no longer removes, as the reason a planned action is skipped.
+# Why a fresh decision no longer acts, as the reason a planned action is skipped.
 _SKIP_REASON = {
     Reason.IN_USE: Reason.NOW_IN_USE,
     Reason.REFERENCED_AGAIN: Reason.NOW_IN_USE,
@@ -85,102 +74,151 @@ _SKIP_REASON = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """How an exception met while acting becomes an outcome: its result, reason, and message."""
+
+    exception: type[BaseException]
+    result: Result
+    reason: Reason
+    with_message: bool = True
+
+
+# The one failure table, first match wins: what every action (touch, removal, quarantine, purge,
+# restore, reap) may meet. Callers put their few special cases in front (a busy temp is
+# ``temp-locked``, a restore's missing trash entry ``not-in-trash``).
+_FAILURES: tuple[Failure, ...] = (
+    Failure(FileNotFoundError, Result.SKIPPED, Reason.VANISHED, with_message=False),
+    Failure(EntryChanged, Result.SKIPPED, Reason.NAME_TAKEN),
+    Failure(LockTimeout, Result.SKIPPED, Reason.LOCK_TIMEOUT),
+    Failure(OSError, Result.FAILED, Reason.OS_ERROR),
+)
+_TOUCH_FAILURES = (Failure(PermissionError, Result.FAILED, Reason.TOUCH_DENIED),)
+_REAP_FAILURES = (Failure(LockTimeout, Result.SKIPPED, Reason.TEMP_LOCKED, with_message=False),)
+
+
+def failure_of(exc: BaseException, special: Sequence[Failure] = ()) -> Failure | None:
+    """The first row of ``special`` then :data:`_FAILURES` that ``exc`` is an instance of."""
+    return next((f for f in (*special, *_FAILURES) if isinstance(exc, f.exception)), None)
+
+
+def outcome_for(
+    name: str,
+    kind: Kind,
+    exc: BaseException,
+    *,
+    special: Sequence[Failure] = (),
+    trash_name: str | None = None,
+) -> Outcome:
+    """The outcome of an action that raised ``exc``; re-raises what no table row maps."""
+    f = failure_of(exc, special)
+    if f is None:
+        raise exc
+    message = str(exc) if f.with_message else ""
+    return Outcome(name, kind, f.result, f.reason, trash_name=trash_name, message=message)
+
+
 @dataclass
-class _Run:
+class Run:
     """The state of one application: where to act, and what happened so far."""
 
-    plan: Plan
-    instances_path: str
+    layout: Layout
     audit: AuditLog
     plan_id: str | None
     outcomes: list[Outcome] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
     def path(self, name: str) -> str:
-        return os.path.join(self.plan.cache_dir, name)
+        return self.layout.entry_path(name)
 
     def note(self, outcome: Outcome) -> None:
         """Record an outcome that changed nothing (a skip, a failure, a touch): not audited."""
         self.outcomes.append(outcome)
         level = logging.WARNING if outcome.problem else logging.DEBUG
-        LOG.log(
-            level, "%s %s: %s %s", outcome.result, outcome.name, outcome.reason, outcome.message
-        )
+        LOG.log(level, "%s %r: %s %s", outcome.result, outcome.name, outcome.reason,
+                outcome.message)  # fmt: skip
 
     def done(self, outcome: Outcome, *, now: float) -> None:
         """Record an action taken, in the report and the audit log."""
         self.outcomes.append(outcome)
         level = logging.WARNING if outcome.problem else logging.INFO
-        LOG.log(level, "%s %s (%s, %d bytes)", outcome.result, outcome.name, outcome.reason,
+        LOG.log(level, "%s %r (%s, %d bytes)", outcome.result, outcome.name, outcome.reason,
                 outcome.bytes)  # fmt: skip
         try:
             self.audit.record(outcome, now=now, plan_id=self.plan_id)
         except OSError as exc:
             # The action stands (undoing it would be a second unlogged action); say so loudly.
             LOG.error("cannot write the audit log %s: %s", self.audit.path, exc)
-            self.problems.append(Problem("audit", self.audit.path, f"cannot append: {exc}"))
+            message = f"cannot append: {exc}"
+            self.problems.append(Problem(ProblemCode.AUDIT_UNWRITABLE, self.audit.path, message))
+
+    def audit_writable(self) -> bool:
+        """Whether the audit log can be appended to; if not, say why as a problem of the pass."""
+        try:
+            self.audit.check_writable()
+        except OSError as exc:
+            LOG.error("cannot open the audit log %s: %s; nothing removed", self.audit.path, exc)
+            message = f"audit log not writable: nothing removed ({exc})"
+            self.problems.append(Problem(ProblemCode.AUDIT_UNWRITABLE, self.audit.path, message))
+            return False
+        return True
+
+    def report(self, now: float) -> Report:
+        return Report(self.plan_id, now, tuple(self.outcomes), tuple(self.problems))
 
 
 def _outcome(
-    entry: CacheEntry,
-    result: Result,
-    reason: Reason,
-    *,
-    bytes: int = 0,
-    bytes_freed: int = 0,
-    trash_name: str | None = None,
-    message: str = "",
-) -> Outcome:
-    return Outcome(entry.name, entry.kind, result, reason, bytes, bytes_freed, trash_name, message)
+    entry: CacheEntry, result: Result, reason: Reason, *, bytes_: int = 0, freed: int = 0,
+    trash_name: str | None = None, message: str = "",
+) -> Outcome:  # fmt: skip
+    return Outcome(entry.name, entry.kind, result, reason, bytes_, freed, trash_name, message)
 
 
 def _trash_outcome(
-    entry: TrashEntry,
-    result: Result,
-    reason: Reason,
-    *,
-    bytes: int = 0,
-    bytes_freed: int = 0,
+    entry: TrashEntry, result: Result, reason: Reason, *, bytes_: int = 0, freed: int = 0,
     message: str = "",
-) -> Outcome:
+) -> Outcome:  # fmt: skip
     kind = naming.classify(entry.name)
-    return Outcome(entry.name, kind, result, reason, bytes, bytes_freed, entry.trash_name, message)
-
-
-def _same(entry: CacheEntry, *, inode: int, size: int, mtime: float) -> bool:
-    return (entry.inode, entry.bytes_apparent, entry.mtime) == (inode, size, mtime)
+    return Outcome(entry.name, kind, result, reason, bytes_, freed, entry.trash_name, message)
 
 
 def apply(
     plan: Plan,
     *,
-    instances_path: str,
+    layout: Layout,
     observe: Callable[[], Inventory],
     policy: Policy,
-    clock: Callable[[], float],
+    clock: Clock,
     audit: AuditLog,
     lock_timeout: float,
     touch_in_use: bool = True,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> Report:
     """Carry out ``plan`` safely and return what was done, entry by entry.
 
     ``observe`` makes a fresh observation of the host (the same sources the plan came from);
-    ``policy`` decides again under the locks; ``clock`` gives the time of each step.
+    ``policy`` (the current one) decides again under the locks, and so does ``plan.policy`` when
+    it differs; ``clock`` gives the time of each step and the waits; ``should_stop`` is asked
+    between entries, and a true answer leaves every entry not yet acted on as it is
+    (``stopped``).
 
     Raises:
         ValueError: ``lock_timeout`` is negative.
     """
-    run = _Run(plan=plan, instances_path=instances_path, audit=audit, plan_id=plan_id(plan))
-    now = clock()
+    if lock_timeout < 0:
+        raise ValueError(f"lock_timeout must be >= 0, got {lock_timeout!r}")
+    run = Run(layout=layout, audit=audit, plan_id=plan_id(plan))
+    now = clock.wall()
     if touch_in_use:
-        _touch_in_use(run, now)
-    if _acts(plan) and not _audit_writable(run):
-        return Report(run.plan_id, now, tuple(run.outcomes), tuple(run.problems))
-    _apply_locked(run, observe=observe, policy=policy, clock=clock, lock_timeout=lock_timeout)
-    _reap_temps(run, now=clock(), stale_age=policy.stale_temp_age)
-    if _may_collect_lock_files(plan, policy):
-        _collect_lock_files(run, now=now)
-    return Report(run.plan_id, now, tuple(run.outcomes), tuple(run.problems))
+        _touch_in_use(run, plan, now)
+    if _acts(plan) and not run.audit_writable():
+        return run.report(now)
+    policies = (policy,) if plan.policy == policy else (policy, plan.policy)
+    _apply_locked(run, plan, observe=observe, policies=policies, clock=clock,
+                  lock_timeout=lock_timeout, should_stop=should_stop)  # fmt: skip
+    if _may_collect_lock_files(plan, policy) and not should_stop():
+        _collect_lock_files(run, plan, now=now)
+    return run.report(now)
 
 
 def _acts(plan: Plan) -> bool:
@@ -190,285 +228,246 @@ def _acts(plan: Plan) -> bool:
     )
 
 
-def _audit_writable(run: _Run) -> bool:
-    """Whether the audit log can be appended to; if not, say why as a problem of the pass."""
-    try:
-        run.audit.check_writable()
-    except OSError as exc:
-        LOG.error("cannot open the audit log %s: %s; nothing removed", run.audit.path, exc)
-        message = f"audit log not writable: nothing removed ({exc})"
-        run.problems.append(Problem("audit", run.audit.path, message))
-        return False
-    return True
-
-
-def _touch_in_use(run: _Run, now: float) -> None:
-    for d in run.plan.decisions:
+def _touch_in_use(run: Run, plan: Plan, now: float) -> None:
+    for d in plan.decisions:
         if d.reason is not Reason.IN_USE:
             continue
         try:
-            fsops.touch(run.path(d.entry.name), now)
-        except FileNotFoundError:
-            run.note(_outcome(d.entry, Result.SKIPPED, Reason.VANISHED))
-        except PermissionError as exc:
             # Nova ignores EACCES here (LP 1809123); we go on, but say so.
-            run.note(_outcome(d.entry, Result.FAILED, Reason.TOUCH_DENIED, message=str(exc)))
+            fsops.touch(run.path(d.entry.name), now)
         except OSError as exc:
-            run.note(_outcome(d.entry, Result.FAILED, Reason.OS_ERROR, message=str(exc)))
+            run.note(outcome_for(d.entry.name, d.entry.kind, exc, special=_TOUCH_FAILURES))
         else:
             run.note(_outcome(d.entry, Result.TOUCHED, Reason.IN_USE))
 
 
-def _apply_locked(
-    run: _Run,
-    *,
-    observe: Callable[[], Inventory],
-    policy: Policy,
-    clock: Callable[[], float],
-    lock_timeout: float,
-) -> None:
-    removals = [d for d in run.plan.decisions if d.action in _REMOVALS]
-    trash = [t for t in run.plan.trash if t.action is not Action.KEEP]
-    if not removals and not trash:
-        return
-    if lock_timeout < 0:
-        raise ValueError(f"lock_timeout must be >= 0, got {lock_timeout!r}")
-    # One deadline for the whole pass, on the monotonic clock (a wait, not an age).
-    deadline = time.monotonic() + lock_timeout
-    busy = _apply_batch(run, removals, trash, observe=observe, policy=policy, clock=clock, wait=0)
-    if not busy:
-        return
-    wait = max(0.0, deadline - time.monotonic())
-    removals = [d for d in removals if d.entry.name in busy]
-    trash = [t for t in trash if t.entry.name in busy]
-    still = _apply_batch(run, removals, trash, observe=observe, policy=policy, clock=clock,
-                         wait=wait)  # fmt: skip
-    for d in removals:
-        if d.entry.name in still:
-            run.note(_timed_out(d.entry.name, still[d.entry.name], lock_timeout))
-    for t in trash:
-        if t.entry.name in still:
-            run.note(_timed_out(t.entry.name, still[t.entry.name], lock_timeout))
+def _lock_name(d: Decision) -> str:
+    # A temp file is written under the lock of the entry it becomes.
+    return naming.entry_of_temp(d.entry.name) if d.action is Action.REAP else d.entry.name
 
 
-def _timed_out(name: str, exc: LockTimeout, lock_timeout: float) -> Outcome:
-    message = f"{exc} (one wait of at most {lock_timeout:g} s for the whole pass)"
-    return Outcome(name, naming.classify(name), Result.SKIPPED, Reason.LOCK_TIMEOUT,
-                   message=message)  # fmt: skip
+@dataclass(frozen=True, slots=True)
+class _Work:
+    """What one batch acts on."""
 
+    decisions: tuple[Decision, ...]
+    trash: tuple[TrashDecision, ...]
 
-def _apply_batch(
-    run: _Run,
-    removals: list[Decision],
-    trash: list[TrashDecision],
-    *,
-    observe: Callable[[], Inventory],
-    policy: Policy,
-    clock: Callable[[], float],
-    wait: float,
-) -> dict[str, LockTimeout]:
-    """Lock what can be locked within ``wait``, re-observe once, act, release; return the busy."""
-    with ExitStack() as held:
-        names = {d.entry.name for d in removals} | {t.entry.name for t in trash}
-        missed = locks.take_entry_locks(held, run.instances_path, names, wait=wait)
-        busy = {n: exc for n, exc in missed.items() if isinstance(exc, LockTimeout)}
-        failed = {n: str(exc) for n, exc in missed.items() if n not in busy}
-        removals = [d for d in removals if d.entry.name not in busy]
-        trash = [t for t in trash if t.entry.name not in busy]
-        now = clock()
-        # Observing the host again is the slow part: only when there is something to act on.
-        fresh = decide(observe(), policy, now) if len(missed) < len(names) else None
-        by_name = {d.entry.name: d for d in fresh.decisions} if fresh else {}
-        by_trash_name = {t.entry.trash_name: t for t in fresh.trash} if fresh else {}
-        for d in removals:
-            if d.entry.name in failed:
-                run.note(_outcome(d.entry, Result.FAILED, Reason.OS_ERROR,
-                                  message=failed[d.entry.name]))  # fmt: skip
-            else:
-                _remove_one(run, d, by_name.get(d.entry.name), now=now)
-        for t in trash:
-            if t.entry.name in failed:
-                run.note(_trash_outcome(t.entry, Result.FAILED, Reason.OS_ERROR,
-                                        message=failed[t.entry.name]))  # fmt: skip
-            else:
-                _trash_one(run, t, by_trash_name.get(t.entry.trash_name), now=now)
-    return busy
+    @property
+    def lock_names(self) -> set[str]:
+        return {_lock_name(d) for d in self.decisions} | {t.entry.name for t in self.trash}
 
-
-def _remove_one(run: _Run, d: Decision, fresh: Decision | None, *, now: float) -> None:
-    """Quarantine or remove one entry; its lock is held."""
-    e = d.entry
-    if fresh is None:
-        return run.note(_outcome(e, Result.SKIPPED, Reason.VANISHED))
-    f = fresh.entry
-    if not _same(e, inode=f.inode, size=f.bytes_apparent, mtime=f.mtime):
-        return run.note(_outcome(e, Result.SKIPPED, Reason.CHANGED_SINCE_PLAN))
-    if fresh.action not in _REMOVALS:
-        return run.note(
-            _outcome(e, Result.SKIPPED, _SKIP_REASON.get(fresh.reason, Reason.NOW_KEPT))
+    def only(self, names: set[str]) -> _Work:
+        return _Work(
+            tuple(d for d in self.decisions if _lock_name(d) in names),
+            tuple(t for t in self.trash if t.entry.name in names),
         )
+
+
+def _apply_locked(
+    run: Run,
+    plan: Plan,
+    *,
+    observe: Callable[[], Inventory],
+    policies: tuple[Policy, ...],
+    clock: Clock,
+    lock_timeout: float,
+    should_stop: Callable[[], bool],
+) -> None:
+    work = _Work(
+        tuple(d for d in plan.decisions if d.action in _ACTIONS),
+        tuple(t for t in plan.trash if t.action is not Action.KEEP),
+    )
+    if not work.decisions and not work.trash:
+        return
+    # One deadline for the whole pass, on the monotonic clock (a wait, not an age).
+    deadline = clock.monotonic() + lock_timeout
+    batch = _Batch(run, observe=observe, policies=policies, clock=clock, should_stop=should_stop)
+    busy = batch.apply(work, wait=0)
+    for d in work.decisions:  # a temp whose lock is busy is being written: never waited for
+        if d.action is Action.REAP and _lock_name(d) in busy:
+            run.note(_outcome(d.entry, Result.SKIPPED, Reason.TEMP_LOCKED))
+    retry = _Work(tuple(d for d in work.decisions if d.action is not Action.REAP), work.trash)
+    retry = retry.only(set(busy))
+    if not retry.decisions and not retry.trash:
+        return
+    still = batch.apply(retry, wait=max(0.0, deadline - clock.monotonic()))
+    message = f"(one wait of at most {lock_timeout:g} s for the whole pass)"
+    for name in sorted(retry.lock_names & set(still)):
+        run.note(Outcome(name, naming.classify(name), Result.SKIPPED, Reason.LOCK_TIMEOUT,
+                         message=f"{still[name]} {message}"))  # fmt: skip
+
+
+@dataclass
+class _Batch:
+    """Lock what can be locked, observe and decide once more, act, release."""
+
+    run: Run
+    observe: Callable[[], Inventory]
+    policies: tuple[Policy, ...]
+    clock: Clock
+    should_stop: Callable[[], bool]
+
+    def apply(self, work: _Work, *, wait: float) -> dict[str, LockTimeout]:
+        """Act on ``work`` within ``wait`` seconds of lock waiting; return the busy locks."""
+        run = self.run
+        with ExitStack() as held:
+            names = work.lock_names
+            missed = locks.take_entry_locks(
+                held, run.layout.instances_path, names, wait=wait,
+                monotonic=self.clock.monotonic, sleep=self.clock.sleep,
+            )  # fmt: skip
+            busy = {n: exc for n, exc in missed.items() if isinstance(exc, LockTimeout)}
+            failed = {n: exc for n, exc in missed.items() if n not in busy}
+            now = self.clock.wall()
+            # Observing the host again is the slow part: only when there is something to act on.
+            inventory = self.observe() if len(missed) < len(names) else None
+            fresh = tuple(decide(inventory, p, now) for p in self.policies) if inventory else ()
+            for d in work.decisions:
+                name = _lock_name(d)
+                if name in busy:
+                    continue
+                if self.should_stop():
+                    run.note(_outcome(d.entry, Result.SKIPPED, Reason.STOPPED))
+                elif name in failed:
+                    run.note(outcome_for(d.entry.name, d.entry.kind, failed[name]))
+                else:
+                    found = [_decision_named(p, d.entry.name) for p in fresh]
+                    _act_on_entry(run, d, found, now=now)
+            for t in work.trash:
+                if t.entry.name in busy:
+                    continue
+                if self.should_stop():
+                    run.note(_trash_outcome(t.entry, Result.SKIPPED, Reason.STOPPED))
+                elif t.entry.name in failed:
+                    run.note(_trash_failure(t.entry, failed[t.entry.name]))
+                else:
+                    found_t = [_trash_named(p, t.entry.trash_name) for p in fresh]
+                    _act_on_trash(run, t, found_t, now=now)
+        return busy
+
+
+def _decision_named(plan: Plan, name: str) -> Decision | None:
+    return next((d for d in plan.decisions if d.entry.name == name), None)
+
+
+def _trash_named(plan: Plan, trash_name: str) -> TrashDecision | None:
+    return next((t for t in plan.trash if t.entry.trash_name == trash_name), None)
+
+
+def _same_file(entry: CacheEntry, st: os.stat_result | CacheEntry) -> bool:
+    if isinstance(st, CacheEntry):
+        return (entry.inode, entry.bytes_apparent, entry.mtime) == (
+            st.inode, st.bytes_apparent, st.mtime
+        )  # fmt: skip
+    return (entry.inode, entry.bytes_apparent, entry.mtime) == (st.st_ino, st.st_size, st.st_mtime)
+
+
+def recheck(planned: Decision, fresh: Sequence[Decision | None]) -> tuple[Action, Reason | None]:
+    """The action to take on ``planned`` now, or why not, from the fresh decisions under its lock.
+
+    The one re-check of removals, quarantines and reaps. The entry must still be the very file
+    planned, and every fresh decision (one per policy) must act on it as the plan does: a removal
+    only when all remove, else a quarantine when all remove or quarantine; a reap only when all
+    reap. Returns ``(action, None)`` to act, ``(KEEP, reason)`` to skip.
+    """
+    if not fresh or any(f is None for f in fresh):
+        return Action.KEEP, Reason.VANISHED
+    decided = [f for f in fresh if f is not None]
+    if not all(_same_file(planned.entry, f.entry) for f in decided):
+        return Action.KEEP, Reason.CHANGED_SINCE_PLAN
+    wanted = {Action.REAP} if planned.action is Action.REAP else _REMOVALS
+    refusing = next((f for f in decided if f.action not in wanted), None)
+    if refusing is not None:
+        return Action.KEEP, _SKIP_REASON.get(refusing.reason, Reason.NOW_KEPT)
+    if planned.action is Action.REAP:
+        return Action.REAP, None
+    both_remove = planned.action is Action.REMOVE and all(
+        f.action is Action.REMOVE for f in decided
+    )
+    return (Action.REMOVE if both_remove else Action.QUARANTINE), None
+
+
+def _act_on_entry(run: Run, d: Decision, fresh: Sequence[Decision | None], *, now: float) -> None:
+    """Quarantine, remove or reap one entry; its lock is held."""
+    e = d.entry
+    action, skip = recheck(d, fresh)
+    if skip is not None:
+        return run.note(_outcome(e, Result.SKIPPED, skip))
     path = run.path(e.name)
     try:
         st = os.lstat(path)
         # Nova touches a base outside the lock; one last look catches a touch since re-observing.
-        if not _same(e, inode=st.st_ino, size=st.st_size, mtime=st.st_mtime):
+        if not _same_file(e, st):
             return run.note(_outcome(e, Result.SKIPPED, Reason.CHANGED_SINCE_PLAN))
-        if d.action is Action.QUARANTINE:
-            trash_name = fsops.quarantine(run.plan.cache_dir, e.name, now=now)
-            done = _outcome(e, Result.QUARANTINED, d.reason, bytes=st.st_blocks * 512,
-                            trash_name=trash_name)  # fmt: skip
+        size = st.st_blocks * 512
+        if action is Action.QUARANTINE:
+            name = trash_store.quarantine(run.layout.cache_dir, e.name, now=now)
+            done = _outcome(e, Result.QUARANTINED, d.reason, bytes_=size, trash_name=name)
         else:
             freed = fsops.remove(path)
-            done = _outcome(
-                e, Result.REMOVED, d.reason, bytes=st.st_blocks * 512, bytes_freed=freed
-            )
-    except FileNotFoundError:
-        return run.note(_outcome(e, Result.SKIPPED, Reason.VANISHED))
-    except EntryChanged as exc:
-        return run.note(_outcome(e, Result.SKIPPED, Reason.NAME_TAKEN, message=str(exc)))
-    except OSError as exc:
-        return run.note(_outcome(e, Result.FAILED, Reason.OS_ERROR, message=str(exc)))
+            result = Result.REAPED if action is Action.REAP else Result.REMOVED
+            done = _outcome(e, result, d.reason, bytes_=size, freed=freed)
+    except (OSError, EntryChanged) as exc:
+        return run.note(outcome_for(e.name, e.kind, exc))
     run.done(done, now=now)
 
 
-def _trash_one(run: _Run, t: TrashDecision, fresh: TrashDecision | None, *, now: float) -> None:
-    """Purge or restore one quarantined entry; the lock of its original name is held."""
+def _trash_failure(e: TrashEntry, exc: BaseException) -> Outcome:
+    return outcome_for(e.name, naming.classify(e.name), exc, trash_name=e.trash_name)
+
+
+def _act_on_trash(
+    run: Run, t: TrashDecision, fresh: Sequence[TrashDecision | None], *, now: float
+) -> None:
+    """Purge or restore one quarantined entry; the lock of its original name is held.
+
+    A restore needs only the current policy's fresh decision (restoring undoes a removal and is
+    always safe); a purge needs every fresh decision to purge.
+    """
     e = t.entry
-    if fresh is None:
+    if not fresh or fresh[0] is None:
         return run.note(_trash_outcome(e, Result.SKIPPED, Reason.VANISHED))
-    if fresh.entry.inode != e.inode:
+    current = fresh[0]
+    if current.entry.inode != e.inode:
         return run.note(_trash_outcome(e, Result.SKIPPED, Reason.CHANGED_SINCE_PLAN))
-    if fresh.action is not t.action:
-        reason = _SKIP_REASON.get(fresh.reason, Reason.NOW_KEPT)
+    deciding = fresh if t.action is Action.PURGE else fresh[:1]
+    refusing = next((f for f in deciding if f is None or f.action is not t.action), None)
+    if refusing is not None or current.action is not t.action:
+        reason = _SKIP_REASON.get(refusing.reason, Reason.NOW_KEPT) if refusing else Reason.NOW_KEPT
         return run.note(_trash_outcome(e, Result.SKIPPED, reason))
     try:
         if t.action is Action.PURGE:
-            freed = fsops.purge(run.plan.cache_dir, e.trash_name)
-            done = _trash_outcome(e, Result.PURGED, t.reason, bytes=freed, bytes_freed=freed)
+            freed = trash_store.purge(run.layout.cache_dir, e.trash_name)
+            done = _trash_outcome(e, Result.PURGED, t.reason, bytes_=freed, freed=freed)
         else:
-            fsops.restore(run.plan.cache_dir, e.trash_name)
-            users = ", ".join(f"{u.source} {u.ref}" for u in fresh.users)
-            done = _trash_outcome(e, Result.RESTORED, t.reason, bytes=e.bytes_allocated,
+            trash_store.restore(run.layout.cache_dir, e.trash_name)
+            users = ", ".join(f"{u.source} {u.ref}" for u in current.users)
+            done = _trash_outcome(e, Result.RESTORED, t.reason, bytes_=e.bytes_allocated,
                                   message=f"referenced again by {users}")  # fmt: skip
-    except FileNotFoundError:
-        return run.note(_trash_outcome(e, Result.SKIPPED, Reason.VANISHED))
-    except EntryChanged as exc:
-        return run.note(_trash_outcome(e, Result.SKIPPED, Reason.NAME_TAKEN, message=str(exc)))
-    except OSError as exc:
-        return run.note(_trash_outcome(e, Result.FAILED, Reason.OS_ERROR, message=str(exc)))
+    except (OSError, EntryChanged) as exc:
+        return run.note(_trash_failure(e, exc))
     if done.result is Result.RESTORED:
-        LOG.warning("RESTORED %s from the trash: %s", e.name, done.message)
+        LOG.warning("RESTORED %r from the trash: %s", e.name, done.message)
     run.done(done, now=now)
 
 
-def _reap_temps(run: _Run, *, now: float, stale_age: int) -> None:
-    """Remove stale temporaries, each only if its entry lock is free right now (no waiting)."""
-    for d in run.plan.decisions:
-        if d.action is not Action.REAP:
-            continue
-        e = d.entry
-        try:
-            with locks.entry_lock(run.instances_path, naming.entry_of_temp(e.name), timeout=0):
-                st = os.lstat(run.path(e.name))
-                if not _same(e, inode=st.st_ino, size=st.st_size, mtime=st.st_mtime):
-                    run.note(_outcome(e, Result.SKIPPED, Reason.CHANGED_SINCE_PLAN))
-                    continue
-                if now - st.st_mtime < stale_age:
-                    run.note(_outcome(e, Result.SKIPPED, Reason.NOW_TOO_YOUNG))
-                    continue
-                freed = fsops.remove(run.path(e.name))
-        except LockTimeout:
-            # Someone (a download, a conversion) is working on the entry: the temp may be live.
-            run.note(_outcome(e, Result.SKIPPED, Reason.TEMP_LOCKED))
-            continue
-        except FileNotFoundError:
-            run.note(_outcome(e, Result.SKIPPED, Reason.VANISHED))
-            continue
-        except OSError as exc:
-            run.note(_outcome(e, Result.FAILED, Reason.OS_ERROR, message=str(exc)))
-            continue
-        bytes_ = st.st_blocks * 512
-        run.done(_outcome(e, Result.REAPED, d.reason, bytes=bytes_, bytes_freed=freed), now=now)
-
-
 def _may_collect_lock_files(plan: Plan, policy: Policy) -> bool:
-    # A "cache" problem of any kind (missing, unlistable, an entry that cannot be stat'ed) means
-    # the plan does not name every entry, so its names cannot tell live lock files from dead ones.
-    listed = not any(p.source == "cache" for p in plan.problems)
+    # A problem that hides entries (a cache missing, unlistable, an entry that cannot be stat'ed)
+    # means the plan does not name every entry, so its names cannot tell live lock files from dead.
+    listed = not any(p.hides_entries for p in plan.problems)
     return plan.complete and policy.remove_unused and listed
 
 
-def _collect_lock_files(run: _Run, *, now: float) -> None:
-    plan = run.plan
+def _collect_lock_files(run: Run, plan: Plan, *, now: float) -> None:
     live = {d.entry.name for d in plan.decisions} | {t.entry.name for t in plan.trash}
     live |= {naming.entry_of_temp(d.entry.name) for d in plan.decisions}
     try:
-        found = locks.collect_stale_lock_files(
-            run.instances_path, live, cache_dir=plan.cache_dir, now=now
+        found = lockfiles.collect_stale_lock_files(
+            run.layout.instances_path, live, cache_dir=run.layout.cache_dir, now=now
         )
         for path in found:
             LOG.info("removed stale lock file %s", path)
     except OSError as exc:
-        run.problems.append(Problem("locks", run.instances_path, f"cannot collect: {exc}"))
-
-
-def _touch_restored(path: str, now: float) -> None:
-    try:
-        fsops.touch(path, now)
-    except OSError as exc:
-        LOG.warning("restored %s but could not touch it: %s", path, exc)
-
-
-def restore_entry(
-    name: str,
-    *,
-    cache_dir: str,
-    instances_path: str,
-    lock_timeout: float,
-    audit: AuditLog,
-    now: float,
-) -> Report:
-    """Bring the quarantined entry ``name`` (or trash name ``name@epoch``) back into the cache.
-
-    With several quarantined copies of one name the newest comes back. It is refused (an outcome
-    ``name-taken``) when an entry of that name exists again, e.g. Nova fetched the image anew.
-    The restored entry is touched (best effort): an operator who brings an entry back wants it
-    kept, not quarantined again by the next pass because its old mtime is still expired.
-
-    Raises:
-        ObservationError: the trash cannot be listed.
-    """
-    try:
-        trash = fsops.list_trash(cache_dir)
-    except OSError as exc:
-        raise ObservationError(f"cannot list the trash of {cache_dir}: {exc}") from exc
-    matches = [t for t in trash if name in (t.name, t.trash_name)]
-    run = _Run(
-        plan=Plan(host=audit.host, cache_dir=cache_dir, now=now, complete=True, decisions=()),
-        instances_path=instances_path,
-        audit=audit,
-        plan_id=None,
-    )
-    if not matches:
-        missing = Outcome(name, naming.classify(name), Result.SKIPPED, Reason.NOT_IN_TRASH)
-        run.note(missing)
-        return Report(None, now, tuple(run.outcomes))
-    entry = max(matches, key=lambda t: (t.quarantined_at, t.trash_name))
-    try:
-        with locks.entry_lock(instances_path, entry.name, timeout=lock_timeout):
-            fsops.restore(cache_dir, entry.trash_name)
-            _touch_restored(os.path.join(cache_dir, entry.name), now)
-    except LockTimeout as exc:
-        run.note(_trash_outcome(entry, Result.SKIPPED, Reason.LOCK_TIMEOUT, message=str(exc)))
-    except EntryChanged as exc:
-        run.note(_trash_outcome(entry, Result.SKIPPED, Reason.NAME_TAKEN, message=str(exc)))
-    except FileNotFoundError:
-        run.note(_trash_outcome(entry, Result.SKIPPED, Reason.NOT_IN_TRASH))
-    except OSError as exc:
-        run.note(_trash_outcome(entry, Result.FAILED, Reason.OS_ERROR, message=str(exc)))
-    else:
-        restored = _trash_outcome(
-            entry, Result.RESTORED, Reason.OPERATOR_RESTORE, bytes=entry.bytes_allocated
-        )
-        run.done(restored, now=now)
-    return Report(None, now, tuple(run.outcomes), tuple(run.problems))
+        message = f"cannot collect: {exc}"
+        run.problems.append(Problem(ProblemCode.LOCKS_UNCOLLECTED, run.layout.locks_dir, message))

@@ -15,8 +15,8 @@ file, and lock files are only ever opened and closed while that guard is held.
 Lock files of live entries are never unlinked: a process that has the file open (waiting for it, or
 about to lock it) would keep locking the unlinked inode while a newcomer creates and locks a fresh
 one, and both would believe they hold the lock (nova-imagecache.md §9.1 item 6).
-:func:`collect_stale_lock_files` removes only lock files of names that have been gone for long,
-and re-checks under the held lock that nothing of the name is left in the cache.
+:mod:`imagecache.lockfiles` removes only lock files of names that have been gone for long, and
+re-checks under the held lock that nothing of the name is left in the cache.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 import threading
 import time
 import weakref
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -36,25 +35,11 @@ import fasteners
 
 from imagecache import naming
 from imagecache.errors import LockTimeout
-from imagecache.model import Kind
-from imagecache.store import fsops
+from imagecache.layout import LOCKS_DIR
 
-__all__ = [
-    "LOCKS_DIR",
-    "LOCK_PREFIX",
-    "STALE_LOCK_AGE",
-    "collect_stale_lock_files",
-    "entry_lock",
-    "is_locked",
-    "lock_path",
-    "take_entry_locks",
-]
+__all__ = ["entry_lock", "held_lock", "is_locked", "lock_path", "take_entry_locks"]
 
-LOCKS_DIR = "locks"
-LOCK_PREFIX = "nova-"
-STALE_LOCK_AGE = 7 * 86400
-
-log = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 
 # One guard per lock file path, alive while someone holds or waits on it (oslo keeps its internal
 # semaphores the same way). The registry itself is protected by a plain lock.
@@ -84,13 +69,11 @@ def lock_path(instances_path: str | os.PathLike[str], name: str) -> str:
     Raises:
         ValueError: ``name`` is empty, ``.`` or ``..``, or contains ``/`` or NUL.
     """
-    if not name or name in {".", ".."} or "/" in name or "\0" in name:
-        raise ValueError(f"not a valid entry name for a lock: {name!r}")
-    return str(Path(instances_path, LOCKS_DIR, LOCK_PREFIX + name))
+    return str(Path(instances_path, LOCKS_DIR, naming.lock_file_name(name)))
 
 
 @contextmanager
-def _held(
+def held_lock(
     path: str, *, timeout: float, poll: float, what: str
 ) -> Iterator[fasteners.InterProcessLock]:
     """Hold the guard and the file lock of ``path``, waiting at most ``timeout`` seconds in all."""
@@ -159,11 +142,11 @@ def entry_lock(
             refuses POSIX locks.
     """
     path = lock_path(instances_path, name)
-    with _held(path, timeout=timeout, poll=poll, what=f"entry {name}") as file_lock:
+    with held_lock(path, timeout=timeout, poll=poll, what=f"entry {name}") as file_lock:
         try:
             os.utime(file_lock.lockfile.fileno())
         except OSError as exc:
-            log.debug("could not refresh the mtime of %s: %s", path, exc)
+            LOG.debug("could not refresh the mtime of %s: %s", path, exc)
         yield
 
 
@@ -174,11 +157,14 @@ def take_entry_locks(
     *,
     wait: float,
     poll: float = 0.05,
+    monotonic: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Exception]:
     """Take as many of the entry locks of ``names`` as possible, never blocking on one of them.
 
     Every lock is tried once without waiting, in sorted order; the busy ones are tried again, in
-    turn, every ``poll`` seconds until ``wait`` seconds have passed (``wait=0``: one try each).
+    turn, every ``poll`` seconds until ``wait`` seconds have passed (``wait=0``: one try each),
+    measured with ``monotonic`` and waited with ``sleep`` (a test passes a clock of its own).
     The locks taken are entered into ``stack`` and held until it closes. Holding some while
     trying others cannot deadlock: no attempt ever blocks.
 
@@ -191,7 +177,7 @@ def take_entry_locks(
     """
     if wait < 0 or poll <= 0:
         raise ValueError(f"wait must be >= 0 and poll > 0, got {wait!r} and {poll!r}")
-    start = time.monotonic()
+    start = monotonic()
     deadline = start + wait
     pending = sorted(set(names))
     failed: dict[str, Exception] = {}
@@ -205,11 +191,11 @@ def take_entry_locks(
             except OSError as exc:
                 failed[name] = exc
         pending = busy
-        left = deadline - time.monotonic()
+        left = deadline - monotonic()
         if not pending or left <= 0:
             break
-        time.sleep(min(poll, left))
-    waited = time.monotonic() - start
+        sleep(min(poll, left))
+    waited = monotonic() - start
     for name in pending:
         failed[name] = LockTimeout(
             f"entry {name}: lock {lock_path(instances_path, name)} is held by another process "
@@ -235,113 +221,7 @@ def is_locked(instances_path: str | os.PathLike[str], name: str) -> bool:
     except FileNotFoundError:
         return False
     try:
-        with _held(path, timeout=0, poll=0.05, what=f"entry {name}"):
+        with held_lock(path, timeout=0, poll=0.05, what=f"entry {name}"):
             return False
     except LockTimeout:
         return True
-
-
-def _collectable(name: str) -> bool:
-    # Only names of cache entries: Nova and other services keep unrelated locks here
-    # (nova-storage-registry-lock, ...) and those are never ours to remove.
-    return naming.classify(name) is not Kind.UNKNOWN
-
-
-def collect_stale_lock_files(
-    instances_path: str | os.PathLike[str],
-    live_names: Collection[str],
-    *,
-    cache_dir: str | os.PathLike[str],
-    now: float,
-    min_age: float = STALE_LOCK_AGE,
-) -> list[str]:
-    """Remove lock files of cache entries that have been gone for at least ``min_age`` seconds.
-
-    A file ``locks/nova-<name>`` is removed only when all of these hold:
-
-    - ``name`` is a cache entry name (:func:`imagecache.naming.classify` gives a kind other than
-      ``unknown``; temp names classify as ``temp``) and is not in ``live_names``;
-    - it is a regular file whose mtime is at least ``min_age`` seconds before ``now`` (the mtime
-      is refreshed each time :func:`entry_lock` holds it: the last time we worked on the entry);
-      ``min_age`` defaults to :data:`STALE_LOCK_AGE` (7 days);
-    - its lock can be taken without waiting, and the path still names the locked file;
-    - while it is held, ``cache_dir`` can be listed and holds neither ``name`` nor a temp file of
-      it (``name.*``), and its trash holds no quarantined ``name@<epoch>``. ``live_names`` was
-      observed before the lock was taken; an entry fetched or quarantined since, or a cache
-      directory that vanished (an unmounted share), must not make a live lock file look dead.
-
-    It is unlinked while the lock is held. Anything else in ``locks/`` is left alone.
-
-    Returns:
-        The removed paths, in name order.
-
-    Raises:
-        OSError: ``locks/``, the cache directory or its trash cannot be listed (a missing cache
-            directory removes nothing), or a lock file cannot be opened, locked or unlinked (a
-            file that vanishes meanwhile is skipped).
-    """
-    directory = Path(instances_path, LOCKS_DIR)
-    live = frozenset(live_names)
-    try:
-        names = sorted(child.name for child in directory.iterdir())
-    except FileNotFoundError:
-        return []
-    removed: list[str] = []
-    for file_name in names:
-        name = file_name.removeprefix(LOCK_PREFIX)
-        if name == file_name or name in live or not _collectable(name):
-            continue
-        path = str(directory / file_name)
-        try:
-            if _remove_if_stale(path, name, cache_dir=Path(cache_dir), now=now, min_age=min_age):
-                removed.append(path)
-        except FileNotFoundError:
-            continue
-    return removed
-
-
-def _is_stale(st: os.stat_result, *, now: float, min_age: float) -> bool:
-    return stat.S_ISREG(st.st_mode) and now - st.st_mtime >= min_age
-
-
-def _left_in(directory: Path, name: str, separator: str) -> bool:
-    """Whether ``directory`` holds ``name`` or a name that starts with ``name + separator``."""
-    prefix = name + separator
-    with os.scandir(directory) as it:
-        return any(e.name == name or e.name.startswith(prefix) for e in it)
-
-
-def _entry_gone(cache_dir: Path, name: str) -> bool:
-    """Nothing of entry ``name`` is left: no entry, no temp file, no quarantined copy."""
-    try:
-        if _left_in(cache_dir, name, "."):
-            return False
-    except FileNotFoundError:
-        # No cache directory at all (an unmounted share, a wrong path): nothing is known gone.
-        return False
-    try:
-        return not _left_in(fsops.trash_dir(cache_dir), name, "@")
-    except FileNotFoundError:
-        return True
-
-
-def _remove_if_stale(path: str, name: str, *, cache_dir: Path, now: float, min_age: float) -> bool:
-    if not _is_stale(os.lstat(path), now=now, min_age=min_age):
-        return False
-    try:
-        with _held(path, timeout=0, poll=0.05, what=path) as file_lock:
-            held = os.fstat(file_lock.lockfile.fileno())
-            current = os.lstat(path)
-            # Someone may have replaced the file, or worked on the entry, since the first look.
-            if (held.st_dev, held.st_ino) != (current.st_dev, current.st_ino):
-                return False
-            if not _is_stale(current, now=now, min_age=min_age):
-                return False
-            # Only under the lock is the answer final: a fetch or a quarantine takes it.
-            if not _entry_gone(cache_dir, name):
-                return False
-            Path(path).unlink()
-            log.info("removed stale lock file %s", path)
-            return True
-    except LockTimeout:
-        return False

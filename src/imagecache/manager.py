@@ -7,32 +7,29 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
-from imagecache import executor, policy
-from imagecache import sources as scan
-from imagecache.config import Settings
-from imagecache.model import Inventory, Plan, Problem, Report
-from imagecache.store import fsops, registry
+from imagecache import executor, policy, sources
+from imagecache.clock import Clock
+from imagecache.model import Inventory, Problem
+from imagecache.plan import Plan
+from imagecache.restore import restore_entry
+from imagecache.results import Report
+from imagecache.settings import Settings
+from imagecache.store import registry
 from imagecache.store.audit import AuditLog
 
-__all__ = ["apply_plan", "observe", "plan_pass", "register", "restore", "run_pass", "save_plan"]
+__all__ = ["apply_plan", "observe", "plan_pass", "register", "restore", "run_pass"]
 
 LOG = logging.getLogger(__name__)
 
 
 def observe(settings: Settings, *, inventory_files: Iterable[str] = ()) -> Inventory:
     """Read-only observation of the host the settings describe."""
-    return scan.observe(
-        host=settings.host,
-        instances_path=settings.instances_path,
-        cache_dir=settings.cache_dir,
-        inventory_files=inventory_files,
-    )
+    files = (*settings.clean.inventory_files, *inventory_files)
+    return sources.observe(settings.layout, host=settings.host, inventory_files=files)
 
 
 @contextmanager
@@ -59,11 +56,6 @@ def plan_pass(settings: Settings, *, inventory_files: Iterable[str] = (), now: f
         return policy.decide(inventory, settings.policy, now)
 
 
-def save_plan(path: str, doc: dict[str, Any]) -> None:
-    """Write a plan document atomically, for ``clean --plan FILE`` to apply later."""
-    fsops.atomic_write(path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
-
-
 def register(settings: Settings, *, now: float) -> tuple[Problem, ...]:
     """Register this host in Nova's ``compute_nodes``, as Nova's own pass would; what went wrong.
 
@@ -71,10 +63,7 @@ def register(settings: Settings, *, now: float) -> tuple[Problem, ...]:
     Nova does, so the observation that follows already counts this host.
     """
     problem = registry.register_host(
-        settings.instances_path,
-        settings.host,
-        now=now,
-        lock_timeout=settings.lock_timeout_seconds,
+        settings.layout, settings.host, now=now, lock_timeout=settings.clean.lock_timeout
     )
     if problem is None:
         return ()
@@ -87,11 +76,13 @@ def apply_plan(
     plan: Plan,
     *,
     inventory_files: Iterable[str] = (),
-    clock: Callable[[], float],
+    clock: Clock,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> Report:
-    """Register the host, then act on a saved ``plan``, re-checking every entry under its lock."""
-    registered = register(settings, now=clock())
-    return _apply(settings, plan, tuple(inventory_files), clock=clock, problems=registered)
+    """Register the host, then act on a saved ``plan``, re-deciding every entry under its lock."""
+    registered = register(settings, now=clock.wall())
+    return _apply(settings, plan, tuple(inventory_files), clock=clock, problems=registered,
+                  should_stop=should_stop)  # fmt: skip
 
 
 def _apply(
@@ -99,39 +90,45 @@ def _apply(
     plan: Plan,
     files: tuple[str, ...],
     *,
-    clock: Callable[[], float],
+    clock: Clock,
     problems: tuple[Problem, ...],
+    should_stop: Callable[[], bool],
 ) -> Report:
     done = executor.apply(
         plan,
-        instances_path=settings.instances_path,
+        layout=settings.layout,
         observe=lambda: observe(settings, inventory_files=files),
         policy=settings.policy,
         clock=clock,
-        audit=AuditLog(settings.audit_log, host=settings.host),
-        lock_timeout=settings.lock_timeout_seconds,
-        touch_in_use=settings.touch_in_use,
+        audit=AuditLog(settings.clean.audit_log, host=settings.host),
+        lock_timeout=settings.clean.lock_timeout,
+        touch_in_use=settings.clean.touch_in_use,
+        should_stop=should_stop,
     )
     return dataclasses.replace(done, problems=(*problems, *done.problems))
 
 
 def run_pass(
-    settings: Settings, *, inventory_files: Iterable[str] = (), clock: Callable[[], float]
+    settings: Settings,
+    *,
+    inventory_files: Iterable[str] = (),
+    clock: Clock,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[Plan, Report]:
     """One whole pass: register the host, observe, decide, act."""
     files = tuple(inventory_files)
-    registered = register(settings, now=clock())
-    plan = plan_pass(settings, inventory_files=files, now=clock())
-    return plan, _apply(settings, plan, files, clock=clock, problems=registered)
+    registered = register(settings, now=clock.wall())
+    plan = plan_pass(settings, inventory_files=files, now=clock.wall())
+    done = _apply(settings, plan, files, clock=clock, problems=registered, should_stop=should_stop)
+    return plan, done
 
 
-def restore(settings: Settings, name: str, *, clock: Callable[[], float]) -> Report:
+def restore(settings: Settings, name: str, *, clock: Clock) -> Report:
     """Bring a quarantined entry back (``imagecache restore NAME``)."""
-    return executor.restore_entry(
+    return restore_entry(
         name,
-        cache_dir=settings.cache_dir,
-        instances_path=settings.instances_path,
-        lock_timeout=settings.lock_timeout_seconds,
-        audit=AuditLog(settings.audit_log, host=settings.host),
-        now=clock(),
+        layout=settings.layout,
+        lock_timeout=settings.clean.lock_timeout,
+        audit=AuditLog(settings.clean.audit_log, host=settings.host),
+        now=clock.wall(),
     )

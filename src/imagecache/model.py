@@ -1,34 +1,29 @@
-"""The values every layer passes around: observations in, a plan out.
+"""Observations: what one look at a host saw, as immutable values.
 
 Everything here is a frozen dataclass or a StrEnum, so an observation cannot change after it was
-made and ``decide()`` can be a pure function of its inputs. Reason codes are part of the JSON
-contract (DESIGN.md §6): add new ones, never rename them.
+made and ``decide()`` (:mod:`imagecache.policy`) can be a pure function of its inputs. Problem
+codes, like reason codes, are part of the JSON contract (DESIGN.md §6): add new ones, never
+rename them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 __all__ = [
-    "PROBLEM_REASONS",
-    "Action",
+    "PROBLEMS",
     "CacheEntry",
-    "Decision",
     "Disk",
     "FileType",
     "InstanceRecord",
     "Inventory",
     "Kind",
-    "Outcome",
-    "Plan",
-    "Policy",
     "Problem",
-    "Reason",
-    "Report",
-    "Result",
+    "ProblemCode",
+    "ProblemSource",
+    "ProblemTraits",
     "Source",
-    "TrashDecision",
     "TrashEntry",
     "User",
 ]
@@ -65,63 +60,126 @@ class Source(StrEnum):
     PIN = "pin"
 
 
-class Action(StrEnum):
-    KEEP = "keep"
-    REMOVE = "remove"
-    QUARANTINE = "quarantine"
-    REAP = "reap"
-    # Actions on quarantined entries (``Plan.trash``).
-    PURGE = "purge"
-    RESTORE = "restore"
+class ProblemSource(StrEnum):
+    """Which part of the host a problem is about."""
+
+    CACHE = "cache"
+    TRASH = "trash"
+    INSTANCES = "instances"
+    INSTANCE = "instance"
+    DISK = "disk"
+    INVENTORY = "inventory"
+    REGISTRY = "registry"
+    AUDIT = "audit"
+    LOCKS = "locks"
 
 
-class Reason(StrEnum):
-    """Stable kebab-case codes; every decision carries exactly one."""
+class ProblemCode(StrEnum):
+    """What went wrong, as a stable kebab-case code; :data:`PROBLEMS` says what it implies."""
 
-    IN_USE = "in-use"
-    TOO_YOUNG = "too-young"
-    REMOVAL_DISABLED = "removal-disabled"
-    UNUSED_EXPIRED = "unused-expired"
-    UNKNOWN_KIND = "unknown-kind"
-    NOT_A_FILE = "not-a-regular-file"
-    INCOMPLETE_VIEW = "incomplete-view"
-    LEGACY_ID_DISABLED = "legacy-id-disabled"
-    STALE_TEMP = "stale-temp"
-    TEMP_TOO_YOUNG = "temp-too-young"
-    CLOCK_SKEW = "clock-skew"
-    # Quarantined entries.
-    IN_QUARANTINE = "in-quarantine"
-    QUARANTINE_EXPIRED = "quarantine-expired"
-    REFERENCED_AGAIN = "referenced-again"
-    OPERATOR_RESTORE = "operator-restore"
-    # Why the executor did not do what the plan said (or what went wrong doing it).
-    CHANGED_SINCE_PLAN = "changed-since-plan"
-    NOW_IN_USE = "now-in-use"
-    NOW_TOO_YOUNG = "now-too-young"
-    NOW_KEPT = "now-kept"
-    LOCK_TIMEOUT = "lock-timeout"
-    VANISHED = "vanished"
-    TEMP_LOCKED = "temp-locked"
-    NAME_TAKEN = "name-taken"
-    NOT_IN_TRASH = "not-in-trash"
-    TOUCH_DENIED = "touch-denied"
-    OS_ERROR = "os-error"
+    CACHE_MISSING = "cache-missing"
+    CACHE_UNLISTED = "cache-unlisted"
+    ENTRY_UNSTATABLE = "entry-unstatable"
+    TRASH_UNLISTED = "trash-unlisted"
+    INSTANCES_MISSING = "instances-missing"
+    INSTANCES_UNLISTED = "instances-unlisted"
+    INSTANCE_UNLISTED = "instance-unlisted"
+    INSTANCE_LINK_UNRESOLVABLE = "instance-link-unresolvable"
+    DISK_VANISHED = "disk-vanished"
+    DISK_UNREADABLE = "disk-unreadable"
+    HEADER_GARBAGE = "header-garbage"
+    CHAIN_UNRESOLVABLE = "chain-unresolvable"
+    CHAIN_TOO_DEEP = "chain-too-deep"
+    GUEST_WRITTEN_HEADER = "guest-written-header"
+    PARTIAL_WRITE_HEADER = "partial-write-header"
+    BACKING_MISSING = "backing-missing"
+    RECORDS_UNREADABLE = "records-unreadable"
+    RECORDS_CORRUPT = "records-corrupt"
+    RECORDS_ABSENT = "records-absent"
+    RECORDS_UNREGISTERED_HOST = "records-unregistered-host"
+    REGISTRY_UNREADABLE = "registry-unreadable"
+    REGISTRY_CORRUPT = "registry-corrupt"
+    HOST_UNREGISTERED = "host-unregistered"
+    AUDIT_UNWRITABLE = "audit-unwritable"
+    LOCKS_UNCOLLECTED = "locks-uncollected"
 
 
-# Outcomes with these reasons mean "done with problems" (exit 1): the pass could not do what it
-# should have, or it had to undo a removal. A skip because the entry changed, became used or
-# vanished is the re-check doing its job, not a problem.
-PROBLEM_REASONS = frozenset(
-    {
-        Reason.INCOMPLETE_VIEW,
-        Reason.LOCK_TIMEOUT,
-        Reason.NAME_TAKEN,
-        Reason.NOT_IN_TRASH,
-        Reason.TOUCH_DENIED,
-        Reason.OS_ERROR,
-        Reason.REFERENCED_AGAIN,
-    }
-)
+@dataclass(frozen=True, slots=True)
+class ProblemTraits:
+    """What a problem code implies.
+
+    ``blocking``: the view is incomplete, so nothing is removed. ``hides_entries``: the cache
+    directory itself was not fully listed, so the names of the plan are not every entry's (no
+    lock file may be judged dead by them).
+    """
+
+    source: ProblemSource
+    blocking: bool
+    hides_entries: bool = False
+
+
+_S = ProblemSource
+_C = ProblemCode
+# The one table: whether a problem blocks removal depends on its code, never on its wording.
+PROBLEMS: dict[ProblemCode, ProblemTraits] = {
+    _C.CACHE_MISSING: ProblemTraits(_S.CACHE, blocking=False, hides_entries=True),
+    _C.CACHE_UNLISTED: ProblemTraits(_S.CACHE, blocking=True, hides_entries=True),
+    _C.ENTRY_UNSTATABLE: ProblemTraits(_S.CACHE, blocking=True, hides_entries=True),
+    _C.TRASH_UNLISTED: ProblemTraits(_S.TRASH, blocking=True),
+    _C.INSTANCES_MISSING: ProblemTraits(_S.INSTANCES, blocking=True),
+    _C.INSTANCES_UNLISTED: ProblemTraits(_S.INSTANCES, blocking=True),
+    _C.INSTANCE_UNLISTED: ProblemTraits(_S.INSTANCE, blocking=True),
+    _C.INSTANCE_LINK_UNRESOLVABLE: ProblemTraits(_S.INSTANCE, blocking=True),
+    _C.DISK_VANISHED: ProblemTraits(_S.DISK, blocking=True),
+    _C.DISK_UNREADABLE: ProblemTraits(_S.DISK, blocking=True),
+    _C.HEADER_GARBAGE: ProblemTraits(_S.DISK, blocking=True),
+    _C.CHAIN_UNRESOLVABLE: ProblemTraits(_S.DISK, blocking=True),
+    # A long run of external snapshots reaches the limit legitimately: unresolved, so blocking.
+    _C.CHAIN_TOO_DEEP: ProblemTraits(_S.DISK, blocking=True),
+    # Bytes a guest wrote (console log, disks raw per disk.info) or a partial write no VM has
+    # attached: a bad header there must not let any guest stop every removal on its host.
+    _C.GUEST_WRITTEN_HEADER: ProblemTraits(_S.DISK, blocking=False),
+    _C.PARTIAL_WRITE_HEADER: ProblemTraits(_S.DISK, blocking=False),
+    # A broken instance, not a gap in the view.
+    _C.BACKING_MISSING: ProblemTraits(_S.DISK, blocking=False),
+    _C.RECORDS_UNREADABLE: ProblemTraits(_S.INVENTORY, blocking=True),
+    _C.RECORDS_CORRUPT: ProblemTraits(_S.INVENTORY, blocking=True),
+    _C.RECORDS_ABSENT: ProblemTraits(_S.INVENTORY, blocking=False),
+    _C.RECORDS_UNREGISTERED_HOST: ProblemTraits(_S.INVENTORY, blocking=False),
+    _C.REGISTRY_UNREADABLE: ProblemTraits(_S.REGISTRY, blocking=True),
+    _C.REGISTRY_CORRUPT: ProblemTraits(_S.REGISTRY, blocking=True),
+    # Problems of acting, not of observing (a Report's, never an Inventory's): each makes the
+    # pass exit 1; "blocking" has no meaning there and is False.
+    _C.HOST_UNREGISTERED: ProblemTraits(_S.REGISTRY, blocking=False),
+    _C.AUDIT_UNWRITABLE: ProblemTraits(_S.AUDIT, blocking=False),
+    _C.LOCKS_UNCOLLECTED: ProblemTraits(_S.LOCKS, blocking=False),
+}
+del _S, _C
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Something that could not be observed (or done): a code, what it is about, and why.
+
+    ``ref`` names the thing (a path, a host); ``message`` is for people. What the problem implies
+    (its source, whether it blocks removal) comes from :data:`PROBLEMS` by its code.
+    """
+
+    code: ProblemCode
+    ref: str
+    message: str
+
+    @property
+    def source(self) -> ProblemSource:
+        return PROBLEMS[self.code].source
+
+    @property
+    def blocking(self) -> bool:
+        return PROBLEMS[self.code].blocking
+
+    @property
+    def hides_entries(self) -> bool:
+        return PROBLEMS[self.code].hides_entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,16 +252,6 @@ class InstanceRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class Problem:
-    """Something that could not be observed. ``blocking`` problems make the view incomplete."""
-
-    source: str
-    ref: str
-    message: str
-    blocking: bool = True
-
-
-@dataclass(frozen=True, slots=True)
 class Inventory:
     """Everything one observation saw; the only input of ``decide()`` besides policy and now.
 
@@ -224,121 +272,3 @@ class Inventory:
     @property
     def complete(self) -> bool:
         return not any(p.blocking for p in self.problems)
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """The thresholds and switches of a pass, in seconds (Nova's defaults)."""
-
-    remove_unused: bool = True
-    original_age: int = 86400
-    resized_age: int = 3600
-    remove_unused_kernels: bool = False
-    stale_temp_age: int = 86400
-    quarantine_seconds: int = 86400
-    default_ephemeral_format: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What a pass does with one entry, and why.
-
-    ``removable_at`` is the epoch time at which an unused entry becomes removable (None when it is
-    used or never removable); ``last_used`` is the time its age is measured from.
-    """
-
-    entry: CacheEntry
-    action: Action
-    reason: Reason
-    users: tuple[User, ...] = ()
-    last_used: float = 0.0
-    age_seconds: float = 0.0
-    threshold: int | None = None
-    removable_at: float | None = None
-
-    @property
-    def in_use(self) -> bool:
-        return bool(self.users)
-
-
-@dataclass(frozen=True, slots=True)
-class TrashDecision:
-    """What a pass does with one quarantined entry: keep it, purge it, or restore it.
-
-    ``users`` are the users of its original name (a disk whose backing file is that name, an
-    instance record that claims it); ``purge_at`` is when its quarantine expires.
-    """
-
-    entry: TrashEntry
-    action: Action
-    reason: Reason
-    users: tuple[User, ...] = ()
-    purge_at: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """The decisions of one pass over one cache directory (and its trash)."""
-
-    host: str
-    cache_dir: str
-    now: float
-    complete: bool
-    decisions: tuple[Decision, ...]
-    problems: tuple[Problem, ...] = ()
-    policy: Policy = field(default_factory=Policy)
-    trash: tuple[TrashDecision, ...] = ()
-
-
-class Result(StrEnum):
-    """What the executor did with one entry."""
-
-    REMOVED = "removed"
-    QUARANTINED = "quarantined"
-    REAPED = "reaped"
-    PURGED = "purged"
-    RESTORED = "restored"
-    TOUCHED = "touched"
-    SKIPPED = "skipped"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """One thing the executor did or refused to do, and why.
-
-    ``reason`` is the plan's reason when the action was taken, else why it was skipped or failed.
-    ``bytes`` is the size of the file acted on and ``bytes_freed`` what its removal freed, both
-    measured (``st_blocks * 512``) just before acting; a quarantine frees nothing until its purge.
-    """
-
-    name: str
-    kind: Kind
-    result: Result
-    reason: Reason
-    bytes: int = 0
-    bytes_freed: int = 0
-    trash_name: str | None = None
-    message: str = ""
-
-    @property
-    def problem(self) -> bool:
-        return self.result is Result.FAILED or self.reason in PROBLEM_REASONS
-
-
-@dataclass(frozen=True, slots=True)
-class Report:
-    """Everything one application of a plan did; ``problems`` are failures outside any entry."""
-
-    plan_id: str | None
-    now: float
-    outcomes: tuple[Outcome, ...] = ()
-    problems: tuple[Problem, ...] = ()
-
-    @property
-    def bytes_freed(self) -> int:
-        return sum(o.bytes_freed for o in self.outcomes)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems and not any(o.problem for o in self.outcomes)

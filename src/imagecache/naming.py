@@ -16,20 +16,29 @@ from enum import StrEnum
 from imagecache.model import FileType, Kind
 
 __all__ = [
+    "LOCK_PREFIX",
     "TEMP_SUFFIX",
     "Threshold",
     "classify",
+    "encodable",
+    "entry_of_lock_file",
     "entry_of_temp",
     "ephemeral_name",
     "ephemeral_tag",
     "fingerprint",
     "image_prefix",
+    "lock_file_name",
+    "parse_trash_name",
     "swap_name",
     "temp_name",
     "threshold_of",
+    "trash_name",
+    "valid_entry_name",
 ]
 
 TEMP_SUFFIX = ".part"
+# oslo.concurrency's lock_file_prefix for Nova's entry locks: locks/nova-<entry name>.
+LOCK_PREFIX = "nova-"
 
 
 class Threshold(StrEnum):
@@ -81,8 +90,28 @@ def threshold_of(kind: Kind) -> Threshold:
 
 
 def fingerprint(image_id: str) -> str:
-    """Nova's cache name of an image id: the SHA-1 hex digest of its UTF-8 bytes."""
-    return hashlib.sha1(image_id.encode("utf-8"), usedforsecurity=False).hexdigest()
+    """Nova's cache name of an image id: the SHA-1 hex digest of its UTF-8 bytes.
+
+    Text that is not valid UTF-8 (a command-line argument of undecodable bytes arrives
+    surrogate-escaped) is hashed as the bytes it came from, never a crash.
+    """
+    return hashlib.sha1(_as_bytes(image_id), usedforsecurity=False).hexdigest()
+
+
+def _as_bytes(text: str) -> bytes:
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        return text.encode("utf-8", "surrogatepass")
+
+
+def encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode text (no lone surrogates), as a record's ids must be."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def image_prefix(name: str) -> str | None:
@@ -119,3 +148,54 @@ def temp_name(entry: str, pid: int, token: str) -> str:
     finds it through the ``.part`` suffix and locks ``entry`` before touching it.
     """
     return f"{entry}.{pid}.{token}{TEMP_SUFFIX}"
+
+
+def valid_entry_name(name: str) -> bool:
+    """Whether ``name`` can be one plain name directly in a directory: the one check.
+
+    Not empty, not ``.`` or ``..``, no ``/`` or NUL, and encodable as a file name (a lone
+    surrogate that is not an undecodable byte cannot name a file). Every name from outside
+    (a saved plan, a command line, a trash or lock file name) passes here before it is joined
+    to a directory.
+    """
+    if not name or name in {".", ".."} or "/" in name or "\0" in name:
+        return False
+    try:
+        name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_TRASH_NAME = re.compile(r"(?P<name>.+)@(?P<epoch>[0-9]{1,12})")
+
+
+def trash_name(name: str, epoch: float) -> str:
+    """The name of entry ``name`` quarantined at ``epoch``: ``<name>@<int(epoch)>``."""
+    return f"{name}@{int(epoch)}"
+
+
+def parse_trash_name(trash: str) -> tuple[str, int] | None:
+    """``(name, epoch)`` of a trash name ``<name>@<epoch>``, or None when it is not one."""
+    match = _TRASH_NAME.fullmatch(trash)
+    if match is None or not valid_entry_name(trash) or not valid_entry_name(match["name"]):
+        return None
+    return match["name"], int(match["epoch"])
+
+
+def lock_file_name(name: str) -> str:
+    """The file name of the lock of entry (or lock) ``name``: ``nova-<name>``.
+
+    Raises:
+        ValueError: ``name`` is not a plain entry name (oslo would silently turn ``/`` into
+            ``_``; a cache entry name never contains one, so such a name is a caller's bug).
+    """
+    if not valid_entry_name(name):
+        raise ValueError(f"not a valid entry name for a lock: {name!r}")
+    return LOCK_PREFIX + name
+
+
+def entry_of_lock_file(file_name: str) -> str | None:
+    """The name whose lock ``file_name`` is, or None for a file that is not a ``nova-`` lock."""
+    name = file_name.removeprefix(LOCK_PREFIX)
+    return name if name != file_name and valid_entry_name(name) else None

@@ -12,21 +12,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from imagecache import naming
-from imagecache.model import (
-    Action,
-    CacheEntry,
-    Decision,
-    FileType,
-    Inventory,
-    Kind,
-    Plan,
-    Policy,
-    Reason,
-    TrashDecision,
-    TrashEntry,
-    User,
-)
+from imagecache.model import CacheEntry, FileType, Inventory, Kind, TrashEntry, User
 from imagecache.naming import Threshold
+from imagecache.plan import Action, Decision, Plan, Policy, Reason, TrashDecision
 from imagecache.usage import record_notes, users_by_entry
 
 __all__ = ["decide", "threshold_seconds"]

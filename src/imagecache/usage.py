@@ -11,12 +11,13 @@ entry, protects the entry. Quarantined entries (whose device is not recorded) co
 
 from __future__ import annotations
 
-import os
+import posixpath
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
 
 from imagecache import naming
-from imagecache.model import FileType, InstanceRecord, Inventory, Policy, Problem, Source, User
+from imagecache.model import FileType, InstanceRecord, Inventory, Problem, ProblemCode, Source, User
+from imagecache.plan import Policy
 
 __all__ = ["counted_records", "record_claims", "record_notes", "users_by_entry"]
 
@@ -42,23 +43,21 @@ def record_notes(inventory: Inventory) -> tuple[Problem, ...]:
     if not inventory.instances:
         return (
             Problem(
-                "inventory",
+                ProblemCode.RECORDS_ABSENT,
                 "-",
                 "no instance records (--inventory, [imagecache] inventory_files): only disk "
                 "backing chains protect entries, not kernels, ramdisks, shelved instances' images "
                 "or swap/ephemeral files named by records alone",
-                blocking=False,
             ),
         )
     counted = {id(r) for r in counted_records(inventory)}
     ignored = Counter(r.host for r in inventory.instances if id(r) not in counted)
     return tuple(
         Problem(
-            "inventory",
+            ProblemCode.RECORDS_UNREGISTERED_HOST,
             str(host),
             f"{n} record(s) of host {host} protect nothing here: it is not in compute_nodes, "
             "so it does not share this storage",
-            blocking=False,
         )
         for host, n in sorted(ignored.items(), key=lambda kv: str(kv[0]))
     )
@@ -95,7 +94,7 @@ def users_by_entry(inventory: Inventory, policy: Policy) -> Mapping[str, tuple[U
         if e.file_type is FileType.FILE:
             same_file[(e.device, e.inode)].append(e.name)
     users: defaultdict[str, list[User]] = defaultdict(list)
-    basename = os.path.basename
+    basename = posixpath.basename
     for disk in inventory.disks:
         ids = disk.chain_ids
         for depth, link in enumerate(disk.chain, start=1):

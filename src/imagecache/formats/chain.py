@@ -41,6 +41,7 @@ class BackingChain:
     missing: str | None = None
     error: str | None = None
     link_ids: tuple[tuple[int, int], ...] = ()
+    too_deep: bool = False  # the error is the depth limit (a legitimate run of snapshots)
 
     @property
     def complete(self) -> bool:
@@ -130,6 +131,7 @@ def resolve_chain(
     links: list[str] = []
     ids: list[tuple[int, int]] = []
     missing = error = None
+    too_deep = False
     header = top
     while header.backing_file is not None:
         target, error = _backing_path(opened, header.backing_file)
@@ -137,6 +139,7 @@ def resolve_chain(
             break
         if len(links) >= max_depth:
             error = f"backing chain is deeper than {max_depth} files"
+            too_deep = True
             break
         declared_raw = header.backing_format in _UNINTERPRETED_FORMATS
         link, outcome = reads.read(target, parse=not declared_raw)
@@ -168,6 +171,7 @@ def resolve_chain(
         missing=missing,
         error=error,
         link_ids=tuple(ids),
+        too_deep=too_deep,
     )
 
 

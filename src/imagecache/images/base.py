@@ -37,7 +37,6 @@ __all__ = [
     "redacted",
     "response_chunks",
     "translate",
-    "url_scheme",
 ]
 
 CHUNK_SIZE = 1 << 20
@@ -167,9 +166,3 @@ def redacted(url: str) -> str:
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit(parts._replace(netloc=netloc))
-
-
-def url_scheme(image_ref: str) -> str | None:
-    if "://" not in image_ref:
-        return None
-    return urlsplit(image_ref).scheme.lower()

@@ -27,65 +27,58 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from imagecache import locks
-from imagecache.config import GlanceSettings, Settings
 from imagecache.errors import (
     ChecksumMismatch,
     EntryChanged,
     ImageCacheError,
     ImageServiceError,
 )
-from imagecache.images import admission, process
-from imagecache.images.glance import ImageMeta, ImageSource, cache_name, open_source
+from imagecache.images import admission, cache_name, is_url, open_source, process
+from imagecache.images.base import ImageMeta, ImageSource
+from imagecache.layout import Layout
+from imagecache.results import Result
+from imagecache.settings import FetchSettings, GlanceSettings
 from imagecache.store import fsops
 
 __all__ = [
     "FetchOptions",
     "FetchResult",
     "Fetched",
-    "Outcome",
     "Sources",
     "ensure_cached",
     "fetch_locked",
     "precache",
 ]
 
-log = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 
 OnBytes = Callable[[int], None]
 
 
-class Outcome(StrEnum):
-    """What became of one image (Nova's ``cache_images`` statuses)."""
-
-    CACHED = "cached"  # downloaded now
-    EXISTING = "existing"  # already present (touched)
-    ERROR = "error"
-
-
 @dataclass(frozen=True, slots=True)
 class FetchOptions:
-    """Where the cache is and how to fill it: the few settings fetching needs."""
+    """Where the cache is and how to fill it: the layout and the fetch section of the settings."""
 
-    instances_path: str
-    cache_dir: str
-    lock_timeout: float = 60.0
-    force_raw: bool = True
-    vmdk_allowed_types: frozenset[str] = frozenset({"streamOptimized", "monolithicSparse"})
+    layout: Layout
+    lock_timeout: float
+    force_raw: bool
+    vmdk_allowed_types: frozenset[str]
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> FetchOptions:
-        return cls(
-            instances_path=settings.instances_path,
-            cache_dir=settings.cache_dir,
-            lock_timeout=settings.lock_timeout_seconds,
-            force_raw=settings.force_raw_images,
-            vmdk_allowed_types=frozenset(settings.vmdk_allowed_types),
-        )
+    def of(cls, layout: Layout, fetch: FetchSettings) -> FetchOptions:
+        return cls(layout, fetch.lock_timeout, fetch.force_raw, fetch.vmdk_allowed_types)
+
+    @property
+    def instances_path(self) -> str:
+        return self.layout.instances_path
+
+    @property
+    def cache_dir(self) -> str:
+        return self.layout.cache_dir
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +88,7 @@ class Fetched:
     image: str
     name: str
     path: Path
-    outcome: Outcome
+    outcome: Result  # cached or existing
     bytes: int  # size of the cache entry
     meta: ImageMeta | None  # what the service said, when it was asked (downloads)
 
@@ -106,10 +99,14 @@ class FetchResult:
 
     image: str
     name: str
-    result: Outcome
+    result: Result  # cached, existing or failed
     role: str = "image"  # or "kernel", "ramdisk" of the image before it
     reason: str | None = None
     bytes: int | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.result is Result.FAILED
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -168,7 +165,7 @@ def fetch_locked(
     path = Path(options.cache_dir, name)
     if path.exists():
         touch_in_use(path)
-        return Fetched(image_ref, name, path, Outcome.EXISTING, path.stat().st_size, None)
+        return Fetched(image_ref, name, path, Result.EXISTING, path.stat().st_size, None)
     meta = source.get(image_ref)
     try:
         found = _download(
@@ -185,11 +182,11 @@ def fetch_locked(
         # temp files are gone). Theirs passed Nova's own checks; it is in the cache now.
         if not path.exists():
             raise
-        log.info("%s appeared as %s while it was being fetched; keeping it", image_ref, name)
+        LOG.info("%s appeared as %s while it was being fetched; keeping it", image_ref, name)
         touch_in_use(path)
-        return Fetched(image_ref, name, path, Outcome.EXISTING, path.stat().st_size, meta)
-    log.info("cached %s as %s (%s)", image_ref, name, found.format)
-    return Fetched(image_ref, name, path, Outcome.CACHED, path.stat().st_size, meta)
+        return Fetched(image_ref, name, path, Result.EXISTING, path.stat().st_size, meta)
+    LOG.info("cached %s as %s (%s)", image_ref, name, found.format)
+    return Fetched(image_ref, name, path, Result.CACHED, path.stat().st_size, meta)
 
 
 def _download(
@@ -234,7 +231,7 @@ def touch_in_use(path: Path) -> None:
     try:
         fsops.touch(path)
     except PermissionError as exc:
-        log.warning("cannot refresh the mtime of %s (%s); using it anyway", path, exc.strerror)
+        LOG.warning("cannot refresh the mtime of %s (%s); using it anyway", path, exc.strerror)
 
 
 def _hashers(meta: ImageMeta) -> list[tuple[str, str, Any]]:
@@ -351,7 +348,7 @@ class Sources:
 
     def __call__(self, image_ref: str) -> ImageSource:
         """Raises ConfigError (no usable Glance settings) or ImageServiceError (bad URL)."""
-        key = "glance" if "://" not in image_ref else image_ref
+        key = image_ref if is_url(image_ref) else "glance"
         with self._lock:
             if key not in self._opened:
                 self._opened[key] = open_source(image_ref, self._settings)
@@ -404,10 +401,10 @@ def _precache_one(
         source = sources(ref)
         got = ensure_cached(ref, source=source, options=options, on_bytes=on_bytes)
     except (ImageCacheError, OSError) as exc:
-        log.warning("precache %s: %s", ref, exc)
-        return [FetchResult(ref, cache_name(ref), Outcome.ERROR, reason=_reason(exc))]
+        LOG.warning("precache %s: %s", ref, exc)
+        return [FetchResult(ref, cache_name(ref), Result.FAILED, reason=_reason(exc))]
     rows = [FetchResult(ref, got.name, got.outcome, bytes=got.bytes)]
-    if "://" in ref:
+    if is_url(ref):
         return rows  # URLs name no kernel or ramdisk
     meta = got.meta
     if meta is None:
@@ -415,7 +412,7 @@ def _precache_one(
             meta = source.get(ref)
         except ImageServiceError as exc:
             # The image itself is here; only its kernel and ramdisk cannot be looked up now.
-            log.warning("precache %s: cannot look up its kernel and ramdisk: %s", ref, exc)
+            LOG.warning("precache %s: cannot look up its kernel and ramdisk: %s", ref, exc)
             return rows
     for role, dep in (("kernel", meta.kernel_id), ("ramdisk", meta.ramdisk_id)):
         if not dep:
@@ -425,9 +422,9 @@ def _precache_one(
                 dep, source=source, options=options, convert=False, on_bytes=on_bytes
             )
         except (ImageCacheError, OSError) as exc:
-            log.warning("precache %s %s of %s: %s", role, dep, ref, exc)
+            LOG.warning("precache %s %s of %s: %s", role, dep, ref, exc)
             rows.append(
-                FetchResult(dep, cache_name(dep), Outcome.ERROR, role=role, reason=_reason(exc))
+                FetchResult(dep, cache_name(dep), Result.FAILED, role=role, reason=_reason(exc))
             )
         else:
             rows.append(FetchResult(dep, dep_got.name, dep_got.outcome, role, bytes=dep_got.bytes))

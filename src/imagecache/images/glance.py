@@ -27,20 +27,17 @@ from urllib.parse import quote
 from keystoneauth1 import adapter, loading, session
 from keystoneauth1 import exceptions as ks_exc
 
-from imagecache.config import GlanceSettings
 from imagecache.errors import ConfigError, ImageNotFound, ImageServiceError, ImageUnavailable
+from imagecache.images import is_url
 from imagecache.images.base import (
     CHUNK_SIZE,
     ImageMeta,
     ImageSource,
     check_status,
     mapped,
-    redacted,
     response_chunks,
-    url_scheme,
 )
-from imagecache.images.url import UrlSource
-from imagecache.naming import fingerprint
+from imagecache.settings import GlanceSettings
 
 __all__ = [
     "CHUNK_SIZE",
@@ -48,12 +45,8 @@ __all__ = [
     "GlanceSettings",
     "ImageMeta",
     "ImageSource",
-    "UrlSource",
-    "cache_name",
-    "open_source",
 ]
 
-_URL_SCHEMES = frozenset({"http", "https", "file"})
 # A Glance image id goes into a URL path: refuse anything that could leave /images/<id>.
 _IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]*")
 _VERSIONED = re.compile(r"/v2(\.[0-9]+)?/?$")
@@ -92,7 +85,7 @@ def _image_meta(doc: Any, what: str) -> ImageMeta:
 def _glance_v2(url: str) -> str:
     """An api_servers entry as a v2 endpoint (Nova accepts ``host:port`` and unversioned URLs)."""
     url = url.strip().rstrip("/")
-    if "://" not in url:
+    if not is_url(url):
         url = f"http://{url}"
     return url if _VERSIONED.search(url) else f"{url}/v2"
 
@@ -208,25 +201,3 @@ class GlanceClient:
         if not _IMAGE_ID.fullmatch(image_ref):
             raise ImageNotFound(f"{image_ref!r} is not a Glance image id")
         return f"/images/{quote(image_ref)}"
-
-
-def cache_name(image_ref: str) -> str:
-    """The cache entry name of an image id or URL: Nova's SHA-1 fingerprint of the string."""
-    return fingerprint(image_ref)
-
-
-def open_source(image_ref: str, settings: GlanceSettings) -> ImageSource:
-    """The source that serves ``image_ref``: a URL source for URLs, else Glance.
-
-    Raises ImageServiceError for a URL scheme other than http, https or file, and ConfigError
-    when Glance is needed and ``settings`` cannot make a client.
-    """
-    scheme = url_scheme(image_ref)
-    if scheme is None:
-        return GlanceClient(settings)
-    if scheme not in _URL_SCHEMES:
-        raise ImageServiceError(f"{redacted(image_ref)}: unsupported URL scheme {scheme!r}")
-    return UrlSource(
-        timeout=settings.timeout,
-        verify=False if settings.insecure else (settings.cafile or True),
-    )

@@ -28,16 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagecache import locks, naming
-from imagecache import sources as scan
 from imagecache.errors import UnsafeImageError, UsageError
-from imagecache.images import admission, fetch, process
-from imagecache.images.fetch import FetchOptions, Outcome
-from imagecache.images.glance import ImageSource, cache_name
+from imagecache.images import admission, cache_name, fetch, process
+from imagecache.images.base import ImageSource
+from imagecache.images.fetch import FetchOptions
+from imagecache.layout import DISK_INFO
+from imagecache.results import Result
 from imagecache.store import fsops
 
 __all__ = ["DISK_INFO", "CreatedDisk", "DiskRequest", "create_disks"]
 
-DISK_INFO = "disk.info"
 _MIB = 1 << 20
 _GIB = 1 << 30
 _EPHEMERAL_LABEL = "ephemeral0"  # Nova's label for the first ephemeral disk
@@ -70,12 +70,12 @@ class CreatedDisk:
 
     path: Path
     backing: str  # cache entry name
-    result: Outcome  # cached: created now; existing: was there already
+    result: Result  # cached: created now; existing: was there already
 
     @property
     def label(self) -> str:
         """``created`` or ``existing``: for a disk, "cached" would read as if it were downloaded."""
-        return "created" if self.result is Outcome.CACHED else str(self.result)
+        return "created" if self.result is Result.CACHED else str(self.result)
 
     def to_dict(self) -> dict[str, str]:
         return {"disk": str(self.path), "backing": self.backing, "result": self.label}
@@ -125,11 +125,11 @@ def create_disks(
 
 def _check_request(request: DiskRequest, options: FetchOptions) -> None:
     name = request.instance
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
+    if not naming.valid_entry_name(name):
         raise UsageError(f"not an instance directory name: {name!r}")
-    # The scanner skips these directories: a disk there would be invisible to the cleaner,
-    # which would then remove its base.
-    if name in (scan.LOCKS_DIR, os.path.basename(options.cache_dir)):
+    # The scanner skips these directories (the one test both use): a disk there would be
+    # invisible to the cleaner, which would then remove its base.
+    if not options.layout.is_instance_name(name):
         raise UsageError(f"{name!r} is not an instance directory: the cleaner never looks there")
     for label, value in (
         ("--size", request.size),
@@ -168,7 +168,7 @@ def _overlay(
     with locks.entry_lock(options.instances_path, entry, timeout=options.lock_timeout):
         base = ensure_base()
         if disk.exists():
-            return CreatedDisk(disk, entry, Outcome.EXISTING)
+            return CreatedDisk(disk, entry, Result.EXISTING)
         virtual = base.virtual_size
         if size is not None and size < virtual:
             raise UsageError(f"--size {size} is smaller than the image ({virtual} bytes)")
@@ -176,7 +176,7 @@ def _overlay(
         with fsops.temp_path(disk.parent, disk.name) as temp:
             process.create_overlay(temp, backing=base.path, backing_format=base.format, size=grow)
             fsops.atomic_publish(temp, disk)
-    return CreatedDisk(disk, entry, Outcome.CACHED)
+    return CreatedDisk(disk, entry, Result.CACHED)
 
 
 def _generated(

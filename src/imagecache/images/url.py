@@ -17,6 +17,7 @@ from urllib.request import url2pathname
 import requests
 
 from imagecache.errors import ImageNotFound, ImageServiceError
+from imagecache.images import url_scheme
 from imagecache.images.base import (
     CHUNK_SIZE,
     ImageMeta,
@@ -24,7 +25,6 @@ from imagecache.images.base import (
     mapped,
     redacted,
     response_chunks,
-    url_scheme,
 )
 
 __all__ = ["UrlSource"]

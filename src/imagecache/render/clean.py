@@ -1,6 +1,6 @@
 """Render what ``clean`` and ``restore`` did: the JSON document and the human lines. Pure.
 
-The ``clean --json`` document is the plan document (:func:`imagecache.report.plan_to_dict`) plus
+The ``clean --json`` document is the plan document (:func:`imagecache.plan.plan_to_dict`) plus
 ``outcomes`` (one per entry acted on, skipped or failed, touches included) and ``totals``. An
 operator reads the plan and what became of it in one place.
 """
@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from imagecache.model import Outcome, Plan, Report, Result
-from imagecache.render import plan as report
+from imagecache.plan import Plan, iso, plan_to_dict, problem_to_dict
+from imagecache.render.plan import problems_text
+from imagecache.render.text import human_bytes, printable, render_table
+from imagecache.results import Outcome, Report, Result
 
 __all__ = ["clean_to_dict", "render_clean", "render_restore", "report_to_dict"]
 
@@ -50,17 +52,17 @@ def _totals(rep: Report) -> dict[str, Any]:
 def report_to_dict(rep: Report) -> dict[str, Any]:
     """What was done: ``outcomes``, ``totals``, ``ok`` and the problems outside any entry."""
     return {
-        "applied_at": report.iso(rep.now),
+        "applied_at": iso(rep.now),
         "ok": rep.ok,
         "outcomes": [_outcome(o) for o in rep.outcomes],
         "totals": _totals(rep),
-        "apply_problems": [report.problem_to_dict(p) for p in rep.problems],
+        "apply_problems": [problem_to_dict(p) for p in rep.problems],
     }
 
 
 def clean_to_dict(plan: Plan, rep: Report) -> dict[str, Any]:
     """The ``clean --json`` document: the plan document plus what was done."""
-    return {**report.plan_to_dict(plan), **report_to_dict(rep)}
+    return {**plan_to_dict(plan), **report_to_dict(rep)}
 
 
 def _rows(rep: Report) -> list[list[str]]:
@@ -72,7 +74,7 @@ def _rows(rep: Report) -> list[list[str]]:
             # Purges and restores act on a trash name; the rest on the entry's own name.
             f"trash/{o.trash_name}" if o.result in _ON_TRASH and o.trash_name else o.name,
             str(o.kind),
-            report.human_bytes(o.bytes),
+            human_bytes(o.bytes),
             str(o.reason) + (f": {o.message}" if o.message and o.problem else ""),
         ]
         for o in shown
@@ -83,29 +85,27 @@ def _footer(rep: Report) -> list[str]:
     t = _totals(rep)
     results = ", ".join(f"{k} {v}" for k, v in t["results"].items()) or "nothing to do"
     lines = [
-        f"{results}; {report.human_bytes(t['bytes_freed'])} freed, "
-        f"{report.human_bytes(t['bytes_quarantined'])} moved to the trash"
+        f"{results}; {human_bytes(t['bytes_freed'])} freed, "
+        f"{human_bytes(t['bytes_quarantined'])} moved to the trash"
     ]
     restored = [o for o in rep.outcomes if o.result is Result.RESTORED and o.problem]
     for o in restored:
-        lines.append(f"RESTORED {o.name} from the trash: {o.message}")
+        lines.append(f"RESTORED {printable(o.name)} from the trash: {printable(o.message)}")
     for p in rep.problems:
-        lines.append(f"PROBLEM {p.source} {p.ref}: {p.message}")
+        lines.append(f"PROBLEM {p.source} {printable(p.ref)}: {printable(p.message)}")
     if not rep.ok:
         lines.append("done with problems (exit 1)")
     return lines
 
 
 def render_clean(plan: Plan, rep: Report) -> str:
-    head = [f"clean {rep.plan_id} of {plan.cache_dir} on {plan.host} at {report.iso(rep.now)}"]
+    head = [f"clean {rep.plan_id} of {plan.cache_dir} on {plan.host} at {iso(rep.now)}"]
     rows = _rows(rep)
-    table = (
-        [report.render_table(rows, ["RESULT", "NAME", "KIND", "SIZE", "REASON"])] if rows else []
-    )
-    problems = report.problems_text(plan)
+    table = [render_table(rows, ["RESULT", "NAME", "KIND", "SIZE", "REASON"])] if rows else []
+    problems = problems_text(plan)
     return "\n".join([*head, *table, *_footer(rep), *problems])
 
 
 def render_restore(rep: Report) -> str:
     rows = _rows(rep)
-    return "\n".join([report.render_table(rows, ["RESULT", "NAME", "KIND", "SIZE", "REASON"])])
+    return "\n".join([render_table(rows, ["RESULT", "NAME", "KIND", "SIZE", "REASON"])])

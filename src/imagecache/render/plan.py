@@ -1,46 +1,28 @@
-"""Render a plan: the JSON document of DESIGN.md §6 and the human tables. Pure: values to text.
+"""Render a plan for people: the ``status``, ``plan`` and ``explain`` text. Pure.
 
-``status``, ``plan``, ``explain`` and (later) ``clean`` all render the same :class:`Plan`, so what
-an operator reads is exactly what a pass would do.
+``status``, ``plan``, ``explain`` and ``clean`` all render the same :class:`Plan`, so what an
+operator reads is exactly what a pass would do. The JSON document is the plan codec's
+(:func:`imagecache.plan.plan_to_dict`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import posixpath
 from collections import Counter
-from collections.abc import Iterable
-from datetime import UTC, datetime
-from typing import Any
 
 from imagecache import naming
-from imagecache.model import (
-    Action,
-    Decision,
-    Plan,
-    Problem,
-    Reason,
-    TrashDecision,
-    User,
-)
+from imagecache.model import User
+from imagecache.plan import Action, Decision, Plan, Reason, TrashDecision, iso, plan_id, summary
+from imagecache.render.text import human_bytes, human_seconds, printable, render_table
 
 __all__ = [
     "REASON_TEXT",
     "find_decisions",
     "find_trash",
-    "human_bytes",
-    "human_seconds",
-    "iso",
-    "plan_id",
-    "plan_to_dict",
-    "printable",
-    "problem_to_dict",
     "problems_text",
     "render_explain",
     "render_plan",
     "render_status",
-    "render_table",
     "trash_rows",
 ]
 
@@ -60,167 +42,6 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.QUARANTINE_EXPIRED: "quarantine expired",
     Reason.REFERENCED_AGAIN: "quarantined, but referenced again: restored",
 }
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
-
-
-def human_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def human_seconds(seconds: float) -> str:
-    sign, s = ("-", -seconds) if seconds < 0 else ("", seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= size:
-            return f"{sign}{s / size:.1f}{unit}"
-    return f"{sign}{s:.0f}s"
-
-
-def _user(u: User) -> dict[str, str]:
-    out = {"source": str(u.source), "ref": u.ref}
-    if u.detail:
-        out["detail"] = u.detail
-    return out
-
-
-def problem_to_dict(p: Problem) -> dict[str, Any]:
-    return {"source": p.source, "ref": p.ref, "message": p.message, "blocking": p.blocking}
-
-
-def _entry(d: Decision) -> dict[str, Any]:
-    e = d.entry
-    return {
-        "name": e.name,
-        "kind": str(e.kind),
-        "file_type": str(e.file_type),
-        "bytes": e.bytes_allocated,
-        "apparent_bytes": e.bytes_apparent,
-        "mtime": e.mtime,
-        "inode": e.inode,
-        "device": e.device,
-        "age_seconds": round(d.age_seconds, 3),
-        "threshold_seconds": d.threshold,
-        "in_use": d.in_use,
-        "users": [_user(u) for u in d.users],
-        "action": str(d.action),
-        "reason": str(d.reason),
-        "removable_at": iso(d.removable_at) if d.removable_at is not None else None,
-    }
-
-
-def _trash(t: TrashDecision) -> dict[str, Any]:
-    e = t.entry
-    return {
-        "name": e.name,
-        "trash_name": e.trash_name,
-        "kind": str(naming.classify(e.name)),
-        "bytes": e.bytes_allocated,
-        "inode": e.inode,
-        "quarantined_at": iso(e.quarantined_at),
-        "quarantined_at_epoch": e.quarantined_at,
-        "users": [_user(u) for u in t.users],
-        "action": str(t.action),
-        "reason": str(t.reason),
-        "purge_at": iso(t.purge_at),
-    }
-
-
-def plan_id(plan: Plan) -> str:
-    """A stable id of what a plan decided (same observations and decisions, same id)."""
-    digest = hashlib.sha256()
-    # File names are bytes: a name that is not UTF-8 arrives surrogate-escaped, and must hash
-    # as the bytes it is rather than stop every pass on the host.
-    digest.update(os.fsencode(f"{plan.host}\0{plan.cache_dir}\0{plan.now}"))
-    for d in plan.decisions:
-        e = d.entry
-        digest.update(os.fsencode(f"\0{e.name}\0{e.inode}\0{e.mtime}\0{d.action}"))
-    for t in plan.trash:
-        digest.update(os.fsencode(f"\0{t.entry.trash_name}\0{t.entry.inode}\0{t.action}"))
-    return digest.hexdigest()[:16]
-
-
-def _summary(decisions: Iterable[Decision], trash: Iterable[TrashDecision] = ()) -> dict[str, Any]:
-    decisions, trash = list(decisions), list(trash)
-    # Quarantined bytes still take space: they count in every size figure until purged, so a
-    # quarantine frees nothing yet; what is freed now is removals, reaps and purges.
-    freeing = (Action.REMOVE, Action.REAP)
-    freed = sum(d.entry.bytes_allocated for d in decisions if d.action in freeing)
-    freed += sum(t.entry.bytes_allocated for t in trash if t.action is Action.PURGE)
-    moved = sum(d.entry.bytes_allocated for d in decisions if d.action is Action.QUARANTINE)
-    trash_bytes = sum(t.entry.bytes_allocated for t in trash)
-    return {
-        "entries": len(decisions),
-        "bytes": sum(d.entry.bytes_allocated for d in decisions) + trash_bytes,
-        "trash_entries": len(trash),
-        "trash_bytes": trash_bytes,
-        "in_use": sum(1 for d in decisions if d.in_use),
-        "actions": dict(sorted(Counter(str(d.action) for d in decisions).items())),
-        "reasons": dict(sorted(Counter(str(d.reason) for d in decisions).items())),
-        "bytes_to_free": freed,
-        "bytes_to_quarantine": moved,
-    }
-
-
-def plan_to_dict(plan: Plan) -> dict[str, Any]:
-    """The ``plan --json`` document (DESIGN.md §6)."""
-    return {
-        "plan_id": plan_id(plan),
-        "host": plan.host,
-        "cache_dir": plan.cache_dir,
-        "now": iso(plan.now),
-        "now_epoch": plan.now,
-        "complete": plan.complete,
-        "problems": [problem_to_dict(p) for p in plan.problems],
-        "policy": {
-            "remove_unused": plan.policy.remove_unused,
-            "original_age_seconds": plan.policy.original_age,
-            "resized_age_seconds": plan.policy.resized_age,
-            "remove_unused_kernels": plan.policy.remove_unused_kernels,
-            "stale_temp_seconds": plan.policy.stale_temp_age,
-            "quarantine_seconds": plan.policy.quarantine_seconds,
-        },
-        "summary": _summary(plan.decisions, plan.trash),
-        "entries": [_entry(d) for d in plan.decisions],
-        "trash": [_trash(t) for t in plan.trash],
-    }
-
-
-def dumps(doc: Any, *, pretty: bool = False) -> str:
-    return json.dumps(doc, indent=2 if pretty else None)
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters and undecodable bytes escaped, for one table cell.
-
-    A file named ``swap_10\\nswap_20`` must not print as two entries, nor a name that is not
-    UTF-8 (surrogate-escaped by Python) stop the output.
-    """
-    if text.isprintable():
-        return text
-    return "".join(_escape_char(c) for c in text)
-
-
-def _escape_char(c: str) -> str:
-    if 0xDC80 <= ord(c) <= 0xDCFF:  # an undecodable byte, as os.fsdecode carries it
-        return f"\\x{ord(c) - 0xDC00:02x}"
-    return c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-
-
-def render_table(rows: list[list[str]], header: list[str]) -> str:
-    rows = [[printable(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in [header, *rows]
-    ]
-    return "\n".join(lines)
 
 
 _NOUNS = {"backing": "disk", "instance": "record", "libvirt": "domain", "peer": "peer"}
@@ -244,7 +65,7 @@ def _short_users(users: tuple[User, ...]) -> str:
 
 def _short_ref(ref: str) -> str:
     # A disk path reads best as <instance dir>/<disk>; uuids by their first group.
-    parts = ref.rsplit(os.sep, 2)
+    parts = ref.rsplit(posixpath.sep, 2)
     if len(parts) >= 3:
         return f"{parts[-2][:8]}/{parts[-1]}"
     return ref[:8] if len(ref) == 36 else ref
@@ -256,12 +77,12 @@ def problems_text(plan: Plan) -> list[str]:
         lines.append("VIEW INCOMPLETE: nothing will be removed until these are fixed:")
     for p in plan.problems:
         mark = "!" if p.blocking else "~"
-        lines.append(f"  {mark} {p.source} {p.ref}: {p.message}")
+        lines.append(f"  {mark} {p.code} {printable(p.ref)}: {printable(p.message)}")
     return lines
 
 
 def _footer(plan: Plan) -> list[str]:
-    s = _summary(plan.decisions, plan.trash)
+    s = summary(plan.decisions, plan.trash)
     acts = ", ".join(f"{k} {v}" for k, v in s["actions"].items()) or "nothing"
     trash = (
         f" (of which {s['trash_entries']} quarantined, {human_bytes(s['trash_bytes'])})"
@@ -379,7 +200,7 @@ def render_explain(plan: Plan, query: str) -> str:
     found = find_decisions(plan, query)
     trashed = find_trash(plan, query)
     if not found and not trashed:
-        return (
+        return printable(
             f"no cache entry named {query} (nor for image id {query}: {naming.fingerprint(query)})"
         )
     out: list[str] = []
@@ -409,4 +230,5 @@ def render_explain(plan: Plan, query: str) -> str:
             out.append(f"  becomes removable at {iso(d.removable_at)} if still unused")
         if d.reason is Reason.INCOMPLETE_VIEW:
             out.extend(problems_text(plan))
-    return "\n".join(out)
+    # Names, refs and details came from outside: escaped, so none can forge a line.
+    return "\n".join(printable(line) for line in out)

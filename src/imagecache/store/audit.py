@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from imagecache.model import Outcome
+from imagecache.results import Outcome
 
 __all__ = ["AuditLog"]
 

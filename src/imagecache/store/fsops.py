@@ -5,10 +5,7 @@ A process killed at any instant leaves every file either as it was or as it was 
 - new content is written under a temporary name in the same directory, fsynced, then renamed over
   the final name (:func:`atomic_write`), or renamed into a name that must not exist yet
   (:func:`atomic_publish`);
-- removal goes through a quarantine: :func:`quarantine` renames an entry into
-  ``<cache>/.imagecache/trash/<name>@<epoch>`` (same filesystem, one atomic rename), from where
-  :func:`restore` brings it back and :func:`purge` deletes it after the grace period
-  (nova-imagecache.md §9.1 item 7);
+- removal goes through a quarantine (:mod:`imagecache.store.trash`);
 - every rename and unlink is followed by an fsync of the directories it changed, so it survives a
   power loss too.
 
@@ -23,9 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 import secrets
-import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,29 +28,20 @@ from typing import BinaryIO, cast
 
 from imagecache import naming
 from imagecache.errors import EntryChanged
-from imagecache.model import TrashEntry
 
 __all__ = [
-    "TRASH_DIR",
     "atomic_publish",
     "atomic_write",
     "ensure_dir",
-    "list_trash",
-    "purge",
-    "quarantine",
+    "fsync_dir",
     "remove",
-    "restore",
+    "rename_noreplace",
     "temp_file",
     "temp_path",
     "touch",
-    "trash_dir",
 ]
 
-TRASH_DIR = ".imagecache/trash"
-
 StrPath = str | os.PathLike[str]
-
-_TRASH_NAME = re.compile(r"(?P<name>.+)@(?P<epoch>[0-9]+)")
 
 # Linux renameat2(2): fail with EEXIST instead of replacing the target, atomically.
 _AT_FDCWD = -100
@@ -82,7 +68,7 @@ _renameat2 = _load_renameat2()
 
 
 def _check_name(name: str) -> None:
-    if not name or name in {".", ".."} or "/" in name or "\0" in name:
+    if not naming.valid_entry_name(name):
         raise ValueError(f"not a valid entry name: {name!r}")
 
 
@@ -91,7 +77,7 @@ def _freed(st: os.stat_result) -> int:
     return st.st_blocks * 512 if st.st_nlink <= 1 else 0
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -122,7 +108,7 @@ def _ensure_dir(path: Path) -> None:
         if not path.is_dir():
             raise
         return
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def ensure_dir(path: StrPath) -> None:
@@ -141,7 +127,7 @@ def _link_and_unlink(src: Path, dst: Path) -> None:
     src.unlink()
 
 
-def _rename_noreplace(src: Path, dst: Path) -> None:
+def rename_noreplace(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst`` unless ``dst`` exists; raise FileExistsError if it does."""
     if _renameat2 is not None:
         if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE):
@@ -185,7 +171,7 @@ def atomic_write(
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 @contextmanager
@@ -246,12 +232,12 @@ def atomic_publish(temp_path: StrPath, final_path: StrPath) -> None:
     temp, final = Path(temp_path), Path(final_path)
     _fsync_file(temp)
     try:
-        _rename_noreplace(temp, final)
+        rename_noreplace(temp, final)
     except FileExistsError as exc:
         raise EntryChanged(f"{final} already exists; {temp.name} was not published") from exc
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if temp.parent != final.parent:
-        _fsync_dir(temp.parent)
+        fsync_dir(temp.parent)
 
 
 def touch(path: StrPath, now: float | None = None) -> None:
@@ -267,90 +253,6 @@ def touch(path: StrPath, now: float | None = None) -> None:
     os.utime(path, None if now is None else (now, now), follow_symlinks=False)
 
 
-def trash_dir(cache_dir: StrPath) -> Path:
-    """``<cache_dir>/.imagecache/trash``, where quarantined entries wait for their purge."""
-    return Path(cache_dir, TRASH_DIR)
-
-
-def quarantine(cache_dir: StrPath, name: str, *, now: float) -> str:
-    """Move entry ``name`` into the trash as ``<name>@<int(now)>`` and return that trash name.
-
-    One atomic rename within the cache directory's filesystem (the trash directories are created
-    first), followed by an fsync of both directories: after a crash the entry is in exactly one of
-    the two places. Space is freed only by :func:`purge`.
-
-    Raises:
-        ValueError: ``name`` is not a plain entry name.
-        EntryChanged: the entry vanished, or the trash already holds that trash name (the same
-            name quarantined in the same second); nothing was moved.
-        OSError: the trash cannot be created, or the rename or a sync failed.
-    """
-    _check_name(name)
-    cache, trash = Path(cache_dir), trash_dir(cache_dir)
-    trash_name = f"{name}@{int(now)}"
-    _ensure_dir(trash)
-    try:
-        _rename_noreplace(cache / name, trash / trash_name)
-    except FileExistsError as exc:
-        raise EntryChanged(
-            f"cannot quarantine {name}: the trash already holds {trash_name}"
-        ) from exc
-    except FileNotFoundError as exc:
-        raise EntryChanged(f"cannot quarantine {name}: it is gone from {cache}") from exc
-    _fsync_dir(trash)
-    _fsync_dir(cache)
-    return trash_name
-
-
-def _parse_trash_name(trash_name: str) -> tuple[str, int] | None:
-    match = _TRASH_NAME.fullmatch(trash_name)
-    if match is None or "/" in trash_name or "\0" in trash_name:
-        return None
-    name = match["name"]
-    if name in {".", ".."}:
-        return None
-    return name, int(match["epoch"])
-
-
-def restore(cache_dir: StrPath, trash_name: str) -> str:
-    """Move a quarantined entry back to its name in the cache directory; return that name.
-
-    The rename never replaces: if an entry of the same name has appeared since (Nova fetched the
-    image again), it is left alone and the trash entry stays. The caller holds the entry's lock.
-
-    Raises:
-        ValueError: ``trash_name`` is not ``<name>@<epoch>``.
-        EntryChanged: an entry of that name exists again in the cache directory.
-        OSError: the trash entry does not exist (FileNotFoundError), or the rename failed.
-    """
-    parsed = _parse_trash_name(trash_name)
-    if parsed is None:
-        raise ValueError(f"not a trash name (<name>@<epoch>): {trash_name!r}")
-    name = parsed[0]
-    cache, trash = Path(cache_dir), trash_dir(cache_dir)
-    try:
-        _rename_noreplace(trash / trash_name, cache / name)
-    except FileExistsError as exc:
-        raise EntryChanged(
-            f"cannot restore {trash_name}: an entry named {name} exists again in {cache}"
-        ) from exc
-    _fsync_dir(cache)
-    _fsync_dir(trash)
-    return name
-
-
-def purge(cache_dir: StrPath, trash_name: str) -> int:
-    """Delete a quarantined entry for good; return the bytes freed.
-
-    Raises:
-        ValueError: ``trash_name`` is not ``<name>@<epoch>``.
-        OSError: it is gone (FileNotFoundError), or it cannot be unlinked.
-    """
-    if _parse_trash_name(trash_name) is None:
-        raise ValueError(f"not a trash name (<name>@<epoch>): {trash_name!r}")
-    return remove(trash_dir(cache_dir) / trash_name)
-
-
 def remove(path: StrPath) -> int:
     """Unlink ``path`` (a file or symlink, never a directory) durably; return the bytes freed.
 
@@ -363,42 +265,5 @@ def remove(path: StrPath) -> int:
     target = Path(path)
     freed = _freed(target.lstat())
     target.unlink()
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return freed
-
-
-def list_trash(cache_dir: StrPath) -> tuple[TrashEntry, ...]:
-    """The quarantined entries of ``cache_dir``, ordered by trash name.
-
-    Names that are not ``<name>@<epoch>`` and anything that is not a regular file are skipped (they
-    are not ours); an entry that vanishes while listing is skipped; a missing trash is empty.
-
-    Raises:
-        OSError: the trash exists but cannot be listed.
-    """
-    try:
-        children = sorted(trash_dir(cache_dir).iterdir())
-    except FileNotFoundError:
-        return ()
-    entries = []
-    for child in children:
-        parsed = _parse_trash_name(child.name)
-        if parsed is None:
-            continue
-        try:
-            st = child.lstat()
-        except FileNotFoundError:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            continue
-        name, epoch = parsed
-        entries.append(
-            TrashEntry(
-                name=name,
-                trash_name=child.name,
-                bytes_allocated=st.st_blocks * 512,
-                quarantined_at=float(epoch),
-                inode=st.st_ino,
-            )
-        )
-    return tuple(entries)

@@ -1,4 +1,4 @@
-"""Nova's ``compute_nodes`` registry: this host registers itself, as Nova's own pass would.
+"""Nova's ``compute_nodes`` registry, read and written: the hosts that share ``instances_path``.
 
 Nova lists the hosts sharing ``instances_path`` in ``$instances_path/compute_nodes``, a JSON object
 ``{host: epoch seconds}``, and registers a host only from its image-cache periodic task
@@ -17,44 +17,84 @@ entry (LP 1252659), which removed every other host's instances from protection.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 
 from imagecache import locks
-from imagecache import sources as scan
-from imagecache.errors import LockTimeout
-from imagecache.model import Problem
+from imagecache.errors import LockTimeout, ObservationError
+from imagecache.layout import REGISTRY_LOCK, Layout
+from imagecache.model import Problem, ProblemCode
 from imagecache.store import fsops
+from imagecache.store.jsonfile import JsonFileError, read_json
 
-__all__ = ["REGISTRY_LOCK", "register_host"]
+__all__ = ["RegistryError", "read_registry", "register_host"]
 
-# Nova: utils.synchronized("storage-registry-lock", external=True, lock_path=instances_path/locks).
-REGISTRY_LOCK = "storage-registry-lock"
+Hosts = tuple[tuple[str, float], ...]
 
 
-def register_host(
-    instances_path: str, host: str, *, now: float, lock_timeout: float
-) -> Problem | None:
-    """Set ``host``'s entry in ``$instances_path/compute_nodes`` to ``now``; other hosts' stay.
+class RegistryError(ObservationError):
+    """``compute_nodes`` cannot be read (``code`` says how); it must then be left as it is."""
+
+    def __init__(self, code: ProblemCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def read_registry(layout: Layout) -> Hosts:
+    """The (host, last registration epoch) pairs of ``compute_nodes``, by host; missing is empty.
+
+    Raises:
+        RegistryError: it cannot be read (a FIFO, a symlink, permissions: ``registry-unreadable``)
+            or is not ``{host: finite epoch seconds}`` (``registry-corrupt``).
+    """
+    try:
+        doc = read_json(layout.registry_file)
+    except JsonFileError as exc:
+        if exc.missing:
+            return ()
+        code = ProblemCode.REGISTRY_CORRUPT if exc.corrupt else ProblemCode.REGISTRY_UNREADABLE
+        raise RegistryError(code, str(exc)) from exc
+    if not isinstance(doc, dict):
+        raise RegistryError(ProblemCode.REGISTRY_CORRUPT, "expected {host: epoch seconds}")
+    hosts: list[tuple[str, float]] = []
+    for host, value in doc.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise RegistryError(ProblemCode.REGISTRY_CORRUPT, "expected {host: epoch seconds}")
+        try:
+            epoch = float(value)
+        except OverflowError:
+            epoch = math.inf
+        if not math.isfinite(epoch):
+            message = f"host {host!r}: {str(value)[:40]} is not a finite epoch"
+            raise RegistryError(ProblemCode.REGISTRY_CORRUPT, message)
+        hosts.append((host, epoch))
+    return tuple(sorted(hosts))
+
+
+def register_host(layout: Layout, host: str, *, now: float, lock_timeout: float) -> Problem | None:
+    """Set ``host``'s entry in ``compute_nodes`` to ``now``; other hosts' entries stay.
 
     Waits at most ``lock_timeout`` seconds for Nova's registry lock. A missing file is created
     (owned like ``instances_path``, mode 0644); an existing one keeps its owner and mode.
 
     Returns:
-        None when registered, else the problem that prevented it (the lock stayed busy, the file
-        is unreadable or not ``{host: epoch}``, it cannot be written); the file is then unchanged.
+        None when registered, else the problem (``host-unregistered``) that prevented it (the lock
+        stayed busy, the file is unreadable or not ``{host: epoch}``, it cannot be written); the
+        file is then unchanged.
     """
-    path = os.path.join(instances_path, scan.REGISTRY_FILE)
+    path = layout.registry_file
+    code = ProblemCode.HOST_UNREGISTERED
     try:
-        with locks.entry_lock(instances_path, REGISTRY_LOCK, timeout=lock_timeout):
-            hosts, problems = scan.read_registry(instances_path)
-            if problems:
-                why = "; ".join(p.message for p in problems)
-                return Problem("registry", path, f"{why}: left as it is, {host} not registered")
+        with locks.entry_lock(layout.instances_path, REGISTRY_LOCK, timeout=lock_timeout):
+            try:
+                hosts = read_registry(layout)
+            except RegistryError as exc:
+                return Problem(code, path, f"{exc}: left as it is, {host} not registered")
             try:
                 st = os.stat(path)
             except FileNotFoundError:
-                st = os.stat(instances_path)
+                st = os.stat(layout.instances_path)
                 mode = 0o644
             else:
                 mode = stat.S_IMODE(st.st_mode)
@@ -64,7 +104,7 @@ def register_host(
             ours = owner == (os.geteuid(), os.getegid())
             fsops.atomic_write(path, data, mode=mode, owner=None if ours else owner)
     except LockTimeout as exc:
-        return Problem("registry", path, f"{host} not registered this pass: {exc}")
+        return Problem(code, path, f"{host} not registered this pass: {exc}")
     except OSError as exc:
-        return Problem("registry", path, f"cannot register {host}: {exc}")
+        return Problem(code, path, f"cannot register {host}: {exc}")
     return None

@@ -1,0 +1,77 @@
+"""Reading the small JSON files of a host (``compute_nodes``, inventories, ``disk.info``, plans).
+
+One reader for all of them, because each is hostile input: a symlink swapped in, a FIFO that
+never answers, ``/dev/zero`` behind a name, a file of gigabytes. The file is opened with
+``O_NOFOLLOW | O_NONBLOCK`` (a FIFO cannot block the open, a symlink is refused), must be a
+regular file by ``fstat`` (never a FIFO or a device), and is read up to a size cap.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from typing import Any
+
+__all__ = ["MAX_BYTES", "JsonFileError", "read_json"]
+
+MAX_BYTES = 16 << 20  # compute_nodes of thousands of hosts, an inventory of 100,000 instances
+
+
+class JsonFileError(Exception):
+    """The file cannot be read as JSON.
+
+    ``missing``: it does not exist. ``corrupt``: it was read, and is not valid UTF-8 JSON.
+    Otherwise it could not be read at all (a symlink, not a regular file, too large, EACCES).
+    """
+
+    def __init__(self, message: str, *, missing: bool = False, corrupt: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
+        self.corrupt = corrupt
+
+
+def read_json(path: str, *, max_bytes: int = MAX_BYTES, follow_symlinks: bool = False) -> Any:
+    """The JSON document in the regular file ``path``.
+
+    ``follow_symlinks`` is for files an operator names on the command line (``--inventory``,
+    ``--plan``): a link they made is theirs. Files found on the host are never followed.
+
+    Raises:
+        JsonFileError: it does not exist (``missing``), is a symlink, is not a regular file,
+            cannot be read, is larger than ``max_bytes``, or is not valid UTF-8 JSON (the
+            message says which); never OSError, ValueError or RecursionError.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise JsonFileError("does not exist", missing=True) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise JsonFileError("is a symlink: not followed") from None
+        raise JsonFileError(f"cannot read: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise JsonFileError("is not a regular file")
+        if st.st_size > max_bytes:
+            raise JsonFileError(f"is larger than {max_bytes} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, 1 << 20):
+            size += len(chunk)
+            if size > max_bytes:
+                raise JsonFileError(f"is larger than {max_bytes} bytes")
+            chunks.append(chunk)
+    except OSError as exc:
+        raise JsonFileError(f"cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        return json.loads(b"".join(chunks).decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise JsonFileError(f"not valid JSON: {exc}", corrupt=True) from None
