@@ -61,7 +61,6 @@ __all__ = [
     "Settings",
     "Source",
     "User",
-    "__version__",
     "classify",
     "decide",
     "fingerprint",
