@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from imagecache.config import load_settings
+from imagecache.config import list_opts, load_settings
 from imagecache.errors import ConfigError
+
+SAMPLE = Path(__file__).resolve().parent.parent / "etc" / "imagecache.conf.sample"
 
 
 def conf(tmp_path: Path, text: str, name: str = "nova.conf") -> str:
@@ -154,3 +160,111 @@ def test_inventory_files_option(tmp_path: Path) -> None:
     s = load_settings([conf(tmp_path, "[imagecache]\ninventory_files = /a.json, /b.json\n")])
     assert s.clean.inventory_files == ("/a.json", "/b.json")
     assert load_settings([conf(tmp_path, "[DEFAULT]\n", "empty.conf")]).clean.inventory_files == ()
+
+
+def test_no_files_gives_the_documented_defaults() -> None:
+    s = load_settings([])
+    assert s.config_files == ()
+    assert s.instances_path == "/var/lib/nova/instances"
+    assert s.cache_dir == "/var/lib/nova/instances/_base"
+    assert s.host  # the machine's name, not None
+    assert s.daemon.manager_interval == 2400
+    assert s.policy.remove_unused is True and s.fetch.force_raw is True
+    assert (s.policy.quarantine_seconds, s.clean.touch_in_use) == (86400, True)
+    assert s.clean.audit_log == "/var/log/imagecache/audit.jsonl"
+    assert s.fetch.vmdk_allowed_types == frozenset({"streamOptimized", "monolithicSparse"})
+    assert (s.glance.api_servers, s.glance.valid_interfaces) == ((), ("internal", "public"))
+
+
+def test_committed_sample_is_what_the_generator_writes(tmp_path: Path) -> None:
+    generator = Path(sys.executable).parent / "oslo-config-generator"
+    assert generator.exists(), f"{generator} missing: oslo.config is not installed in this venv"
+    out = tmp_path / "imagecache.conf.sample"
+    # As dev/gen-config.sh does: the generator writes --output-file in the locale's encoding.
+    env = {**os.environ, "PYTHONUTF8": "1"}
+    subprocess.run(
+        [str(generator), "--namespace", "imagecache", "--output-file", str(out)],
+        check=True,
+        env=env,
+        timeout=120,
+    )
+    generated = out.read_text(encoding="utf-8")
+    for group, opts in list_opts():
+        for opt in opts:
+            assert f"\n#{opt.dest} =" in generated, f"[{group}] {opt.dest} not in the sample"
+    committed = SAMPLE.read_text(encoding="utf-8") if SAMPLE.exists() else ""
+    assert generated == committed, f"{SAMPLE} is out of date: run dev/gen-config.sh"
+
+
+def test_every_option_has_help_and_the_listing_is_stable() -> None:
+    listing = list_opts()
+    assert [(g, [o.dest for o in opts]) for g, opts in listing] == [
+        (g, [o.dest for o in opts]) for g, opts in list_opts()
+    ]
+    seen: set[tuple[str, str]] = set()
+    for group, opts in listing:
+        for opt in opts:
+            assert isinstance(opt.help, str) and opt.help.strip(), f"[{group}] {opt.dest}: no help"
+            assert (group, opt.dest) not in seen, f"[{group}] {opt.dest} declared twice"
+            seen.add((group, opt.dest))
+    # Defaults that depend on the machine show a placeholder in the sample, never this host's.
+    default = dict(listing)["DEFAULT"]
+    for opt in default:
+        if opt.dest in ("host", "my_ip"):
+            assert opt.default is None and opt.sample_default, opt.dest
+
+
+def _config_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "imagecache.config" and r.levelno == logging.WARNING
+    ]
+
+
+def test_typo_in_imagecache_section_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="imagecache.config")
+    path = conf(tmp_path, "[imagecache]\nlock_timeout_secs = 5\n")
+    s = load_settings([path])
+    assert s.clean.lock_timeout == 60.0  # the misspelt option is ignored, its default in force
+    (message,) = _config_warnings(caplog)
+    assert path in message and "lock_timeout_secs" in message
+    assert "did you mean lock_timeout_seconds?" in message
+
+    caplog.clear()
+    s = load_settings([conf(tmp_path, "[imagecache]\nlock_timeout_seconds = 5\n", "ok.conf")])
+    assert s.clean.lock_timeout == 5.0
+    assert _config_warnings(caplog) == []
+
+
+def test_unknown_options_in_nova_groups_are_not_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # nova.conf holds many options imagecache never reads; only [imagecache] is ours alone.
+    caplog.set_level(logging.WARNING, logger="imagecache.config")
+    path = conf(
+        tmp_path,
+        "[DEFAULT]\ncompute_driver = libvirt.LibvirtDriver\nlock_timeout_secs = 5\n"
+        "[libvirt]\nvirt_type = kvm\n[image_cache]\nmanager_intervall = 5\n"
+        "[glance]\nnum_retries = 3\n[placement]\nregion_name = R1\n",
+    )
+    load_settings([path])
+    assert _config_warnings(caplog) == []
+
+
+def test_config_dir_files_are_checked_for_typos(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="imagecache.config")
+    d = tmp_path / "imagecache.conf.d"
+    d.mkdir()
+    (d / "10-trash.conf").write_text("[imagecache]\nquarantine_secs = 0\n")
+    (d / "20-ok.conf").write_text("[imagecache]\nstale_temp_seconds = 7\n")
+    (d / "notes.txt").write_text("[imagecache]\nnot_read_at_all = 1\n")  # not *.conf: not read
+    s = load_settings([conf(tmp_path, "[DEFAULT]\n")], [str(d)])
+    assert (s.policy.quarantine_seconds, s.policy.stale_temp_age) == (86400, 7)
+    (message,) = _config_warnings(caplog)
+    assert str(d / "10-trash.conf") in message and "quarantine_secs" in message
+    assert "did you mean quarantine_seconds?" in message

@@ -26,6 +26,7 @@ from typing import Any
 
 from oslo_config import cfg
 
+from imagecache import naming
 from imagecache.errors import ConfigError
 from imagecache.layout import Layout
 from imagecache.plan import Policy
@@ -454,7 +455,7 @@ def load_settings(
             name, _, field_name = target.partition(".")
             fields[name][field_name] = value
     cache_name = fields["layout"]["cache_name"]
-    if "/" in cache_name or cache_name in ("", ".", ".."):
+    if not naming.valid_entry_name(cache_name):
         raise ConfigError(
             "[image_cache] subdirectory_name: must be a directory name under instances_path, "
             f"got {cache_name!r}"

@@ -35,6 +35,7 @@ from imagecache.images.fetch import FetchOptions
 from imagecache.layout import DISK_INFO
 from imagecache.results import Result
 from imagecache.store import fsops
+from imagecache.store.jsonfile import JsonFileError, read_json
 
 __all__ = ["DISK_INFO", "CreatedDisk", "DiskRequest", "create_disks"]
 
@@ -207,11 +208,11 @@ def _record_disk_info(instance_dir: Path, disks: list[Path]) -> None:
     """Add ``{path: "qcow2"}`` for each disk to ``disk.info``, keeping what it already says."""
     info_path = instance_dir / DISK_INFO
     try:
-        current = json.loads(info_path.read_text())
-    except FileNotFoundError:
+        current = read_json(str(info_path))
+    except JsonFileError:
+        # Missing, undecodable, a symlink or a FIFO: Nova also rewrites an unreadable disk.info
+        # from what it knows. The rename below replaces the name; it never writes through it.
         current = {}
-    except ValueError:
-        current = {}  # Nova also rewrites an unreadable disk.info from what it knows
     if not isinstance(current, dict):
         current = {}
     current.update({str(d): "qcow2" for d in disks})
