@@ -18,11 +18,11 @@ from typing import Any
 from imagecache import manager
 from imagecache.clock import Clock
 from imagecache.config import load_settings
-from imagecache.errors import ImageCacheError
+from imagecache.errors import ImageCacheError, UsageError
 from imagecache.plan import plan_to_dict
 from imagecache.render import clean as outcome
 from imagecache.render import plan as report
-from imagecache.render.text import dumps
+from imagecache.render.text import dumps, printable
 from imagecache.settings import Settings
 from imagecache.store import plans
 
@@ -95,20 +95,17 @@ def cmd_explain(ctx: Context) -> int:
 
 def cmd_clean(ctx: Context) -> int:
     if ctx.args.dry_run and ctx.args.plan:
-        print("imagecache: error: clean: --dry-run and --plan exclude each other", file=sys.stderr)
-        return 2
+        raise UsageError("clean: --dry-run and --plan exclude each other")
     if ctx.args.dry_run:
         return cmd_plan(ctx)
     s = ctx.settings
     if ctx.args.plan:
         plan = plans.load_plan(ctx.args.plan)
         if (plan.host, plan.cache_dir) != (s.host, s.cache_dir):
-            print(
-                f"imagecache: error: {ctx.args.plan} is a plan for {plan.cache_dir} on "
-                f"{plan.host}, not {s.cache_dir} on {s.host}",
-                file=sys.stderr,
+            raise UsageError(
+                f"{ctx.args.plan} is a plan for {plan.cache_dir} on {plan.host}, "
+                f"not {s.cache_dir} on {s.host}"
             )
-            return 2
         done = manager.apply_plan(s, plan, inventory_files=ctx.inventory_files, clock=ctx.clock)
     else:
         plan, done = manager.run_pass(s, inventory_files=ctx.inventory_files, clock=ctx.clock)
@@ -142,10 +139,11 @@ def cmd_precache(ctx: Context) -> int:
         sources.close()
         if progress:
             progress.finish()
+    # Image refs and failure reasons come from outside (argv, Glance, an image's header).
     text = "\n".join(
-        f"{r.result:<8} {r.role:<7} {r.image}  {r.name}"
+        f"{r.result:<8} {r.role:<7} {printable(r.image)}  {printable(r.name)}"
         + (f"  {r.bytes} bytes" if r.bytes is not None else "")
-        + (f"\n         {r.reason}" if r.reason else "")
+        + (f"\n         {printable(r.reason)}" if r.reason else "")
         for r in results
     )
     _emit(ctx, {"results": [r.to_dict() for r in results]}, text)
@@ -172,7 +170,9 @@ def cmd_create_disk(ctx: Context) -> int:
         )
     finally:
         sources.close()
-    text = "\n".join(f"{d.label:<8} {d.path}  on _base/{d.backing}" for d in made)
+    text = "\n".join(
+        f"{d.label:<8} {printable(str(d.path))}  on _base/{printable(d.backing)}" for d in made
+    )
     _emit(ctx, {"instance": a.instance, "disks": [d.to_dict() for d in made]}, text)
     return 0
 
@@ -367,8 +367,11 @@ def main(argv: Sequence[str] | None = None, *, clock: Callable[[], float] = time
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
-    """Report an error on stderr and, under --json, as the one JSON document on stdout."""
-    print(f"imagecache: error: {message}", file=sys.stderr)
+    """Report an error on stderr and, under --json, as the one JSON document on stdout.
+
+    The message may quote a file or a field from outside: escaped on the terminal, exact in JSON.
+    """
+    print(f"imagecache: error: {printable(message)}", file=sys.stderr)
     if getattr(args, "json", False):
         sys.stdout.write(dumps({"error": message, "exit_code": code}) + "\n")
     return code

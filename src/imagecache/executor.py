@@ -3,7 +3,8 @@
 :func:`apply` does, in this order:
 
 1. touch every entry decided ``in-use`` (``touch_in_use``), without a lock, as Nova does, so a
-   peer's manager never sees it as old;
+   peer's manager never sees it as old: only a regular file a fresh listing of the cache still
+   shows under that name, with the planned device and inode;
 2. check that the audit log can be appended to: if not, nothing is removed, quarantined, purged,
    restored or reaped and no lock file collected (every action must leave its line);
 3. for every entry to quarantine, remove or reap and every quarantined entry to purge or restore,
@@ -47,10 +48,19 @@ from imagecache import lockfiles, locks, naming
 from imagecache.clock import Clock
 from imagecache.errors import EntryChanged, LockTimeout
 from imagecache.layout import Layout
-from imagecache.model import CacheEntry, Inventory, Kind, Problem, ProblemCode, TrashEntry
+from imagecache.model import (
+    CacheEntry,
+    FileType,
+    Inventory,
+    Kind,
+    Problem,
+    ProblemCode,
+    TrashEntry,
+)
 from imagecache.plan import Action, Decision, Plan, Policy, Reason, TrashDecision, plan_id
 from imagecache.policy import decide
 from imagecache.results import Outcome, Report, Result
+from imagecache.sources.cache import scan_cache
 from imagecache.store import fsops
 from imagecache.store import trash as trash_store
 from imagecache.store.audit import AuditLog
@@ -229,8 +239,27 @@ def _acts(plan: Plan) -> bool:
 
 
 def _touch_in_use(run: Run, plan: Plan, now: float) -> None:
-    for d in plan.decisions:
-        if d.reason is not Reason.IN_USE:
+    """Touch the entries ``plan`` decided in use that are still those very files in the cache.
+
+    A plan may be a saved one, hand-edited since: its names are checked against a fresh listing
+    of the cache directory (``lstat`` of each name, nothing opened), and only a regular file that
+    is still the one planned (device and inode) is touched, never a symlink, a directory, our own
+    state directory or a name the cache does not hold. The listing costs one ``scandir``, not an
+    observation of the host. Between it and the touch a name can still be swapped: the touch
+    never follows a symlink (:func:`fsops.touch`), so at worst a new cache entry is touched.
+    """
+    in_use = [d for d in plan.decisions if d.reason is Reason.IN_USE]
+    if not in_use:
+        return
+    entries, _ = scan_cache(run.layout.cache_dir)
+    listed = {e.name: e for e in entries}
+    for d in in_use:
+        found = listed.get(d.entry.name)
+        if found is None:
+            run.note(_outcome(d.entry, Result.SKIPPED, Reason.VANISHED))
+            continue
+        if found.file_type is not FileType.FILE or not _same_identity(d.entry, found):
+            run.note(_outcome(d.entry, Result.SKIPPED, Reason.CHANGED_SINCE_PLAN))
             continue
         try:
             # Nova ignores EACCES here (LP 1809123); we go on, but say so.
@@ -239,6 +268,12 @@ def _touch_in_use(run: Run, plan: Plan, now: float) -> None:
             run.note(outcome_for(d.entry.name, d.entry.kind, exc, special=_TOUCH_FAILURES))
         else:
             run.note(_outcome(d.entry, Result.TOUCHED, Reason.IN_USE))
+
+
+def _same_identity(planned: CacheEntry, found: CacheEntry) -> bool:
+    # A plan saved before devices were recorded says device 0: its inode must still match.
+    same_device = planned.device in (0, found.device)
+    return same_device and planned.inode == found.inode
 
 
 def _lock_name(d: Decision) -> str:

@@ -26,6 +26,7 @@ __all__ = [
     "ephemeral_name",
     "ephemeral_tag",
     "fingerprint",
+    "fs_encodable",
     "image_prefix",
     "lock_file_name",
     "parse_trash_name",
@@ -114,6 +115,19 @@ def encodable(text: str) -> bool:
     return True
 
 
+def fs_encodable(text: str) -> bool:
+    """Whether ``text`` can be a file name's bytes: valid text, or undecodable bytes escaped.
+
+    Python carries a byte that is not UTF-8 as a surrogate from U+DC80 to U+DCFF (``os.fsdecode``);
+    any other lone surrogate (``"\\ud800"`` from JSON) stands for no byte at all.
+    """
+    try:
+        text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def image_prefix(name: str) -> str | None:
     """The 40-hex fingerprint an original, small or resized name starts with, else None."""
     if len(name) >= 40 and re.fullmatch(_SHA1, name[:40]):
@@ -128,7 +142,7 @@ def swap_name(swap_mb: int) -> str:
 def ephemeral_tag(fs_format: str | None) -> str:
     """Nova's 7-hex tag of an ephemeral backing file: MD5 of the filesystem name (default vfat)."""
     name = fs_format or "vfat"
-    return hashlib.md5(name.encode("utf-8"), usedforsecurity=False).hexdigest()[:7]
+    return hashlib.md5(_as_bytes(name), usedforsecurity=False).hexdigest()[:7]
 
 
 def ephemeral_name(size_gb: int, fs_format: str | None) -> str:
@@ -160,11 +174,7 @@ def valid_entry_name(name: str) -> bool:
     """
     if not name or name in {".", ".."} or "/" in name or "\0" in name:
         return False
-    try:
-        name.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return fs_encodable(name)
 
 
 _TRASH_NAME = re.compile(r"(?P<name>.+)@(?P<epoch>[0-9]{1,12})")

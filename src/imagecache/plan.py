@@ -31,6 +31,7 @@ from imagecache.model import (
 )
 
 __all__ = [
+    "MAX_SECONDS",
     "SCHEMA",
     "Action",
     "Decision",
@@ -47,6 +48,13 @@ __all__ = [
 ]
 
 SCHEMA = 1
+
+# Every epoch time and age a plan document may carry, in seconds either way: beyond any file's
+# mtime (ext4 stops in 2446) and far inside what a float holds, so no sum overflows and every
+# time a plan holds is one a report can print.
+MAX_SECONDS = 10**11
+# Counts (bytes, inodes, thresholds): what an off_t or ino_t holds.
+_MAX_COUNT = 1 << 63
 
 _E = TypeVar("_E", bound=StrEnum)
 
@@ -164,8 +172,15 @@ class Plan:
 
 
 def iso(ts: float) -> str:
-    """An epoch time as ISO 8601 in UTC, to the second."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+    """An epoch time as ISO 8601 in UTC, to the second; never raises.
+
+    A time no date can show (an mtime set far in the future, a threshold of centuries added to
+    it) is written as its epoch number instead, so one odd file cannot stop a report.
+    """
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+    except (OverflowError, ValueError, OSError):
+        return f"epoch {ts!r}"
 
 
 def plan_id(plan: Plan) -> str:
@@ -326,7 +341,7 @@ class _Reader:
         value = self._get(key) if default is None or key in self.doc else default
         if not isinstance(value, str):
             raise self._bad(key, "a string")
-        return value
+        return self._checked(key, value)
 
     def optional_text(self, key: str) -> str | None:
         value = self.doc.get(key)
@@ -334,6 +349,13 @@ class _Reader:
             return None
         if not isinstance(value, str):
             raise self._bad(key, "a string or null")
+        return self._checked(key, value)
+
+    def _checked(self, key: str, value: str) -> str:
+        # Paths and messages built from them may carry undecodable bytes (surrogate-escaped, as
+        # this tool writes them); a lone surrogate that stands for no byte is not text at all.
+        if not naming.fs_encodable(value):
+            raise self._bad(key, "text (it holds a lone surrogate)")
         return value
 
     def flag(self, key: str) -> bool:
@@ -345,7 +367,7 @@ class _Reader:
     def integer(self, key: str, default: int | None = None) -> int:
         value = self._get(key) if default is None or key in self.doc else default
         # 2**63: inode numbers, byte counts and thresholds all fit; a 400-digit number does not.
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _MAX_COUNT:
             raise self._bad(key, "an integer from 0 to 2**63 - 1")
         return value
 
@@ -358,10 +380,11 @@ class _Reader:
             raise self._bad(key, "a number")
         try:
             number = float(value)
-        except OverflowError:
-            raise self._bad(key, "a finite number") from None
-        if not math.isfinite(number):
-            raise self._bad(key, "a finite number")
+        except OverflowError:  # an integer of hundreds of digits
+            number = math.inf
+        # NaN, Infinity and 1e400 (which json reads as inf) fail here too.
+        if not -MAX_SECONDS <= number <= MAX_SECONDS:
+            raise self._bad(key, f"a finite number of seconds within +-{MAX_SECONDS:.0e}")
         return number
 
     def optional_number(self, key: str) -> float | None:
@@ -391,6 +414,18 @@ def _entry_name(r: _Reader, key: str) -> str:
     return name
 
 
+def _kind(r: _Reader, name: str, file_type: FileType) -> Kind:
+    # The kind is the name's, never the document's word: a plan that calls an original a temp
+    # (to reap it unquarantined, say) is not one this tool wrote.
+    kind = r.choice("kind", Kind)
+    if kind is not naming.classify(name, file_type):
+        raise UsageError(
+            f"{r.where}: 'kind' is {kind}, but {name!r} ({file_type}) is "
+            f"{naming.classify(name, file_type)}"
+        )
+    return kind
+
+
 def _users_from(r: _Reader) -> tuple[User, ...]:
     return tuple(
         User(u.choice("source", Source), u.text("ref"), u.text("detail", ""))
@@ -399,10 +434,12 @@ def _users_from(r: _Reader) -> tuple[User, ...]:
 
 
 def _decision_from(r: _Reader) -> Decision:
+    name = _entry_name(r, "name")
+    file_type = r.choice("file_type", FileType)
     entry = CacheEntry(
-        name=_entry_name(r, "name"),
-        kind=r.choice("kind", Kind),
-        file_type=r.choice("file_type", FileType),
+        name=name,
+        kind=_kind(r, name, file_type),
+        file_type=file_type,
         bytes_allocated=r.integer("bytes"),
         bytes_apparent=r.integer("apparent_bytes"),
         mtime=r.number("mtime"),
@@ -450,15 +487,25 @@ def _policy_from(r: _Reader) -> Policy:
         remove_unused_kernels=r.flag("remove_unused_kernels"),
         stale_temp_age=r.integer("stale_temp_seconds"),
         quarantine_seconds=r.integer("quarantine_seconds"),
-        default_ephemeral_format=r.optional_text("default_ephemeral_format"),
+        default_ephemeral_format=_ephemeral_format(r),
     )
+
+
+def _ephemeral_format(r: _Reader) -> str | None:
+    # A filesystem name is hashed as UTF-8 text into ephemeral entry names: no escaped bytes.
+    value = r.optional_text("default_ephemeral_format")
+    if value is not None and not naming.encodable(value):
+        raise UsageError(f"{r.where}: 'default_ephemeral_format' must be UTF-8 text")
+    return value
 
 
 def plan_from_dict(doc: Any) -> Plan:
     """The :class:`Plan` a plan document describes; the inverse of :func:`plan_to_dict`.
 
-    A saved plan is untrusted input: every field is type- and range-checked, every name must be
-    a plain entry name. Fields this reader does not know are ignored.
+    A saved plan is untrusted input: every field is type- and range-checked (integers from 0 to
+    2**63 - 1, times and ages finite and within :data:`MAX_SECONDS`), every text must be text
+    (no lone surrogate), every name a plain entry name (:func:`naming.valid_entry_name`) whose
+    kind is the one the document states. Fields this reader does not know are ignored.
 
     Raises:
         UsageError: the document is not a plan of a schema this version reads, or a field is

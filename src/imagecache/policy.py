@@ -156,7 +156,9 @@ def decide(inventory: Inventory, policy: Policy, now: float) -> Plan:
         _decide_one(
             _Facts(
                 entry=entry,
-                users=users.get(entry.name, ()) if entry.kind is not Kind.TEMP else (),
+                # Every kind: a `.part` or `.converted` name that a disk opens as its backing
+                # file is in use like any other entry, whatever its name says.
+                users=users.get(entry.name, ()),
                 age=now - entry.mtime,
                 threshold=threshold_seconds(entry.kind, policy),
                 complete=complete,

@@ -3,7 +3,10 @@
 Nova's rules (nova-imagecache.md §4.4), checked on the temp file before it is published:
 
 - our own header parser (:func:`imagecache.formats.read_header`) runs first, on bytes only: a
-  qcow2 with a backing file or an external data file, a VMDK whose ``createType`` is not in
+  qcow2 with a backing file or an external data file (named in an extension, or only flagged by
+  its incompatible feature bit), a qcow2 v3 with any incompatible feature bit but compression
+  type and extended L2 (:data:`QCOW2_ADMITTED_FEATURES`: a dirty or corrupt image, and every bit
+  this version does not know, are refused), a VMDK whose ``createType`` is not in
   ``vmdk_allowed_types``, or one with a parent, is refused before any other program opens it
   (``qemu-img info`` would open a data file, or a VMDK's extent files). A VMDK text descriptor is
   refused whatever it says: a downloaded image is one file, and a descriptor only names others;
@@ -21,6 +24,7 @@ Nova's rules (nova-imagecache.md §4.4), checked on the temp file before it is p
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -30,7 +34,7 @@ from imagecache.errors import ImageFormatError, UnsafeImageError
 from imagecache.formats import read_header, vmdk
 from imagecache.images import process
 
-__all__ = ["Admitted", "check_format", "check_raw"]
+__all__ = ["QCOW2_ADMITTED_FEATURES", "Admitted", "check_format", "check_raw"]
 
 # Glance disk_format -> the format the bytes must have (qemu's names differ for two of them).
 _EXPECTED: Mapping[str, str] = MappingProxyType(
@@ -39,6 +43,26 @@ _EXPECTED: Mapping[str, str] = MappingProxyType(
 _OURS = frozenset({"raw", "qcow2", "vmdk"})  # what formats.read_header recognises
 # qemu's names of the formats an image may have; Glance's are these (vpc as vhd) and _EXPECTED.
 _ALLOWED = frozenset({"raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi"})
+
+# qcow2 v3 incompatible_features (docs/interop/qcow2.txt): a 64-bit big-endian field at offset 72
+# that qemu refuses to open with a bit it does not know. Read here, bounds-checked, because the
+# header parser does not expose it.
+_QCOW2_FEATURES = struct.Struct(">Q")
+_QCOW2_FEATURES_OFFSET = 72
+_QCOW2_FEATURE_NAMES: Mapping[int, str] = MappingProxyType(
+    {
+        0: "dirty (refcounts need repair)",
+        1: "corrupt",
+        2: "external data file",
+        3: "compression type",
+        4: "extended L2 entries",
+    }
+)
+#: The incompatible feature bits an admitted qcow2 may have: a compression type (zstd) and
+#: extended L2 entries (subclusters) change only how the image's own clusters are stored. Dirty
+#: and corrupt images need a repair that writes to them; an external data file makes qemu open
+#: another file; an unknown bit is a format this version cannot reason about.
+QCOW2_ADMITTED_FEATURES = frozenset({3, 4})
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +83,10 @@ def check_format(
     """Check the downloaded file at ``path`` against its ``claimed`` Glance disk format.
 
     Raises:
-        UnsafeImageError: a backing file, a data file, a VMDK text descriptor, a VMDK type not
-            allowed or extents other than the file itself, a format (claimed or found) not
-            allowed, or a format other than the claimed one.
+        UnsafeImageError: a backing file, a data file, a qcow2 incompatible feature not in
+            :data:`QCOW2_ADMITTED_FEATURES`, a VMDK text descriptor, a VMDK type not allowed or
+            extents other than the file itself, a format (claimed or found) not allowed, or a
+            format other than the claimed one.
         ImageFormatError: a header that cannot be parsed, or our parser and qemu disagree.
         ProcessError: qemu-img cannot read the file.
         OSError: the file cannot be read.
@@ -74,6 +99,8 @@ def check_format(
         raise UnsafeImageError(f"{header.format} image has a backing file {header.backing_file!r}")
     if header.data_file is not None:
         raise UnsafeImageError(f"qcow2 image has an external data file {header.data_file!r}")
+    if header.format == "qcow2" and header.version == 3:
+        _check_qcow2_features(path)
     if header.format == "vmdk":
         if not _is_sparse_vmdk(path):
             raise UnsafeImageError("a vmdk text descriptor names other files: not one image")
@@ -113,6 +140,19 @@ def check_raw(path: str | os.PathLike[str]) -> None:
     qemu_format = process.qemu_img_info(path).get("format")
     if qemu_format != "raw":
         raise UnsafeImageError(f"converted to raw, but qemu-img now reads {qemu_format!r}")
+
+
+def _check_qcow2_features(path: str | os.PathLike[str]) -> None:
+    with open(path, "rb") as f:
+        f.seek(_QCOW2_FEATURES_OFFSET)
+        raw = f.read(_QCOW2_FEATURES.size)
+    if len(raw) != _QCOW2_FEATURES.size:
+        raise ImageFormatError("qcow2 v3 header ends before its incompatible features")
+    (bits,) = _QCOW2_FEATURES.unpack(raw)
+    refused = [bit for bit in range(64) if bits >> bit & 1 and bit not in QCOW2_ADMITTED_FEATURES]
+    if refused:
+        names = ", ".join(f"bit {b} ({_QCOW2_FEATURE_NAMES.get(b, 'unknown')})" for b in refused)
+        raise UnsafeImageError(f"qcow2 image has incompatible features imagecache refuses: {names}")
 
 
 def _check_qemu_agrees(ours: str, qemu_format: str, info: Mapping[str, Any]) -> None:

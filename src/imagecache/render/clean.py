@@ -99,7 +99,7 @@ def _footer(rep: Report) -> list[str]:
 
 
 def render_clean(plan: Plan, rep: Report) -> str:
-    head = [f"clean {rep.plan_id} of {plan.cache_dir} on {plan.host} at {iso(rep.now)}"]
+    head = [printable(f"clean {rep.plan_id} of {plan.cache_dir} on {plan.host} at {iso(rep.now)}")]
     rows = _rows(rep)
     table = [render_table(rows, ["RESULT", "NAME", "KIND", "SIZE", "REASON"])] if rows else []
     problems = problems_text(plan)

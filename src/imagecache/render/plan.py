@@ -139,7 +139,7 @@ def render_status(plan: Plan) -> str:
         ]
         for t in plan.trash
     ]
-    head = [f"cache {plan.cache_dir} on {plan.host} at {iso(plan.now)}"]
+    head = [printable(f"cache {plan.cache_dir} on {plan.host} at {iso(plan.now)}")]
     table = render_table(rows, ["NAME", "KIND", "SIZE", "AGE", "USED BY", "ACTION"])
     return "\n".join([*head, table, *_footer(plan), *problems_text(plan)])
 
@@ -155,7 +155,9 @@ def render_plan(plan: Plan) -> str:
         ]
         for d in sorted(plan.decisions, key=lambda d: (d.action is Action.KEEP, d.entry.name))
     ] + trash_rows(plan)
-    head = [f"plan {plan_id(plan)} for {plan.cache_dir} on {plan.host} at {iso(plan.now)}"]
+    head = [
+        printable(f"plan {plan_id(plan)} for {plan.cache_dir} on {plan.host} at {iso(plan.now)}")
+    ]
     table = render_table(rows, ["ACTION", "NAME", "KIND", "SIZE", "REASON"])
     return "\n".join([*head, table, *_footer(plan), *problems_text(plan)])
 

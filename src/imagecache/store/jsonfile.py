@@ -1,9 +1,11 @@
 """Reading the small JSON files of a host (``compute_nodes``, inventories, ``disk.info``, plans).
 
 One reader for all of them, because each is hostile input: a symlink swapped in, a FIFO that
-never answers, ``/dev/zero`` behind a name, a file of gigabytes. The file is opened with
-``O_NOFOLLOW | O_NONBLOCK`` (a FIFO cannot block the open, a symlink is refused), must be a
-regular file by ``fstat`` (never a FIFO or a device), and is read up to a size cap.
+never answers, ``/dev/zero`` behind a name, a file of gigabytes. The name is ``stat``ed first
+and anything but a regular file is refused unopened (opening a device can act: a watchdog arms,
+a tape rewinds; opening a FIFO wakes its writer). It is then opened with
+``O_NOFOLLOW | O_NONBLOCK`` (a FIFO swapped in meanwhile cannot block the open, a symlink is
+refused), must still be a regular file by ``fstat``, and is read up to a size cap.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def read_json(path: str, *, max_bytes: int = MAX_BYTES, follow_symlinks: bool = 
     if not follow_symlinks:
         flags |= os.O_NOFOLLOW
     try:
+        mode = os.stat(path, follow_symlinks=follow_symlinks).st_mode
+        if stat.S_ISLNK(mode):
+            raise JsonFileError("is a symlink: not followed")
+        if not stat.S_ISREG(mode):
+            raise JsonFileError("is not a regular file")
         fd = os.open(path, flags)
     except FileNotFoundError:
         raise JsonFileError("does not exist", missing=True) from None
@@ -54,6 +61,8 @@ def read_json(path: str, *, max_bytes: int = MAX_BYTES, follow_symlinks: bool = 
         if exc.errno == errno.ELOOP:
             raise JsonFileError("is a symlink: not followed") from None
         raise JsonFileError(f"cannot read: {exc.strerror}") from None
+    except ValueError:  # a NUL byte or a lone surrogate: no file has that name
+        raise JsonFileError("is not a valid file name") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
