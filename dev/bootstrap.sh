@@ -24,7 +24,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.stamp 2>/dev/null)" != "$(stamp)
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 \
     | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c 'import imagecache, oslo_config, fasteners, openstack' # fail loudly
+  .venv/bin/python -c 'import imagecache, oslo_config, openstack' # fail loudly
   stamp > .venv/.stamp
 fi
 

@@ -3,9 +3,11 @@
 ``nova-compute`` serialises work on a cache entry with an oslo.concurrency *external* lock named
 after the entry, with prefix ``nova-`` and lock path ``$instances_path/locks``: a POSIX record lock
 (``fcntl.lockf``) on the whole file ``$instances_path/locks/nova-<entry name>``, taken through
-``fasteners.InterProcessLock``. We take the very same lock with the very same library, so Nova and
-imagecache exclude each other on one host, and across hosts where the shared filesystem honours
-POSIX locks.
+``fasteners.InterProcessLock``. We take the very same lock, ``fcntl.lockf`` on the whole file of
+that path, so Nova and imagecache exclude each other on one host, and across hosts where the shared
+filesystem honours POSIX locks. Unlike fasteners we never follow a symlink: ``locks/`` must be a
+real directory and the lock file a regular file in it, opened ``O_NOFOLLOW``, so a link planted in
+the lock directory can neither make us create or lock a file elsewhere nor pass for a lock.
 
 POSIX record locks belong to a *process*: a second thread of the same process would "get" a lock
 its sibling holds, and closing any descriptor of the file drops every lock the process has on it.
@@ -16,22 +18,25 @@ Lock files of live entries are never unlinked: a process that has the file open 
 about to lock it) would keep locking the unlinked inode while a newcomer creates and locks a fresh
 one, and both would believe they hold the lock (nova-imagecache.md §9.1 item 6).
 :mod:`imagecache.lockfiles` removes only lock files of names that have been gone for long, and
-re-checks under the held lock that nothing of the name is left in the cache.
+re-checks under the held lock that nothing of the name is left in any cache sharing ``locks/``.
+Our own side of that race is closed too: once locked, :func:`held_lock` checks that the path still
+names the locked file and starts over if it does not; only a Nova waiting at that moment is left
+with the unlinked inode.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
+import stat
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
-
-import fasteners
 
 from imagecache import naming
 from imagecache.errors import LockTimeout
@@ -72,11 +77,145 @@ def lock_path(instances_path: str | os.PathLike[str], name: str) -> str:
     return str(Path(instances_path, LOCKS_DIR, naming.lock_file_name(name)))
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC  # read-write: lockf(LOCK_EX) needs write
+_FILE_MODE = 0o644
+# What lockf(LOCK_NB) answers when another process holds the lock.
+_BUSY = frozenset({errno.EACCES, errno.EAGAIN})
+
+
+def _unsafe(path: str, what: str) -> OSError:
+    try:
+        is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        is_link = False
+    if is_link:
+        return OSError(errno.ELOOP, f"{what} is a symlink; not followed", path)
+    return OSError(errno.ENOTDIR, f"{what} is not a directory", path)
+
+
+def _open_dir(path: str, *, create: bool) -> int:
+    """The lock directory, a real directory (never a symlink), made when missing and ``create``."""
+    try:
+        return _open_real_dir(path)
+    except FileNotFoundError:
+        if not create:
+            raise
+    # Made as fasteners makes it (mode 0777 less the umask, missing parents too: the instances
+    # path is the configured root, followed like any configured path). Only the last component,
+    # the lock directory that sits in the tree we share with Nova, must not be a link.
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with suppress(FileExistsError):  # made meanwhile: open it, with the same checks
+        os.mkdir(path)
+    return _open_real_dir(path)
+
+
+def _open_real_dir(path: str) -> int:
+    try:
+        return os.open(path, _DIR_FLAGS)
+    except NotADirectoryError as exc:
+        # O_NOFOLLOW | O_DIRECTORY answers ENOTDIR for a symlink and a file alike.
+        raise _unsafe(path, "lock directory") from exc
+
+
+def _open_lock_file(path: str, *, create: bool) -> int:
+    """A descriptor of the regular file ``path``, opened in its real directory, never via a link."""
+    directory, name = os.path.split(path)
+    dir_fd = _open_dir(directory, create=create)
+    try:
+        flags = _FILE_FLAGS | (os.O_CREAT if create else 0)
+        try:
+            fd = os.open(name, flags, _FILE_MODE, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OSError(errno.ELOOP, "lock file is a symlink; not followed", path) from exc
+            raise OSError(exc.errno, exc.strerror, path) from exc
+    finally:
+        os.close(dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "lock file is not a regular file", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _try_lock(fd: int, path: str) -> bool:
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in _BUSY:
+            return False
+        # ENOLCK on NFS without lock support, ...: what a caller can report.
+        raise OSError(exc.errno, f"cannot lock {path}: {exc.strerror}") from exc
+    return True
+
+
+def _still_named(fd: int, path: str) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not unlinked or replaced meanwhile)."""
+    try:
+        current = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _lock(
+    path: str, *, deadline: float, poll: float, timeout: float, what: str, create: bool
+) -> int:
+    """The descriptor of ``path``, POSIX-locked; polls every ``poll`` seconds until ``deadline``."""
+    fd = _open_lock_file(path, create=create)
+    reopened = False
+    try:
+        while True:
+            if _try_lock(fd, path):
+                if _still_named(fd, path):
+                    return fd
+                # A collector unlinked the file while we waited for it: a lock on that inode
+                # excludes nobody any more. Start over on what the path names now (at once the
+                # first time, then at the pace of the poll).
+                os.close(fd)
+                fd = -1
+                fd = _open_lock_file(path, create=create)
+                if not reopened:
+                    reopened = True
+                    continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LockTimeout(
+                    f"{what}: lock {path} is held by another process; gave up after {timeout:g} s"
+                )
+            time.sleep(min(poll, left))
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+
+
 @contextmanager
 def held_lock(
-    path: str, *, timeout: float, poll: float, what: str
-) -> Iterator[fasteners.InterProcessLock]:
-    """Hold the guard and the file lock of ``path``, waiting at most ``timeout`` seconds in all."""
+    path: str, *, timeout: float, poll: float, what: str, create: bool = True
+) -> Iterator[int]:
+    """Hold the guard and the file lock of ``path``, waiting at most ``timeout`` seconds in all.
+
+    Yields the descriptor of the locked file (the caller may ``fstat`` or ``utime`` it, never
+    close it). The file is opened ``O_RDWR | O_NOFOLLOW`` (and ``O_CREAT``, mode 0644, with
+    ``create``) in its directory, which must be a real directory (made when missing, with
+    ``create``), and locked with ``fcntl.lockf(LOCK_EX | LOCK_NB)``, tried every ``poll``
+    seconds: the lock oslo.concurrency takes on the same path.
+
+    Raises:
+        LockTimeout: another thread of this process or another process held it for the whole wait.
+        ValueError: ``timeout < 0`` or ``poll <= 0``.
+        FileNotFoundError: without ``create``, the lock file or its directory is missing.
+        OSError: the lock directory is a symlink (``ELOOP``, "lock directory is a symlink; not
+            followed") or not a directory (``ENOTDIR``); the lock file is a symlink (``ELOOP``,
+            "lock file is a symlink; not followed") or not a regular file (``EINVAL``,
+            ``EISDIR``); either cannot be created or opened; or the filesystem refuses POSIX
+            locks (``ENOLCK``, "cannot lock <path>: ...").
+    """
     if timeout < 0 or poll <= 0:
         raise ValueError(f"timeout must be >= 0 and poll > 0, got {timeout!r} and {poll!r}")
     # The wait is bounded by the monotonic clock: the only clock this module reads.
@@ -89,33 +228,14 @@ def held_lock(
             f"gave up after {timeout:g} s"
         )
     try:
-        file_lock = fasteners.InterProcessLock(path)
-        remaining = max(0.0, deadline - time.monotonic())
+        fd = _lock(path, deadline=deadline, poll=poll, timeout=timeout, what=what, create=create)
         try:
-            gotten = file_lock.acquire(
-                blocking=remaining > 0, delay=poll, max_delay=poll, timeout=remaining
-            )
-        except threading.ThreadError as exc:
-            # fasteners wraps unexpected lockf errors (ENOLCK on NFS without lock support, ...) in
-            # ThreadError; the OSError underneath is what a caller can report.
-            cause = exc.__context__
-            code = cause.errno if isinstance(cause, OSError) else errno.ENOLCK
-            raise OSError(code, f"cannot lock {path}: {cause or exc}") from exc
+            yield fd
         finally:
-            # fasteners leaves the file open when it did not get the lock. Close it now, under the
-            # guard: closing any descriptor of the file drops this process's locks on it, so it must
-            # not happen later (at garbage collection) while another thread holds the lock.
-            if not file_lock.acquired and file_lock.lockfile is not None:
-                file_lock.lockfile.close()
-                file_lock.lockfile = None
-        if not gotten:
-            raise LockTimeout(
-                f"{what}: lock {path} is held by another process; gave up after {timeout:g} s"
-            )
-        try:
-            yield file_lock
-        finally:
-            file_lock.release()
+            # Closing the descriptor drops the lock. It happens here, under the guard: closing any
+            # descriptor of the file drops this process's locks on it, so no other thread of ours
+            # may hold the lock while we close.
+            os.close(fd)
     finally:
         guard.release()
 
@@ -128,7 +248,8 @@ def entry_lock(
 
     Waits at most ``timeout`` seconds (``[imagecache] lock_timeout_seconds``), polling every
     ``poll`` seconds as oslo does; ``timeout=0`` tries exactly once. Creates ``locks/`` and the lock
-    file when missing. The wait is measured with ``time.monotonic()``.
+    file when missing, never through a symlink (see :func:`held_lock`). The wait is measured with
+    ``time.monotonic()``.
 
     While held, the lock file's mtime is set to the current time (best effort): it records when
     imagecache last worked on the entry, which is how :func:`collect_stale_lock_files` tells a name
@@ -138,13 +259,14 @@ def entry_lock(
         LockTimeout: another process (Nova, another imagecache) or another thread of this process
             held the lock for the whole wait; the message names the entry and the wait.
         ValueError: ``name`` is not a valid entry name, or ``timeout < 0`` or ``poll <= 0``.
-        OSError: the lock directory or file cannot be created or opened, or the filesystem
-            refuses POSIX locks.
+        OSError: the lock directory or file cannot be created or opened, or is a symlink or not
+            a directory / regular file (never followed: see :func:`held_lock` for the messages),
+            or the filesystem refuses POSIX locks.
     """
     path = lock_path(instances_path, name)
-    with held_lock(path, timeout=timeout, poll=poll, what=f"entry {name}") as file_lock:
+    with held_lock(path, timeout=timeout, poll=poll, what=f"entry {name}") as fd:
         try:
-            os.utime(file_lock.lockfile.fileno())
+            os.utime(fd)
         except OSError as exc:
             LOG.debug("could not refresh the mtime of %s: %s", path, exc)
         yield
@@ -213,15 +335,14 @@ def is_locked(instances_path: str | os.PathLike[str], name: str) -> bool:
 
     Raises:
         ValueError: ``name`` is not a valid entry name.
-        OSError: the lock file exists but cannot be opened or locked.
+        OSError: the lock file exists but cannot be opened or locked, or it or the lock directory
+            is a symlink or not a regular file / directory (never followed).
     """
     path = lock_path(instances_path, name)
     try:
-        os.lstat(path)
+        with held_lock(path, timeout=0, poll=0.05, what=f"entry {name}", create=False):
+            return False
     except FileNotFoundError:
         return False
-    try:
-        with held_lock(path, timeout=0, poll=0.05, what=f"entry {name}"):
-            return False
     except LockTimeout:
         return True

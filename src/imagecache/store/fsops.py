@@ -9,6 +9,12 @@ A process killed at any instant leaves every file either as it was or as it was 
 - every rename and unlink is followed by an fsync of the directories it changed, so it survives a
   power loss too.
 
+Directories this project owns inside the cache (``.imagecache/``, its ``trash/``) are reached only
+through descriptors of real directories (:func:`open_dir`, ``O_NOFOLLOW``), and renamed into,
+unlinked from and synced through those descriptors: a symlink swapped in for one of them is refused,
+never followed out of the tree. Functions taking ``dir_fd`` resolve the *last component* of the path
+they are given in that directory; the whole path only names the file in error messages.
+
 None of these functions lock anything: the caller holds the entry lock
 (:func:`imagecache.locks.entry_lock`) of the entry it changes and has re-checked it under the lock.
 Functions that free space return the bytes they freed, measured (``st_blocks * 512`` of an
@@ -21,6 +27,7 @@ import ctypes
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +41,7 @@ __all__ = [
     "atomic_write",
     "ensure_dir",
     "fsync_dir",
+    "open_dir",
     "remove",
     "rename_noreplace",
     "temp_file",
@@ -77,16 +85,90 @@ def _freed(st: os.stat_result) -> int:
     return st.st_blocks * 512 if st.st_nlink <= 1 else 0
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def fsync_dir(directory: StrPath | int) -> None:
+    """Make the renames and unlinks in ``directory`` (a path or an open descriptor) durable.
+
+    Raises:
+        OSError: the directory cannot be opened, or the sync failed.
+    """
+    if isinstance(directory, int):
+        _fsync_dir_fd(directory)
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _fsync_dir_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir_fd(fd: int) -> None:
     try:
         os.fsync(fd)
     except OSError as exc:
         # Some filesystems cannot fsync a directory; their renames are as durable as they get.
         if exc.errno != errno.EINVAL:
             raise
-    finally:
-        os.close(fd)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _at(path: StrPath, dir_fd: int | None) -> str:
+    """What to hand ``os.*``: ``path`` itself, or its last component when resolved in ``dir_fd``."""
+    return os.fspath(path) if dir_fd is None else os.path.basename(os.fspath(path))
+
+
+def _named(exc: OSError, path: StrPath, path2: StrPath | None = None) -> OSError:
+    """``exc`` naming the whole ``path`` (a call through a directory descriptor saw a bare name)."""
+    return OSError(exc.errno, exc.strerror, str(path), None, None if path2 is None else str(path2))
+
+
+def _not_a_directory(path: StrPath, dir_fd: int | None, exc: OSError) -> OSError:
+    # O_NOFOLLOW | O_DIRECTORY answers ENOTDIR for a symlink and for a file alike; say which.
+    try:
+        st = os.stat(_at(path, dir_fd), dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return exc
+    if stat.S_ISLNK(st.st_mode):
+        return OSError(errno.ELOOP, "a symlink, not a real directory; not followed", str(path))
+    return OSError(errno.ENOTDIR, "not a directory", str(path))
+
+
+def open_dir(path: StrPath, *, dir_fd: int | None = None, create: bool = False) -> int:
+    """Open the real directory ``path``, never through a symlink; the caller closes the descriptor.
+
+    The descriptor is ``O_RDONLY | O_DIRECTORY | O_NOFOLLOW``: a symlink in the last component is
+    refused, not followed. With ``dir_fd`` that last component is looked up in the open directory
+    ``dir_fd`` (its parent), so nothing above it is resolved again. With ``create`` a missing
+    directory is made, and its parent synced so that it survives a crash.
+
+    Raises:
+        FileNotFoundError: it is missing (and ``create`` is false, or its parent is missing).
+        OSError: it is a symlink (``ELOOP``, "a symlink, not a real directory; not followed") or
+            something else than a directory (``ENOTDIR``), or it cannot be opened or created.
+    """
+    name = _at(path, dir_fd)
+    try:
+        return _open_real_dir(path, dir_fd)
+    except FileNotFoundError:
+        if not create:
+            raise
+    try:
+        os.mkdir(name, dir_fd=dir_fd)
+    except FileExistsError:
+        pass  # made meanwhile by someone else: open what is there, with the same checks
+    else:
+        fsync_dir(os.path.dirname(os.path.abspath(name)) if dir_fd is None else dir_fd)
+    return _open_real_dir(path, dir_fd)
+
+
+def _open_real_dir(path: StrPath, dir_fd: int | None) -> int:
+    try:
+        return os.open(_at(path, dir_fd), _DIR_FLAGS, dir_fd=dir_fd)
+    except NotADirectoryError as exc:
+        raise _not_a_directory(path, dir_fd, exc) from exc
+    except OSError as exc:
+        raise _named(exc, path) from exc
 
 
 def _fsync_file(path: Path) -> None:
@@ -120,23 +202,51 @@ def ensure_dir(path: StrPath) -> None:
     _ensure_dir(Path(path))
 
 
-def _link_and_unlink(src: Path, dst: Path) -> None:
+def _link_and_unlink(
+    src: StrPath, dst: StrPath, *, src_dir_fd: int | None = None, dst_dir_fd: int | None = None
+) -> None:
     # link(2) never replaces an existing name either. A crash between the two calls leaves two
     # names of one inode: no data is lost and no name is clobbered, one extra link remains.
-    os.link(src, dst, follow_symlinks=False)
-    src.unlink()
+    os.link(
+        _at(src, src_dir_fd),
+        _at(dst, dst_dir_fd),
+        src_dir_fd=src_dir_fd,
+        dst_dir_fd=dst_dir_fd,
+        follow_symlinks=False,
+    )
+    os.unlink(_at(src, src_dir_fd), dir_fd=src_dir_fd)
 
 
-def rename_noreplace(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst`` unless ``dst`` exists; raise FileExistsError if it does."""
+def rename_noreplace(
+    src: StrPath, dst: StrPath, *, src_dir_fd: int | None = None, dst_dir_fd: int | None = None
+) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists; raise FileExistsError if it does.
+
+    With ``src_dir_fd`` / ``dst_dir_fd`` the last component of ``src`` / ``dst`` is resolved in
+    that open directory (``renameat2`` and ``linkat`` take directory descriptors), so a symlink
+    swapped in for a directory on the way cannot redirect the rename.
+
+    Raises:
+        FileExistsError: ``dst`` exists; nothing was renamed.
+        OSError: ``src`` is missing (FileNotFoundError), or the rename failed.
+    """
     if _renameat2 is not None:
-        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE):
-            code = ctypes.get_errno()
-            if code not in _NOREPLACE_UNSUPPORTED:
-                raise OSError(code, os.strerror(code), str(src), None, str(dst))
-        else:
+        failed = _renameat2(
+            _AT_FDCWD if src_dir_fd is None else src_dir_fd,
+            os.fsencode(_at(src, src_dir_fd)),
+            _AT_FDCWD if dst_dir_fd is None else dst_dir_fd,
+            os.fsencode(_at(dst, dst_dir_fd)),
+            _RENAME_NOREPLACE,
+        )
+        if not failed:
             return
-    _link_and_unlink(src, dst)
+        code = ctypes.get_errno()
+        if code not in _NOREPLACE_UNSUPPORTED:
+            raise OSError(code, os.strerror(code), str(src), None, str(dst))
+    try:
+        _link_and_unlink(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+    except OSError as exc:
+        raise _named(exc, src, dst) from exc
 
 
 def atomic_write(
@@ -253,17 +363,22 @@ def touch(path: StrPath, now: float | None = None) -> None:
     os.utime(path, None if now is None else (now, now), follow_symlinks=False)
 
 
-def remove(path: StrPath) -> int:
+def remove(path: StrPath, *, dir_fd: int | None = None) -> int:
     """Unlink ``path`` (a file or symlink, never a directory) durably; return the bytes freed.
 
     The bytes are ``st_blocks * 512`` from an ``lstat`` just before, or 0 when the file has other
-    hard links. A process that still has the file open keeps the space until it closes it.
+    hard links. A process that still has the file open keeps the space until it closes it. With
+    ``dir_fd`` the last component of ``path`` is unlinked from that open directory, which is then
+    synced.
 
     Raises:
         OSError: ``path`` is gone (FileNotFoundError), is a directory, or cannot be unlinked.
     """
-    target = Path(path)
-    freed = _freed(target.lstat())
-    target.unlink()
-    fsync_dir(target.parent)
+    name = _at(path, dir_fd)
+    try:
+        freed = _freed(os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError as exc:
+        raise _named(exc, path) from exc
+    fsync_dir(Path(path).parent if dir_fd is None else dir_fd)
     return freed
