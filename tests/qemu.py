@@ -104,3 +104,60 @@ def make_vmdk(
         args += ["-F", "vmdk", "-b", str(backing)]
     qemu_img(*args, path, size)
     return path
+
+
+def make_data_file_image(
+    path: Path,
+    data_file: str | Path,
+    size: str = "1M",
+    *,
+    raw: bool = True,
+    backing: str | Path | None = None,
+    backing_fmt: str = "raw",
+) -> Path:
+    """A qcow2 whose guest data lives in the external ``data_file`` (created, or emptied, here).
+
+    The name is stored as given; qemu-img resolves a relative one against the working directory,
+    so it runs in the image's directory, where libvirt resolves it too.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    options = f"data_file={data_file}" + (",data_file_raw=on" if raw else "")
+    args: list[str | Path] = ["create", "-q", "-f", "qcow2", "-o", options]
+    if backing is not None:
+        args += ["-F", backing_fmt, "-b", str(backing)]
+    qemu_img(*args, path, size, cwd=path.parent)
+    return path
+
+
+def qemu_io(
+    image: str | Path, command: str, *, fmt: str = "qcow2", read_only: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """One ``qemu-io`` command on ``image``, run in its directory (relative names resolve there).
+
+    ``fmt`` None passes ``image`` as ``--image-opts`` (a ``driver=...,file.filename=...`` string).
+    """
+    args = ["qemu-io", *(["-r"] if read_only else []), "-c", command]
+    if fmt == "image-opts":
+        args += ["--image-opts", str(image)]
+        cwd = None
+    else:
+        args += ["-f", fmt, str(image)]
+        cwd = Path(image).parent
+    return subprocess.run(args, capture_output=True, text=True, check=False, cwd=cwd)
+
+
+def write_pattern(
+    image: str | Path, pattern: int, *, fmt: str = "qcow2", length: str = "64k"
+) -> None:
+    """The guest writes ``pattern`` over the first ``length`` bytes of its disk."""
+    done = qemu_io(image, f"write -P {pattern:#x} 0 {length}", fmt=fmt, read_only=False)
+    if done.returncode != 0:
+        raise AssertionError(f"qemu-io write failed: {done.stdout}{done.stderr}")
+
+
+def reads_pattern(
+    image: str | Path, pattern: int, *, fmt: str = "qcow2", length: str = "64k"
+) -> bool:
+    """Whether the guest still reads ``pattern`` there: the image opens and the bytes verify."""
+    done = qemu_io(image, f"read -P {pattern:#x} 0 {length}", fmt=fmt)
+    return done.returncode == 0 and "verification failed" not in done.stdout

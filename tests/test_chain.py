@@ -386,3 +386,15 @@ def test_problems_with_the_top_image_propagate(tmp_path: Path) -> None:
     bad.write_bytes(b"QFI\xfb\x00\x00\x00\x03")
     with pytest.raises(ImageFormatError):
         resolve_chain(bad)
+
+
+def test_a_backing_name_that_is_not_utf8_is_followed_as_the_bytes_it_is(tmp_path: Path) -> None:
+    # Linux names are bytes and qemu opens them as stored; refusing one made every pass on a
+    # host with such an instance directory incomplete (found by the hostile-host property test).
+    odd = tmp_path / os.fsdecode(b"inst-\xff\n")
+    odd.mkdir()
+    base = qemu.make_raw(odd / os.fsdecode(b"base-\xfe"))
+    top = qemu.make_overlay(odd / "disk", base, backing_fmt="raw")
+    chain = resolve_chain(top)
+    assert chain.complete and chain.links == (str(base),) and chain.missing is None
+    assert chain.link_ids == ((base.stat().st_dev, base.stat().st_ino),)

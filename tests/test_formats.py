@@ -233,10 +233,6 @@ QCOW2_DAMAGE: dict[str, tuple[Callable[[bytes], bytes], str]] = {
         lambda d: _patch(d, 8, ">Q", 65536 - 8),
         "name length 10 is too large",
     ),
-    "backing-name-not-utf8": (
-        lambda d: d.replace(b"base.qcow2", b"base\xff\xfecow2"),
-        "backing file name is not valid UTF-8",
-    ),
     "backing-name-with-nul": (
         lambda d: d.replace(b"base.qcow2", b"base\0qcow2"),
         "backing file name contains a NUL",
@@ -309,8 +305,6 @@ VMDK_DAMAGE: dict[str, bytes] = {
     + b"parentFileNameHint=base.vmdk\n",
     "descriptor-unterminated-quote": _descriptor("vmfsSparse", "").encode()
     + b'parentFileNameHint="base.vmdk\n',
-    "descriptor-parent-not-utf8": _descriptor("vmfsSparse", "").encode()
-    + b'parentFileNameHint="b\xffse.vmdk"\n',
 }
 
 

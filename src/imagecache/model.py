@@ -93,6 +93,9 @@ class ProblemCode(StrEnum):
     GUEST_WRITTEN_HEADER = "guest-written-header"
     PARTIAL_WRITE_HEADER = "partial-write-header"
     BACKING_MISSING = "backing-missing"
+    CHAIN_LINK_MISSING = "chain-link-missing"
+    TREE_TOO_DEEP = "tree-too-deep"
+    TREE_LINK_UNFOLLOWED = "tree-link-unfollowed"
     RECORDS_UNREADABLE = "records-unreadable"
     RECORDS_CORRUPT = "records-corrupt"
     RECORDS_ABSENT = "records-absent"
@@ -140,8 +143,16 @@ PROBLEMS: dict[ProblemCode, ProblemTraits] = {
     # attached: a bad header there must not let any guest stop every removal on its host.
     _C.GUEST_WRITTEN_HEADER: ProblemTraits(_S.DISK, blocking=False),
     _C.PARTIAL_WRITE_HEADER: ProblemTraits(_S.DISK, blocking=False),
-    # A broken instance, not a gap in the view.
+    # A broken instance, not a gap in the view: what is missing is (named like) a cache entry,
+    # and counts by its name.
     _C.BACKING_MISSING: ProblemTraits(_S.DISK, blocking=False),
+    # Missing, and no cache entry: an external snapshot (data file, extent) on a volume that is
+    # unmounted, say. What lies behind it is unknown, so the view is incomplete.
+    _C.CHAIN_LINK_MISSING: ProblemTraits(_S.DISK, blocking=True),
+    # A directory deeper below an instance directory than is scanned, or a symlinked one leading
+    # out of the tree (never followed): disks there are not seen.
+    _C.TREE_TOO_DEEP: ProblemTraits(_S.INSTANCE, blocking=True),
+    _C.TREE_LINK_UNFOLLOWED: ProblemTraits(_S.INSTANCE, blocking=True),
     _C.RECORDS_UNREADABLE: ProblemTraits(_S.INVENTORY, blocking=True),
     _C.RECORDS_CORRUPT: ProblemTraits(_S.INVENTORY, blocking=True),
     _C.RECORDS_ABSENT: ProblemTraits(_S.INVENTORY, blocking=False),
@@ -218,12 +229,20 @@ class User:
 
 @dataclass(frozen=True, slots=True)
 class Disk:
-    """One instance disk file and its resolved backing chain (nearest backing file first).
+    """One instance file that uses other files, or may be a cache entry itself.
+
+    A disk image and its resolved backing chain (nearest backing file first), or a raw file that
+    may be another name of a cache entry (a symlink, a hard link, a mount point): ``format`` is
+    ``qcow2``, ``vmdk`` or ``raw``, ``unknown`` for a symlink to nothing.
 
     ``chain`` holds absolute, normalised paths; a missing backing file is the last element and is
     also named in ``missing``. ``chain_ids`` holds the ``(st_dev, st_ino)`` of each file of
     ``chain`` as found through its name (symlinks followed), in the same order; a missing or
-    unreadable last one has none.
+    unreadable last one has none. ``file_id`` is the disk file's own.
+
+    ``data_files`` (qcow2 external data files) and ``extents`` (VMDK extent files) are
+    ``(depth, path)`` pairs, depth 0 for the disk itself and n for ``chain[n - 1]``; their
+    ``*_ids`` hold each one's ``(st_dev, st_ino)``, in the same order, None for one not found.
     """
 
     path: str
@@ -232,6 +251,11 @@ class Disk:
     chain: tuple[str, ...] = ()
     missing: str | None = None
     chain_ids: tuple[tuple[int, int], ...] = ()
+    file_id: tuple[int, int] | None = None
+    data_files: tuple[tuple[int, str], ...] = ()
+    data_file_ids: tuple[tuple[int, int] | None, ...] = ()
+    extents: tuple[tuple[int, str], ...] = ()
+    extent_ids: tuple[tuple[int, int] | None, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

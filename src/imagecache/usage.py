@@ -7,6 +7,11 @@ disk that points at another host's ``_base_<ip>`` still protects our entry of th
 also counts by *identity*: a link that is the same file as an entry (``st_dev``, ``st_ino``)
 protects it whatever its name, so a backing file named through a symlink, or a hard link to an
 entry, protects the entry. Quarantined entries (whose device is not recorded) count by name only.
+
+The files a disk keeps guest bytes in besides its chain count the same way, by name and by
+identity, at the depth of the image that names them: qcow2 external data files and VMDK
+extents. And an instance file that *is* an entry (a raw disk or ISO symlinked or hard-linked to
+``_base/<sha1>``) protects it by identity alone: its own name is no claim on any entry's.
 """
 
 from __future__ import annotations
@@ -93,22 +98,49 @@ def users_by_entry(inventory: Inventory, policy: Policy) -> Mapping[str, tuple[U
     for e in inventory.entries:
         if e.file_type is FileType.FILE:
             same_file[(e.device, e.inode)].append(e.name)
-    users: defaultdict[str, list[User]] = defaultdict(list)
-    basename = posixpath.basename
+    found = _Users(wanted, same_file)
+    users = found.by_name
     for disk in inventory.disks:
+        if disk.file_id is not None:
+            for name in same_file.get(disk.file_id, ()):
+                users[name].append(User(Source.BACKING, disk.path, "the disk file itself"))
         ids = disk.chain_ids
         for depth, link in enumerate(disk.chain, start=1):
             detail = "direct backing file" if depth == 1 else f"backing chain depth {depth}"
-            name = basename(link)
-            if name in wanted:
-                users[name].append(User(Source.BACKING, disk.path, detail))
-            if depth > len(ids):  # missing or unreadable: no file to compare
-                continue
-            for other in same_file.get(ids[depth - 1], ()):
-                if other != name:
-                    users[other].append(User(Source.BACKING, disk.path, f"{detail} via {link}"))
+            # A missing or unreadable last link has no id: there is no file to compare.
+            found.claim(disk.path, link, ids[depth - 1] if depth <= len(ids) else None, detail)
+        if not (disk.data_files or disk.extents):
+            continue  # nearly every disk
+        for role, files, file_ids in (
+            ("data file", disk.data_files, disk.data_file_ids),
+            ("vmdk extent", disk.extents, disk.extent_ids),
+        ):
+            for (depth, path), file_id in zip(files, file_ids, strict=True):
+                found.claim(disk.path, path, file_id, f"{role} at depth {depth}")
     for record in counted_records(inventory):
         for name, detail in record_claims(record, policy):
             if name in wanted:
                 users[name].append(User(Source.INSTANCE, record.uuid, detail))
-    return {name: tuple(dict.fromkeys(found)) for name, found in users.items()}
+    return {name: tuple(dict.fromkeys(claims)) for name, claims in users.items()}
+
+
+class _Users:
+    """Users found so far, by entry name: of the names present, and of the files entries are."""
+
+    __slots__ = ("by_name", "same_file", "wanted")
+
+    def __init__(self, wanted: set[str], same_file: Mapping[tuple[int, int], list[str]]) -> None:
+        self.wanted = wanted
+        self.same_file = same_file
+        self.by_name: defaultdict[str, list[User]] = defaultdict(list)
+
+    def claim(self, disk: str, path: str, file_id: tuple[int, int] | None, detail: str) -> None:
+        """``disk`` uses the file at ``path``: the entry of its basename, and the entry it is."""
+        name = posixpath.basename(path)
+        if name in self.wanted:
+            self.by_name[name].append(User(Source.BACKING, disk, detail))
+        if file_id is None:
+            return
+        for other in self.same_file.get(file_id, ()):
+            if other != name:
+                self.by_name[other].append(User(Source.BACKING, disk, f"{detail} via {path}"))

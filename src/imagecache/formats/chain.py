@@ -1,17 +1,30 @@
-"""Follow an image's backing chain through the headers themselves, without running qemu-img."""
+"""Follow an image's backing chain through the headers themselves, without running qemu-img.
+
+Besides its backing files, an image of the chain may keep the guest's bytes in other files: a
+qcow2 external data file, a VMDK descriptor's extents. Those are found too (by ``stat``; opened
+only when qemu parses them, as it does a sparse extent's header) at the depth of their image.
+"""
 
 from __future__ import annotations
 
 import os
 import stat
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 from imagecache.errors import ImageFormatError
+from imagecache.formats.attached import AttachedFile, attached_files
 from imagecache.formats.header import RAW, ImageHeader
+from imagecache.formats.paths import backing_path, lexically_normal, pathlib_form, report_path
 from imagecache.formats.probe import read_header_stat
 
-__all__ = ["MAX_CHAIN_DEPTH", "BackingChain", "HeaderCache", "resolve_chain"]
+__all__ = [
+    "MAX_CHAIN_DEPTH",
+    "BackingChain",
+    "HeaderCache",
+    "follow_chain",
+    "resolve_chain",
+    "stat_names",
+]
 
 MAX_CHAIN_DEPTH = 16
 
@@ -42,11 +55,20 @@ class BackingChain:
     error: str | None = None
     link_ids: tuple[tuple[int, int], ...] = ()
     too_deep: bool = False  # the error is the depth limit (a legitimate run of snapshots)
+    file_id: tuple[int, int] | None = None  # the top image's own, by fstat of the file read
+    nlink: int = 1  # the top image's link count (another name may be a cache entry)
+    attached: tuple[AttachedFile, ...] = ()
+    followed: bool = True  # False: names were only stat()ed (bytes no one parses: a guest's)
 
     @property
     def complete(self) -> bool:
         """True when every backing file was found and read (a missing one included)."""
         return self.error is None
+
+    @property
+    def missing_attached(self) -> tuple[str, ...]:
+        """Paths of the data files and extents qemu opens that do not exist."""
+        return tuple(a.path for a in self.attached if a.opened and a.missing)
 
 
 class HeaderCache:
@@ -79,7 +101,7 @@ class HeaderCache:
                 self._unparsed.discard(opened)
             elif isinstance(outcome, tuple):
                 self._unparsed.add(opened)
-            found = self._reads[opened] = (_report_path(opened), outcome)
+            found = self._reads[opened] = (report_path(opened), outcome)
         return found
 
 
@@ -108,34 +130,60 @@ def resolve_chain(
 ) -> BackingChain:
     """Read ``path`` and follow its backing files, at most ``max_depth`` of them.
 
+    :func:`follow_chain` of the header read. Raises OSError or ImageFormatError when the top
+    image itself cannot be read or parsed.
+    """
+    top = _absolute(path)
+    header, st = read_header_stat(top)
+    return follow_chain(top, header, st, max_depth=max_depth, headers=headers)
+
+
+def follow_chain(
+    path: str | os.PathLike[str],
+    header: ImageHeader,
+    st: os.stat_result,
+    *,
+    max_depth: int = MAX_CHAIN_DEPTH,
+    headers: HeaderCache | None = None,
+) -> BackingChain:
+    """The chain of the image at ``path``, whose ``header`` and ``fstat`` were just read.
+
     Relative backing names are resolved against the directory of the image that names them, as
     qemu does. A backing file its image declares raw is recorded (found by ``stat``) but never
     opened or parsed, as qemu never parses it: its bytes are a guest's, and a header forged there
     could name any host path or, garbled, make the view incomplete. ``json:`` and other protocol
     names, loops, more than ``max_depth`` backing files, and backing files that cannot be read or
-    parsed end the chain with an ``error``. Backing
-    files are read through ``headers`` when given (see :class:`HeaderCache`); the top image is
-    always read afresh.
+    parsed end the chain with an ``error``. Backing files are read through ``headers`` when given
+    (see :class:`HeaderCache`).
 
-    Raises OSError or ImageFormatError when the top image itself cannot be read or parsed.
+    Every image's data file and extents are an :class:`AttachedFile` at its depth, found by
+    ``stat`` (a sparse extent's header is read too, as qemu parses it). One qemu opens that is
+    missing is listed in ``missing_attached``; one it would open that cannot be resolved or read
+    (a ``json:`` data file, a data-file bit without a name) is an ``error``, and the chain is
+    followed on. Never raises.
     """
     # Opened (and relative names resolved) as given, like qemu; only the reported path is normal.
     # (pathlib's form, which keeps ``..`` components, which is what qemu does too.)
-    given = os.fspath(path)
-    opened = top_path = _pathlib_form(
-        given if given.startswith("/") else os.path.join(os.getcwd(), given)
-    )
-    top, st = read_header_stat(opened)
+    opened = top_path = _absolute(path)
     seen = {(st.st_dev, st.st_ino)}
     reads = HeaderCache() if headers is None else headers
     links: list[str] = []
     ids: list[tuple[int, int]] = []
+    attached: list[AttachedFile] = []
     missing = error = None
     too_deep = False
-    header = top
-    while header.backing_file is not None:
-        target, error = _backing_path(opened, header.backing_file)
+    top = header
+    top_st = st
+    while True:
+        if header.data_file is not None or header.external_data or header.extents:
+            found, why = attached_files(opened, header, len(links), reads, follow=True)
+            attached += found
+            error = error or why
+        if header.backing_file is None:
+            break
+        target, why = backing_path(opened, header.backing_file)
         if target is None:
+            error = error or why
             break
         if len(links) >= max_depth:
             error = f"backing chain is deeper than {max_depth} files"
@@ -148,81 +196,81 @@ def resolve_chain(
             if isinstance(outcome, FileNotFoundError):
                 missing = link
             else:
-                error = f"cannot read backing file {link}: {outcome}"
+                error = error or f"cannot read backing file {link}: {outcome}"
             break
         header, st = outcome
         file_id = (st.st_dev, st.st_ino)
         if file_id in seen:
-            error = f"backing chain loops back to {link}"
+            error = error or f"backing chain loops back to {link}"
             break
         seen.add(file_id)
         links.append(link)
         ids.append(file_id)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            error = f"backing file {link} is not a regular file or block device"
+            error = error or f"backing file {link} is not a regular file or block device"
             break
         if declared_raw:
             break
         opened = target
     return BackingChain(
-        path=_lexically_normal(top_path),
+        path=lexically_normal(top_path),
         header=top,
         links=tuple(links),
         missing=missing,
         error=error,
         link_ids=tuple(ids),
         too_deep=too_deep,
+        file_id=(top_st.st_dev, top_st.st_ino),
+        nlink=top_st.st_nlink,
+        attached=tuple(attached),
     )
 
 
-def _pathlib_form(path: str) -> str:
-    """``str(PurePosixPath(path))`` (no ``//``, ``.`` or trailing ``/``; ``..`` kept), cheaply.
+def stat_names(
+    path: str | os.PathLike[str],
+    header: ImageHeader,
+    st: os.stat_result,
+    *,
+    headers: HeaderCache | None = None,
+) -> BackingChain:
+    """What the header of ``path`` names, found by ``stat`` alone: for bytes no one parses.
 
-    Paths are handled as strings because a scan resolves tens of thousands of them; this keeps
-    exactly the form pathlib gave before (a trailing slash dropped, say), and takes the shortcut
-    only for paths that are already in it, which is nearly all of them.
+    A guest writes its raw disks and its console log; a header forged there names files that
+    still count as users (keeping too much is safe), but none of them is opened and no chain is
+    followed through them. The one backing file named is the only link; nothing is ``opened``,
+    so nothing missing is a gap. ``error`` says why a name could not be resolved. Never raises.
     """
-    if (
-        path.startswith("/")
-        and not path.endswith(("/", "/."))
-        and "//" not in path
-        and "/./" not in path
-    ):
-        return path
-    return str(PurePosixPath(path))
+    opened = _absolute(path)
+    reads = HeaderCache() if headers is None else headers
+    attached, _ = attached_files(opened, header, 0, reads, follow=False)
+    links: list[str] = []
+    ids: list[tuple[int, int]] = []
+    missing = error = None
+    if header.backing_file is not None:
+        target, error = backing_path(opened, header.backing_file)
+        if target is not None:
+            link, outcome = reads.read(target, parse=False)
+            links.append(link)
+            if isinstance(outcome, tuple):
+                ids.append((outcome[1].st_dev, outcome[1].st_ino))
+            elif isinstance(outcome, FileNotFoundError):
+                missing = link
+            else:
+                error = f"cannot stat backing file {link}: {outcome}"
+    return BackingChain(
+        path=lexically_normal(opened),
+        header=header,
+        links=tuple(links),
+        missing=missing,
+        error=error,
+        link_ids=tuple(ids),
+        file_id=(st.st_dev, st.st_ino),
+        nlink=st.st_nlink,
+        attached=attached,
+        followed=False,
+    )
 
 
-def _backing_path(overlay: str, name: str) -> tuple[str | None, str | None]:
-    """The path qemu would open for backing ``name`` of ``overlay``, or None and why not."""
-    if name.startswith("json:"):
-        return None, f"backing file is a json: pseudo-filename: {name}"
-    # qemu's path_has_protocol: a colon before any slash makes a protocol name (nbd:, rbd:, ...).
-    colon, slash = name.find(":"), name.find("/")
-    if colon >= 0 and (slash < 0 or colon < slash):
-        protocol, rest = name[:colon], name[colon + 1 :]
-        # file: is the local file protocol; a relative name after it would depend on the working
-        # directory of whichever qemu opens it, so only an absolute one can be followed.
-        if protocol == "file" and rest.startswith("/"):
-            return _pathlib_form(rest), None
-        return None, f"backing file is not a local path: {name}"
-    # An absolute name stays as is: joining an absolute path replaces the directory.
-    if name.startswith("/"):
-        return _pathlib_form(name), None
-    return _pathlib_form(os.path.join(os.path.dirname(overlay), name)), None
-
-
-def _lexically_normal(path: str) -> str:
-    """``os.path.normpath`` of a path in pathlib's form, which only ``..`` can change."""
-    return os.path.normpath(path) if "/.." in path else path
-
-
-def _report_path(opened: str) -> str:
-    """``opened`` (absolute), normalised without changing which file it names.
-
-    normpath collapses ``dir/..`` lexically, which is wrong when ``dir`` is a symlink; the kernel
-    (and qemu) follow the link first. So a path with ``..`` gets its directory resolved.
-    """
-    if ".." not in opened.split("/"):
-        return _lexically_normal(opened)
-    parent, name = os.path.split(opened)
-    return os.path.normpath(os.path.join(os.path.realpath(parent), name))
+def _absolute(path: str | os.PathLike[str]) -> str:
+    given = os.fspath(path)
+    return pathlib_form(given if given.startswith("/") else os.path.join(os.getcwd(), given))

@@ -18,7 +18,7 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 # scan reads tens of thousands of disks, and copying 64 KiB instead of 4 KiB from the page cache
 # triples the cost of each. Anything else gets the rest of :data:`HEAD_BYTES` before it is probed.
 _FIRST_READ = 4096
-_BINARY_MAGICS = (qcow2.MAGIC, vmdk.SPARSE_MAGIC)
+_BINARY_MAGICS = (qcow2.MAGIC, vmdk.SPARSE_MAGIC, vmdk.COWD_MAGIC)
 
 
 def parse_header(data: bytes, *, read_at: ReadAt | None = None) -> ImageHeader:
@@ -36,8 +36,10 @@ def parse_header(data: bytes, *, read_at: ReadAt | None = None) -> ImageHeader:
         return qcow2.parse_qcow2(src)
     if magic == vmdk.SPARSE_MAGIC:
         return vmdk.parse_sparse(src)
+    if magic == vmdk.COWD_MAGIC:
+        return vmdk.parse_cowd(src)
     if vmdk.is_text_descriptor(data):
-        return vmdk.parse_descriptor(data)
+        return vmdk.parse_descriptor(src)
     return RAW
 
 

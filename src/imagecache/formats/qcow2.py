@@ -1,4 +1,4 @@
-"""qcow2 v2/v3 headers: the backing file name and the header extensions that name other files.
+"""qcow2 v2/v3 headers: the backing file name, and the external data file (extension and bit).
 
 Layout and limits follow qemu 7.2's ``qcow2_do_open`` and ``qcow2_read_extensions``; every offset
 and length read from the file is checked before it is used.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 
 from imagecache.errors import ImageFormatError
-from imagecache.formats.header import ByteSource, ImageHeader, decode_name
+from imagecache.formats.header import ByteSource, ImageHeader, decode_file_name, decode_name
 
 __all__ = ["EXT_BACKING_FORMAT", "EXT_DATA_FILE", "MAGIC", "parse_qcow2"]
 
@@ -22,6 +22,8 @@ _EXT_END = 0
 _FIXED = struct.Struct(">4sIQIIQ")
 _HEADER_LENGTH = struct.Struct(">I")  # v3 only, at offset 100
 _HEADER_LENGTH_OFFSET = 100
+_INCOMPATIBLE = struct.Struct(">Q")  # v3 only, at offset 72: incompatible_features
+_INCOMPATIBLE_OFFSET = 72
 _V2_HEADER_LENGTH = 72
 _V3_MIN_HEADER_LENGTH = 104
 _EXT = struct.Struct(">II")  # type, length; data follows, padded to 8 bytes
@@ -47,6 +49,7 @@ def parse_qcow2(src: ByteSource) -> ImageHeader:
     if not _MIN_CLUSTER_BITS <= cluster_bits <= _MAX_CLUSTER_BITS:
         raise ImageFormatError(f"unsupported qcow2 cluster_bits {cluster_bits}")
     cluster_size = 1 << cluster_bits
+    incompatible = 0
     if version == 2:
         header_length = _V2_HEADER_LENGTH
     else:
@@ -55,6 +58,9 @@ def parse_qcow2(src: ByteSource) -> ImageHeader:
         )
         if header_length < _V3_MIN_HEADER_LENGTH:
             raise ImageFormatError(f"qcow2 header_length {header_length} is too small")
+        (incompatible,) = _INCOMPATIBLE.unpack(
+            src.get(_INCOMPATIBLE_OFFSET, _INCOMPATIBLE.size, "qcow2 incompatible_features")
+        )
     if header_length > cluster_size:
         raise ImageFormatError(f"qcow2 header_length {header_length} exceeds the cluster size")
     # The whole fixed header must be present, not just the fields we use.
@@ -75,7 +81,7 @@ def parse_qcow2(src: ByteSource) -> ImageHeader:
     if backing_offset:
         raw = src.get(backing_offset, backing_size, "qcow2 backing file name")
         # qemu treats an empty name as "no backing file".
-        backing_file = decode_name(raw, "qcow2 backing file name") or None
+        backing_file = decode_file_name(raw, "qcow2 backing file name") or None
     return ImageHeader(
         format="qcow2",
         backing_file=backing_file,
@@ -83,6 +89,7 @@ def parse_qcow2(src: ByteSource) -> ImageHeader:
         data_file=data_file,
         virtual_size=size,
         version=version,
+        incompatible_features=incompatible,
     )
 
 
@@ -104,6 +111,6 @@ def _read_extensions(src: ByteSource, offset: int, end: int) -> tuple[str | None
             backing_format = decode_name(raw, "qcow2 backing format") or None
         elif ext_type == EXT_DATA_FILE:
             raw = src.get(offset, length, "qcow2 data file name")
-            data_file = decode_name(raw, "qcow2 data file name") or None
+            data_file = decode_file_name(raw, "qcow2 data file name") or None
         offset += (length + 7) & ~7
     return backing_format, data_file

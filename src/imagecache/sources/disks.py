@@ -1,4 +1,4 @@
-"""Observe every instance disk and its whole backing chain, read from the headers themselves.
+"""Observe every instance disk and everything it uses, read from the headers themselves.
 
 Headers are read from the files (``imagecache.formats``); no process is spawned per disk. Every
 failure is a :class:`Problem` with a code, never an exception: a disk that cannot be read or
@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Container, Iterator
 
 from imagecache import naming
 from imagecache.errors import ImageFormatError
-from imagecache.formats.chain import HeaderCache, resolve_chain
-from imagecache.layout import DISK_INFO, Layout
+from imagecache.formats import DATA_FILE, BackingChain, follow_chain, read_header_stat, stat_names
+from imagecache.formats.chain import HeaderCache
+from imagecache.layout import CACHE_PREFIX, DISK_INFO, Layout
 from imagecache.model import Disk, Kind, Problem, ProblemCode
 from imagecache.store.jsonfile import JsonFileError, read_json
 
-__all__ = ["scan_instances"]
+__all__ = ["MAX_TREE_DEPTH", "scan_instances"]
+
+#: How many levels of subdirectories below an instance directory are scanned (``a/b/c``). A
+#: directory deeper down is reported (``tree-too-deep``, blocking), never skipped in silence.
+MAX_TREE_DEPTH = 3
 
 
-def _instance_dirs(layout: Layout) -> tuple[list[os.DirEntry[str]], list[Problem]]:
+def _instance_dirs(
+    layout: Layout,
+) -> tuple[list[os.DirEntry[str]], set[tuple[int, int] | None], list[Problem]]:
     """The instance directories under ``instances_path``, by name: directories and links to them.
 
     Not one: ``instances_path`` itself, no name :meth:`Layout.is_instance_name` refuses (the
@@ -32,7 +40,8 @@ def _instance_dirs(layout: Layout) -> tuple[list[os.DirEntry[str]], list[Problem
     instance keeps the link's name. Each directory is scanned once, under its real name if it has
     one (else the first link's): nothing is scanned twice and no link makes a loop. A link that
     cannot be resolved (dangling, unreadable, looping) hides an instance's disks: a blocking
-    problem.
+    problem. Also returned: the ``(st_dev, st_ino)`` of every directory found or excluded, which
+    no subdirectory of an instance is scanned as again.
 
     Raises OSError when ``instances_path`` cannot be listed.
     """
@@ -65,7 +74,7 @@ def _instance_dirs(layout: Layout) -> tuple[list[os.DirEntry[str]], list[Problem
             seen.add((st.st_dev, st.st_ino))
             dirs.append(link)
     dirs.sort(key=lambda d: d.name)
-    return dirs, problems
+    return dirs, seen, problems
 
 
 def _dir_id(path: str) -> tuple[int, int] | None:
@@ -78,69 +87,237 @@ def _dir_id(path: str) -> tuple[int, int] | None:
 
 
 def scan_instances(layout: Layout) -> tuple[tuple[Disk, ...], tuple[Problem, ...]]:
-    """Every disk image in every instance directory, with its whole backing chain.
+    """Every disk image under every instance directory, with everything it uses.
 
     Every directory under ``instances_path`` (or symlink to one) except caches (``_base*``, and
     the cache under any name) and ``locks`` is an instance directory, listed by an inventory or
-    not, and every regular file in it is inspected whatever its name (``disk``, ``disk.local``,
-    ``disk.swap``, ``disk.rescue``, ...). Files whose header is not a disk image (raw disks,
-    ``console.log``, ``disk.info``) have no backing file: left out.
+    not (``snapshots``, where Nova writes live-snapshot deltas, is one too), and every regular
+    file in it is inspected whatever its name (``disk``, ``disk.local``, ``disk.swap``,
+    ``disk.rescue``, ...), and so is every file in its subdirectories down to
+    :data:`MAX_TREE_DEPTH` levels. A deeper directory makes the view incomplete. Below the
+    instance directory itself no directory symlink is followed: one that leads into the
+    instances tree hides nothing (its target is scanned under its own name, or is a cache), one
+    that leads out of it makes the view incomplete.
+
+    What a disk uses: its backing chain, and the qcow2 data files and VMDK extents of every image
+    of it. A file with no disk header (a raw disk, ``console.log``, ``disk.info``) uses nothing;
+    it is reported only when it may be another name of a cache entry (reached through a symlink,
+    hard-linked, or a mount point), so that the entry it is counts as used. A symlink to nothing
+    is a disk whose file is missing.
 
     Some files hold bytes the guest wrote: its serial console log, and disks Nova recorded as raw
-    in ``disk.info`` (QEMU opens those as raw, whatever their first bytes say). A qcow2 header
-    forged there still counts as a user (keeping too much is safe), but a garbage one is only a
-    warning: otherwise any guest could stop every removal on its host.
+    in ``disk.info`` (QEMU opens those as raw, whatever their first bytes say). That is decided
+    before any chain is followed: what a header forged there names still counts as a user
+    (keeping too much is safe), but is only found by ``stat``, never opened, and a garbage header is
+    only a warning: otherwise any guest could stop every removal on its host, or make us open
+    any host file.
 
     Files with a temporary name (``*.part``, ``*.converted``) are writes in progress or left
     behind, which no VM has attached: likewise, a valid header counts as a user, but a truncated
     or unresolvable one is only a warning, or one interrupted copy would stop every removal.
+
+    A missing file of a chain (a backing file, a data file or extent qemu opens) that is named
+    like a cache entry, or lies in a ``_base*`` directory, is a broken instance, a warning; any
+    other (an external snapshot on a volume not mounted now) hides what lies behind it: blocking.
     """
-    disks: list[Disk] = []
-    problems: list[Problem] = []
     instances_path = layout.instances_path
-    # Thousands of disks share a few hundred bases: each base header is read once per scan.
-    headers = HeaderCache()
     try:
-        dirs, dir_problems = _instance_dirs(layout)
+        dirs, known, dir_problems = _instance_dirs(layout)
     except FileNotFoundError:
         message = "instances path does not exist"
         return (), (Problem(ProblemCode.INSTANCES_MISSING, instances_path, message),)
     except OSError as exc:
         message = f"cannot list: {exc.strerror}"
         return (), (Problem(ProblemCode.INSTANCES_UNLISTED, instances_path, message),)
-    problems.extend(dir_problems)
+    scan = _Scan(layout, dirs, known)
+    scan.problems.extend(dir_problems)
     for directory in dirs:
+        scan.tree(directory.path, directory.name)
+    return tuple(scan.disks), tuple(scan.problems)
+
+
+class _Scan:
+    """One scan's state: what was found, and what every directory and disk shares."""
+
+    __slots__ = ("_dirs", "_roots", "cache_name", "disks", "headers", "known", "problems")
+
+    def __init__(
+        self, layout: Layout, dirs: list[os.DirEntry[str]], known: set[tuple[int, int] | None]
+    ) -> None:
+        self.cache_name = layout.cache_name
+        self._dirs = (layout.instances_path, [d.path for d in dirs if d.is_symlink()])
+        self._roots: tuple[str, ...] | None = None
+        self.known = known
+        # Thousands of disks share a few hundred bases: each base header is read once per scan.
+        self.headers = HeaderCache()
+        self.disks: list[Disk] = []
+        self.problems: list[Problem] = []
+
+    def tree(self, root: str, instance: str) -> None:
+        """Every directory of one instance, depth first in name order, down to the bound."""
+        pending = [(root, 0)]
+        while pending:
+            path, level = pending.pop()
+            pending.extend(
+                reversed([(d, level + 1) for d in self._directory(path, instance, level)])
+            )
+
+    def _directory(self, path: str, instance: str, level: int) -> list[str]:
+        """Inspect the files of one directory; return its subdirectories to scan."""
         try:
-            with os.scandir(directory.path) as it:
-                files = sorted((f for f in it if f.is_file()), key=lambda f: f.name)
+            with os.scandir(path) as it:
+                listing = sorted(it, key=lambda e: e.name)
         except OSError as exc:
             message = f"cannot list: {exc.strerror}"
-            problems.append(Problem(ProblemCode.INSTANCE_UNLISTED, directory.path, message))
-            continue
-        guest_written: frozenset[str] | None = None  # read only when a header is bad
-        for item in files:
-            disk, problem = _inspect_disk(item.path, directory.name, headers)
-            if problem is not None and problem.code in _FORGEABLE:
-                if guest_written is None:
-                    guest_written = _guest_written(directory.path, [f.name for f in files])
-                code = _unattached(item.name, guest_written)
-                if code is not None:
-                    problem = Problem(code, item.path, f"{_WHY[code]}: {problem.message}")
+            self.problems.append(Problem(ProblemCode.INSTANCE_UNLISTED, path, message))
+            return []
+        files: list[os.DirEntry[str]] = []
+        subdirs: list[str] = []
+        for entry in listing:
+            if entry.is_file(follow_symlinks=False):
+                files.append(entry)
+            elif entry.is_dir(follow_symlinks=False):
+                subdirs.extend(self._subdir(entry, level))
+            elif entry.is_symlink() and self._link(entry, instance):
+                files.append(entry)
+            # Anything else (a FIFO, a device, a socket) is never opened and is no entry.
+        guest = _GuestWritten(path, {f.name for f in files})
+        for entry in files:
+            disk, problem = _inspect_disk(
+                entry.path, instance, self.headers, guest=guest, cache_name=self.cache_name,
+                entry=entry,
+            )  # fmt: skip
             if disk is not None:
-                disks.append(disk)
+                self.disks.append(disk)
             if problem is not None:
-                problems.append(problem)
-    return tuple(disks), tuple(problems)
+                self.problems.append(problem)
+        return subdirs
+
+    def _subdir(self, entry: os.DirEntry[str], level: int) -> Iterator[str]:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError as exc:
+            message = f"cannot stat: {exc.strerror}"
+            self.problems.append(Problem(ProblemCode.INSTANCE_UNLISTED, entry.path, message))
+            return
+        # An instance directory (scanned under its own name), a cache, or seen already (a bind
+        # mount of one): not again. Compared by stat(), as a mount point's d_ino is the covered one.
+        found = (st.st_dev, st.st_ino)
+        if found in self.known:
+            return
+        self.known.add(found)
+        if level + 1 > MAX_TREE_DEPTH:
+            message = (
+                f"directory more than {MAX_TREE_DEPTH} levels below its instance directory: "
+                "not scanned, the disks in it are not seen"
+            )
+            self.problems.append(Problem(ProblemCode.TREE_TOO_DEEP, entry.path, message))
+            return
+        yield entry.path
+
+    def _link(self, entry: os.DirEntry[str], instance: str) -> bool:
+        """Whether a symlink in an instance tree names a regular file, to inspect as one.
+
+        Its target is found by ``stat`` first, never opened here. A regular file is then read
+        like any disk, wherever it lies: libvirt and qemu open it as the disk, and a backing file
+        is opened under the same rule. A directory is no subdirectory to scan (see
+        :meth:`_dir_link`); nothing at all is a disk whose file is missing; a device or FIFO is
+        no disk and no entry, and is never opened.
+        """
+        try:
+            st = os.stat(entry.path)
+        except FileNotFoundError:
+            self._dangling(entry, instance)
+            return False
+        except OSError as exc:
+            message = f"cannot resolve symlink: {exc.strerror}"
+            self.problems.append(Problem(ProblemCode.DISK_UNREADABLE, entry.path, message))
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            self._dir_link(entry.path)
+            return False
+        return stat.S_ISREG(st.st_mode)
+
+    def _dangling(self, entry: os.DirEntry[str], instance: str) -> None:
+        # realpath resolves as far as it can with lstat and readlink: the name of what is missing.
+        target = os.path.realpath(entry.path)
+        disk = Disk(entry.path, instance, "unknown", chain=(target,), missing=target)
+        self.disks.append(disk)
+        cache_like = _cache_like(target, self.cache_name)
+        code = ProblemCode.BACKING_MISSING if cache_like else ProblemCode.CHAIN_LINK_MISSING
+        problem = Problem(code, entry.path, f"symlink to a file that does not exist: {target}")
+        self.problems.append(_excused(problem, entry.name, frozenset()))
+
+    def _dir_link(self, path: str) -> None:
+        """A directory symlink below an instance directory: never followed, maybe reported."""
+        target = os.path.realpath(path)
+        if any(
+            target == root or target.startswith(root.rstrip("/") + "/") for root in self._tree()
+        ):
+            return  # scanned under its own name, or deliberately not (a cache, the locks)
+        message = (
+            f"symlinked directory leads out of the instances tree, to {target}: not followed, "
+            "the disks there are not seen (link the instance directory itself instead)"
+        )
+        self.problems.append(Problem(ProblemCode.TREE_LINK_UNFOLLOWED, path, message))
+
+    def _tree(self) -> tuple[str, ...]:
+        """The real paths the scanned tree lies in: the instances path, linked instance dirs."""
+        if self._roots is None:
+            instances_path, linked = self._dirs
+            self._roots = tuple(os.path.realpath(p) for p in (instances_path, *linked))
+        return self._roots
+
+
+class _GuestWritten(Container[str]):
+    """Names in one directory whose content the guest controls and QEMU never parses.
+
+    The console log, and every disk ``disk.info`` records as raw (Nova writes it when it creates
+    the disk and drives libvirt's format from it, so a guest cannot change it; bug 1221190). An
+    unreadable or malformed ``disk.info`` protects nothing: the headers are then believed. It is
+    read only when a question needs it, once per directory (most directories have one).
+    """
+
+    __slots__ = ("_directory", "_has_info", "_raw")
+
+    def __init__(self, directory: str, names: Container[str]) -> None:
+        self._directory = directory
+        self._has_info = DISK_INFO in names
+        self._raw: frozenset[str] | None = None
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        if name.startswith(_CONSOLE_LOG) and (name == _CONSOLE_LOG or name[11] == "."):
+            return True
+        if self._raw is None:
+            self._raw = _raw_per_disk_info(self._directory) if self._has_info else frozenset()
+        return name in self._raw
+
+
+def _raw_per_disk_info(directory: str) -> frozenset[str]:
+    try:
+        info = read_json(os.path.join(directory, DISK_INFO), max_bytes=_DISK_INFO_MAX)
+    except JsonFileError:
+        return frozenset()
+    if not isinstance(info, dict):
+        return frozenset()
+    return frozenset(os.path.basename(str(k)) for k, v in info.items() if v == "raw")
 
 
 _CONSOLE_LOG = "console.log"
-# The start of every problem a guest could cause with forged bytes: a header that cannot be
-# parsed, or a chain that cannot be followed (a json: name, a loop, or deeper than the limit,
-# which a long run of external snapshots reaches legitimately: still blocking, being unresolved).
 # What a guest (or an interrupted copy) can cause with forged bytes: a header that cannot be
-# parsed, or a chain that cannot be followed (a json: name, a loop, or deeper than the limit).
+# parsed, or a chain that cannot be followed (a json: name, a loop, deeper than the limit, which
+# a long run of external snapshots reaches legitimately: still blocking, being unresolved, or a
+# link that is missing). A guest-written file's names are only stat()ed, so its only causes are
+# the first two; a temporary file's chain is followed.
 _FORGEABLE = frozenset(
-    {ProblemCode.HEADER_GARBAGE, ProblemCode.CHAIN_UNRESOLVABLE, ProblemCode.CHAIN_TOO_DEEP}
+    {
+        ProblemCode.HEADER_GARBAGE,
+        ProblemCode.CHAIN_UNRESOLVABLE,
+        ProblemCode.CHAIN_TOO_DEEP,
+        ProblemCode.CHAIN_LINK_MISSING,
+    }
 )
 _WHY = {
     ProblemCode.GUEST_WRITTEN_HEADER: "guest-written file (console log, or raw per disk.info)",
@@ -149,38 +326,47 @@ _WHY = {
 _DISK_INFO_MAX = 1 << 20  # Nova writes a line per disk
 
 
-def _unattached(name: str, guest_written: frozenset[str]) -> ProblemCode | None:
-    """Why an unusable header in file ``name`` is only a warning (no VM parses it), or None."""
-    if name in guest_written:
-        return ProblemCode.GUEST_WRITTEN_HEADER
-    if naming.classify(name) is Kind.TEMP:
-        return ProblemCode.PARTIAL_WRITE_HEADER
-    return None
+def _excused(problem: Problem, name: str, guest: Container[str]) -> Problem:
+    """``problem``, or only a warning when no VM parses file ``name`` (a guest's, a temp)."""
+    if problem.code not in _FORGEABLE:
+        return problem
+    if name in guest:
+        code = ProblemCode.GUEST_WRITTEN_HEADER
+    elif naming.classify(name) is Kind.TEMP:
+        code = ProblemCode.PARTIAL_WRITE_HEADER
+    else:
+        return problem
+    return Problem(code, problem.ref, f"{_WHY[code]}: {problem.message}")
 
 
-def _guest_written(directory: str, names: list[str]) -> frozenset[str]:
-    """Names in an instance directory whose content the guest controls and QEMU never parses.
-
-    The console log, and every disk ``disk.info`` records as raw (Nova writes it when it creates
-    the disk and drives libvirt's format from it, so a guest cannot change it; bug 1221190). An
-    unreadable or malformed ``disk.info`` protects nothing: the headers are then believed.
-    """
-    found = {n for n in names if n == _CONSOLE_LOG or n.startswith(_CONSOLE_LOG + ".")}
-    if DISK_INFO in names:
-        try:
-            info = read_json(os.path.join(directory, DISK_INFO), max_bytes=_DISK_INFO_MAX)
-        except JsonFileError:
-            info = None
-        if isinstance(info, dict):
-            found |= {os.path.basename(str(k)) for k, v in info.items() if v == "raw"}
-    return frozenset(found)
+def _cache_like(path: str, cache_name: str) -> bool:
+    """Whether a missing file is (named like) a cache entry: a broken instance, no gap."""
+    parent, name = os.path.split(path)
+    folder = os.path.basename(parent)
+    return (
+        naming.classify(name) is not Kind.UNKNOWN
+        or folder.startswith(CACHE_PREFIX)
+        or folder == cache_name
+    )
 
 
 def _inspect_disk(
-    path: str, instance: str, headers: HeaderCache | None = None
+    path: str,
+    instance: str,
+    headers: HeaderCache | None = None,
+    *,
+    guest: Container[str] = frozenset(),
+    cache_name: str = "_base",
+    entry: os.DirEntry[str] | None = None,
 ) -> tuple[Disk | None, Problem | None]:
+    """The disk at ``path`` (listed as ``entry``) and what it uses, or why that is not known.
+
+    ``guest``: names in its directory whose bytes are a guest's (asked only when the header names
+    other files, or is garbage).
+    """
+    name = entry.name if entry is not None else os.path.basename(path)
     try:
-        chain = resolve_chain(path, headers=headers)
+        header, st = read_header_stat(path)
     except FileNotFoundError:
         message = "vanished while the instance was scanned"
         return None, Problem(ProblemCode.DISK_VANISHED, path, message)
@@ -188,22 +374,79 @@ def _inspect_disk(
         message = f"cannot read header: {exc.strerror}"
         return None, Problem(ProblemCode.DISK_UNREADABLE, path, message)
     except ImageFormatError as exc:
-        return None, Problem(ProblemCode.HEADER_GARBAGE, path, f"unparsable image header: {exc}")
-    if not chain.header.is_disk_image:
-        return None, None
-    disk = Disk(
+        problem = Problem(ProblemCode.HEADER_GARBAGE, path, f"unparsable image header: {exc}")
+        return None, _excused(problem, name, guest)
+    if not header.is_disk_image:
+        return _raw_disk(path, instance, st, entry), None
+    if header.names_files and name in guest:
+        chain = stat_names(path, header, st, headers=headers)
+    else:
+        chain = follow_chain(path, header, st, headers=headers)
+    disk = _disk(path, instance, chain)
+    if chain.error is None and chain.missing is None and not chain.attached:
+        return disk, None  # nearly every disk
+    unseen = _chain_problem(chain, cache_name)
+    return disk, unseen and _excused(unseen, name, guest)
+
+
+def _raw_disk(
+    path: str, instance: str, st: os.stat_result, entry: os.DirEntry[str] | None
+) -> Disk | None:
+    """A file with no disk header, if it may be another name of a cache entry.
+
+    A file with one name (``st_nlink``), not reached through a symlink nor mounted on its name
+    (the directory's ``d_ino`` is then the covered inode's), can only be itself: no entry is it.
+    """
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    if entry is not None and not (
+        entry.is_symlink() or st.st_nlink > 1 or entry.inode() != st.st_ino
+    ):
+        return None
+    return Disk(path, instance, "raw", file_id=(st.st_dev, st.st_ino))
+
+
+def _disk(path: str, instance: str, chain: BackingChain) -> Disk:
+    if not chain.attached:  # nearly every disk
+        return Disk(
+            path=path,
+            instance=instance,
+            format=chain.header.format,
+            chain=chain.links,
+            missing=chain.missing,
+            chain_ids=chain.link_ids,
+            file_id=chain.file_id,
+        )
+    data = [a for a in chain.attached if a.role == DATA_FILE]
+    extents = [a for a in chain.attached if a.role != DATA_FILE]
+    return Disk(
         path=path,
         instance=instance,
         format=chain.header.format,
         chain=chain.links,
         missing=chain.missing,
         chain_ids=chain.link_ids,
+        file_id=chain.file_id,
+        data_files=tuple((a.depth, a.path) for a in data),
+        data_file_ids=tuple(a.file_id for a in data),
+        extents=tuple((a.depth, a.path) for a in extents),
+        extent_ids=tuple(a.file_id for a in extents),
     )
+
+
+def _chain_problem(chain: BackingChain, cache_name: str) -> Problem | None:
     if chain.error is not None:
         code = ProblemCode.CHAIN_TOO_DEEP if chain.too_deep else ProblemCode.CHAIN_UNRESOLVABLE
-        return disk, Problem(code, path, f"backing chain not resolved: {chain.error}")
-    if chain.missing is not None:
+        return Problem(code, chain.path, f"backing chain not resolved: {chain.error}")
+    if not chain.followed:
+        return None  # names a guest wrote were only stat()ed: a missing one is no gap
+    missing = [("backing file", chain.missing)] if chain.missing is not None else []
+    missing += [(a.role, a.path) for a in chain.attached if a.opened and a.missing]
+    if not missing:
+        return None
+    message = "; ".join(f"{what} missing: {path}" for what, path in missing)
+    if all(_cache_like(path, cache_name) for _, path in missing):
         # A broken instance, not a gap in the view: its missing base is reported, nothing else.
-        message = f"backing file missing: {chain.missing}"
-        return disk, Problem(ProblemCode.BACKING_MISSING, path, message)
-    return disk, None
+        return Problem(ProblemCode.BACKING_MISSING, chain.path, message)
+    message += " (not a cache entry: what lies behind it is not seen, a volume not mounted?)"
+    return Problem(ProblemCode.CHAIN_LINK_MISSING, chain.path, message)
