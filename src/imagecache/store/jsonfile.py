@@ -69,13 +69,16 @@ def read_json(path: str, *, max_bytes: int = MAX_BYTES, follow_symlinks: bool = 
             raise JsonFileError("is not a regular file")
         if st.st_size > max_bytes:
             raise JsonFileError(f"is larger than {max_bytes} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := os.read(fd, 1 << 20):
+        # One read of the size fstat gave, plus one byte: a short read is the end of the file,
+        # so the usual file (thousands of disk.info per pass) costs a single read(2). A file
+        # that grew meanwhile is read on, up to the cap.
+        chunks = [os.read(fd, st.st_size + 1)]
+        size = len(chunks[0])
+        while size > st.st_size and size <= max_bytes and (chunk := os.read(fd, 1 << 20)):
             size += len(chunk)
-            if size > max_bytes:
-                raise JsonFileError(f"is larger than {max_bytes} bytes")
             chunks.append(chunk)
+        if size > max_bytes:
+            raise JsonFileError(f"is larger than {max_bytes} bytes")
     except OSError as exc:
         raise JsonFileError(f"cannot read: {exc.strerror}") from None
     finally:
