@@ -28,7 +28,7 @@ from imagecache.store import plans
 
 __all__ = ["main"]
 
-LOG = logging.getLogger("imagecache")
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
