@@ -149,15 +149,18 @@ def test_an_unreachable_intermediate_link_blocks_removal_of_what_lies_behind_it(
     assert qemu.reads_pattern(disk, 0x46)
 
 
-def test_a_missing_link_named_like_a_cache_entry_is_a_broken_instance(tmp_path: Path) -> None:
-    # Any cache-pattern name, or any file in a _base* directory: the one case that only warns.
+def test_a_missing_link_in_a_cache_of_this_storage_is_a_broken_instance(tmp_path: Path) -> None:
+    # Only a file directly in a cache directory under instances_path (ours, or a peer's _base*)
+    # is the case that only warns. A cache-like NAME elsewhere is not enough: a snapshot store
+    # may name its files like entries, on a volume not mounted now, hiding the chain behind it.
     host = host_with(tmp_path)
     inst = host.instances / "inst-1"
-    peer = tmp_path / "shared" / "_base_10.0.0.2"
+    peer = host.instances / "_base_10.0.0.2"
     for name, backing in (
         ("disk", host.path(A)),
         ("disk.local", tmp_path / "anywhere" / "swap_512"),
         ("disk.swap", peer / "not-a-pattern"),
+        ("disk.rescue", tmp_path / "elsewhere" / "_base" / A),
     ):
         qemu.make_overlay(inst / name, backing, unsafe_size="1M")
     qemu.make_data_file_image(inst / "disk.eph0", host.path(B))
@@ -166,9 +169,12 @@ def test_a_missing_link_named_like_a_cache_entry_is_a_broken_instance(tmp_path: 
     assert sorted((os.path.basename(r), c, b) for r, c, b in problems) == [
         ("disk", ProblemCode.BACKING_MISSING, False),
         ("disk.eph0", ProblemCode.BACKING_MISSING, False),
-        ("disk.local", ProblemCode.BACKING_MISSING, False),
+        ("disk.local", ProblemCode.CHAIN_LINK_MISSING, True),
+        ("disk.rescue", ProblemCode.CHAIN_LINK_MISSING, True),
         ("disk.swap", ProblemCode.BACKING_MISSING, False),
     ]
+    (inst / "disk.local").unlink()
+    (inst / "disk.rescue").unlink()
     # Not so a data file or extent outside the cache: what it would show is unknown.
     (inst / "disk.eph0").unlink()
     (tmp_path / "vol").mkdir()
@@ -217,13 +223,14 @@ def test_a_forged_header_in_a_guest_written_file_is_stat_ed_never_followed(
     )
     age(*(host.path(n) for n in (B, C, D, E)))
 
+    # The instance scan opens none of them (the entries' own headers are read as entries).
     with OpenWatch(host.path(B), host.path(C), host.path(D), host.path(E)) as watch:
-        code, doc = cli(host, capsys, "plan")
+        scan(host)
         assert watch.opened() == set()
-
+    code, doc = cli(host, capsys, "plan")
     assert reasons(doc) == {
         B: "in-use",
-        C: "unused-expired",
+        C: "in-use",  # not through the guest's header: entry B itself is a qcow2 on C
         D: "in-use",
         E: "in-use",
     }

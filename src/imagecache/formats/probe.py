@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
+from imagecache.errors import UnsafeImageError
 from imagecache.formats import qcow2, vmdk
 from imagecache.formats.header import HEAD_BYTES, RAW, ByteSource, ImageHeader, ReadAt
 
@@ -18,7 +19,10 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 # scan reads tens of thousands of disks, and copying 64 KiB instead of 4 KiB from the page cache
 # triples the cost of each. Anything else gets the rest of :data:`HEAD_BYTES` before it is probed.
 _FIRST_READ = 4096
-_BINARY_MAGICS = (qcow2.MAGIC, vmdk.SPARSE_MAGIC, vmdk.COWD_MAGIC)
+# QED images can have a backing file, and qemu opens them; we do not parse them, so a QED disk is
+# an image we cannot follow: refused as unparsable (blocking, unless a guest wrote the bytes).
+QED_MAGIC = b"QED\0"
+_BINARY_MAGICS = (qcow2.MAGIC, vmdk.SPARSE_MAGIC, vmdk.COWD_MAGIC, QED_MAGIC)
 
 
 def parse_header(data: bytes, *, read_at: ReadAt | None = None) -> ImageHeader:
@@ -38,6 +42,10 @@ def parse_header(data: bytes, *, read_at: ReadAt | None = None) -> ImageHeader:
         return vmdk.parse_sparse(src)
     if magic == vmdk.COWD_MAGIC:
         return vmdk.parse_cowd(src)
+    if magic == QED_MAGIC:
+        raise UnsafeImageError(
+            "'qed' is not an allowed disk format: its backing file cannot be followed"
+        )
     if vmdk.is_text_descriptor(data):
         return vmdk.parse_descriptor(src)
     return RAW

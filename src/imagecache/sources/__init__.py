@@ -14,6 +14,7 @@ from imagecache.layout import Layout
 from imagecache.model import InstanceRecord, Inventory, Problem
 from imagecache.sources.cache import scan_cache, scan_trash
 from imagecache.sources.disks import scan_instances
+from imagecache.sources.entries import scan_entry_users
 from imagecache.sources.records import load_instance_records
 from imagecache.sources.registry import observe_registry
 
@@ -22,6 +23,7 @@ __all__ = [
     "observe",
     "observe_registry",
     "scan_cache",
+    "scan_entry_users",
     "scan_instances",
     "scan_trash",
 ]
@@ -37,6 +39,8 @@ def observe(
     """One read-only observation of a host: everything :func:`imagecache.policy.decide` needs."""
     entries, cache_problems = scan_cache(layout.cache_dir)
     disks, disk_problems = scan_instances(layout)
+    # An entry that names another (a golden qcow2 on a base) uses it while it exists.
+    entry_users, entry_problems = scan_entry_users(layout, entries)
     records: list[InstanceRecord] = []
     record_problems: list[Problem] = []
     for path in inventory_files:
@@ -50,7 +54,7 @@ def observe(
         instances_path=layout.instances_path,
         cache_dir=layout.cache_dir,
         entries=entries,
-        disks=disks,
+        disks=disks + entry_users,
         instances=tuple(records),
         registry=registry,
         trash=trash,
@@ -58,6 +62,7 @@ def observe(
             *cache_problems,
             *trash_problems,
             *disk_problems,
+            *entry_problems,
             *record_problems,
             *registry_problems,
             *extra_problems,

@@ -19,7 +19,7 @@ from imagecache.layout import CACHE_PREFIX, DISK_INFO, Layout
 from imagecache.model import Disk, Kind, Problem, ProblemCode
 from imagecache.store.jsonfile import JsonFileError, read_json
 
-__all__ = ["MAX_TREE_DEPTH", "scan_instances"]
+__all__ = ["MAX_TREE_DEPTH", "disk_of", "scan_instances"]
 
 #: How many levels of subdirectories below an instance directory are scanned (``a/b/c``). A
 #: directory deeper down is reported (``tree-too-deep``, blocking), never skipped in silence.
@@ -131,6 +131,8 @@ def scan_instances(layout: Layout) -> tuple[tuple[Disk, ...], tuple[Problem, ...
         return (), (Problem(ProblemCode.INSTANCES_UNLISTED, instances_path, message),)
     scan = _Scan(layout, dirs, known)
     scan.problems.extend(dir_problems)
+    # A disk parked directly in instances_path (not in an instance directory) is a disk too.
+    scan.files_of(instances_path, "-")
     for directory in dirs:
         scan.tree(directory.path, directory.name)
     return tuple(scan.disks), tuple(scan.problems)
@@ -139,12 +141,12 @@ def scan_instances(layout: Layout) -> tuple[tuple[Disk, ...], tuple[Problem, ...
 class _Scan:
     """One scan's state: what was found, and what every directory and disk shares."""
 
-    __slots__ = ("_dirs", "_roots", "cache_name", "disks", "headers", "known", "problems")
+    __slots__ = ("_dirs", "_roots", "disks", "headers", "known", "layout", "problems")
 
     def __init__(
         self, layout: Layout, dirs: list[os.DirEntry[str]], known: set[tuple[int, int] | None]
     ) -> None:
-        self.cache_name = layout.cache_name
+        self.layout = layout
         self._dirs = (layout.instances_path, [d.path for d in dirs if d.is_symlink()])
         self._roots: tuple[str, ...] | None = None
         self.known = known
@@ -152,6 +154,12 @@ class _Scan:
         self.headers = HeaderCache()
         self.disks: list[Disk] = []
         self.problems: list[Problem] = []
+
+    def files_of(self, path: str, instance: str) -> None:
+        """Inspect the disk images of one directory, not its subdirectories nor raw files."""
+        before = len(self.disks)
+        self._directory(path, instance, 0, descend=False)
+        self.disks[before:] = [d for d in self.disks[before:] if d.format not in ("raw", "unknown")]
 
     def tree(self, root: str, instance: str) -> None:
         """Every directory of one instance, depth first in name order, down to the bound."""
@@ -162,8 +170,14 @@ class _Scan:
                 reversed([(d, level + 1) for d in self._directory(path, instance, level)])
             )
 
-    def _directory(self, path: str, instance: str, level: int) -> list[str]:
-        """Inspect the files of one directory; return its subdirectories to scan."""
+    def _directory(
+        self, path: str, instance: str, level: int, *, descend: bool = True
+    ) -> list[str]:
+        """Inspect the files of one directory; return its subdirectories to scan.
+
+        ``descend`` False: the files only (``instances_path`` itself, whose directories are the
+        instance directories, scanned each as its own tree).
+        """
         try:
             with os.scandir(path) as it:
                 listing = sorted(it, key=lambda e: e.name)
@@ -177,15 +191,17 @@ class _Scan:
             if entry.is_file(follow_symlinks=False):
                 files.append(entry)
             elif entry.is_dir(follow_symlinks=False):
-                subdirs.extend(self._subdir(entry, level))
-            elif entry.is_symlink() and self._link(entry, instance):
+                if descend:
+                    subdirs.extend(self._subdir(entry, level))
+            elif entry.is_symlink() and self._link(entry, instance, descend=descend):
                 files.append(entry)
-            # Anything else (a FIFO, a device, a socket) is never opened and is no entry.
+            elif _is_block_device(entry):
+                files.append(entry)  # an LVM or loop device as a disk: read as qemu reads it
+            # Anything else (a FIFO, a character device, a socket) is never opened.
         guest = _GuestWritten(path, {f.name for f in files})
         for entry in files:
             disk, problem = _inspect_disk(
-                entry.path, instance, self.headers, guest=guest, cache_name=self.cache_name,
-                entry=entry,
+                entry.path, instance, self.headers, guest=guest, layout=self.layout, entry=entry,
             )  # fmt: skip
             if disk is not None:
                 self.disks.append(disk)
@@ -215,7 +231,7 @@ class _Scan:
             return
         yield entry.path
 
-    def _link(self, entry: os.DirEntry[str], instance: str) -> bool:
+    def _link(self, entry: os.DirEntry[str], instance: str, *, descend: bool = True) -> bool:
         """Whether a symlink in an instance tree names a regular file, to inspect as one.
 
         Its target is found by ``stat`` first, never opened here. A regular file is then read
@@ -227,23 +243,26 @@ class _Scan:
         try:
             st = os.stat(entry.path)
         except FileNotFoundError:
-            self._dangling(entry, instance)
+            if descend:
+                self._dangling(entry, instance)
             return False
         except OSError as exc:
-            message = f"cannot resolve symlink: {exc.strerror}"
-            self.problems.append(Problem(ProblemCode.DISK_UNREADABLE, entry.path, message))
+            if descend:  # in instances_path itself, the instance-directory listing reports it
+                message = f"cannot resolve symlink: {exc.strerror}"
+                self.problems.append(Problem(ProblemCode.DISK_UNREADABLE, entry.path, message))
             return False
         if stat.S_ISDIR(st.st_mode):
-            self._dir_link(entry.path)
+            if descend:
+                self._dir_link(entry.path)
             return False
-        return stat.S_ISREG(st.st_mode)
+        return stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)
 
     def _dangling(self, entry: os.DirEntry[str], instance: str) -> None:
         # realpath resolves as far as it can with lstat and readlink: the name of what is missing.
         target = os.path.realpath(entry.path)
         disk = Disk(entry.path, instance, "unknown", chain=(target,), missing=target)
         self.disks.append(disk)
-        cache_like = _cache_like(target, self.cache_name)
+        cache_like = _cache_like(target, self.layout)
         code = ProblemCode.BACKING_MISSING if cache_like else ProblemCode.CHAIN_LINK_MISSING
         problem = Problem(code, entry.path, f"symlink to a file that does not exist: {target}")
         self.problems.append(_excused(problem, entry.name, frozenset()))
@@ -326,6 +345,13 @@ _WHY = {
 _DISK_INFO_MAX = 1 << 20  # Nova writes a line per disk
 
 
+def _is_block_device(entry: os.DirEntry[str]) -> bool:
+    try:
+        return stat.S_ISBLK(entry.stat(follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
 def _excused(problem: Problem, name: str, guest: Container[str]) -> Problem:
     """``problem``, or only a warning when no VM parses file ``name`` (a guest's, a temp)."""
     if problem.code not in _FORGEABLE:
@@ -339,15 +365,18 @@ def _excused(problem: Problem, name: str, guest: Container[str]) -> Problem:
     return Problem(code, problem.ref, f"{_WHY[code]}: {problem.message}")
 
 
-def _cache_like(path: str, cache_name: str) -> bool:
-    """Whether a missing file is (named like) a cache entry: a broken instance, no gap."""
-    parent, name = os.path.split(path)
+def _cache_like(path: str, layout: Layout) -> bool:
+    """Whether a missing file lies in a cache of this storage: a broken instance, no gap.
+
+    Only a file directly in a cache directory under ``instances_path`` (the cache, or a peer's
+    ``_base*``) qualifies: its name protects the entry of that name, and nothing can lie behind
+    it unseen. Any other missing file, however it is named (a content-addressed snapshot store
+    names its files like entries), may hide a chain back into the cache.
+    """
+    parent = os.path.dirname(path)
     folder = os.path.basename(parent)
-    return (
-        naming.classify(name) is not Kind.UNKNOWN
-        or folder.startswith(CACHE_PREFIX)
-        or folder == cache_name
-    )
+    in_cache = folder == layout.cache_name or folder.startswith(CACHE_PREFIX)
+    return in_cache and os.path.dirname(parent) == layout.instances_path
 
 
 def _inspect_disk(
@@ -356,7 +385,7 @@ def _inspect_disk(
     headers: HeaderCache | None = None,
     *,
     guest: Container[str] = frozenset(),
-    cache_name: str = "_base",
+    layout: Layout | None = None,
     entry: os.DirEntry[str] | None = None,
 ) -> tuple[Disk | None, Problem | None]:
     """The disk at ``path`` (listed as ``entry``) and what it uses, or why that is not known.
@@ -365,6 +394,7 @@ def _inspect_disk(
     other files, or is garbage).
     """
     name = entry.name if entry is not None else os.path.basename(path)
+    layout = layout or Layout(os.path.dirname(os.path.dirname(os.path.abspath(path))))
     try:
         header, st = read_header_stat(path)
     except FileNotFoundError:
@@ -382,10 +412,10 @@ def _inspect_disk(
         chain = stat_names(path, header, st, headers=headers)
     else:
         chain = follow_chain(path, header, st, headers=headers)
-    disk = _disk(path, instance, chain)
+    disk = disk_of(path, instance, chain)
     if chain.error is None and chain.missing is None and not chain.attached:
         return disk, None  # nearly every disk
-    unseen = _chain_problem(chain, cache_name)
+    unseen = _chain_problem(chain, layout)
     return disk, unseen and _excused(unseen, name, guest)
 
 
@@ -406,7 +436,8 @@ def _raw_disk(
     return Disk(path, instance, "raw", file_id=(st.st_dev, st.st_ino))
 
 
-def _disk(path: str, instance: str, chain: BackingChain) -> Disk:
+def disk_of(path: str, instance: str, chain: BackingChain) -> Disk:
+    """The :class:`Disk` value of what ``chain`` found for the file at ``path``."""
     if not chain.attached:  # nearly every disk
         return Disk(
             path=path,
@@ -434,7 +465,7 @@ def _disk(path: str, instance: str, chain: BackingChain) -> Disk:
     )
 
 
-def _chain_problem(chain: BackingChain, cache_name: str) -> Problem | None:
+def _chain_problem(chain: BackingChain, layout: Layout) -> Problem | None:
     if chain.error is not None:
         code = ProblemCode.CHAIN_TOO_DEEP if chain.too_deep else ProblemCode.CHAIN_UNRESOLVABLE
         return Problem(code, chain.path, f"backing chain not resolved: {chain.error}")
@@ -445,7 +476,7 @@ def _chain_problem(chain: BackingChain, cache_name: str) -> Problem | None:
     if not missing:
         return None
     message = "; ".join(f"{what} missing: {path}" for what, path in missing)
-    if all(_cache_like(path, cache_name) for _, path in missing):
+    if all(_cache_like(path, layout) for _, path in missing):
         # A broken instance, not a gap in the view: its missing base is reported, nothing else.
         return Problem(ProblemCode.BACKING_MISSING, chain.path, message)
     message += " (not a cache entry: what lies behind it is not seen, a volume not mounted?)"
