@@ -2,8 +2,9 @@
 
 Hypothesis draws a host: cache entries of real bytes, and instance disks that use them in every
 way QEMU can — qcow2 overlays (absolute and relative backing names, two-deep chains, in
-subdirectories), qcow2 external data files, VMDK descriptors with flat extents, raw disks that
-are hard links or symlinks to an entry — plus what a hostile or unlucky host adds: a chain link
+subdirectories, directly in the instances path, in the cache itself), qcow2 external data files,
+VMDK descriptors with flat extents, raw disks that are hard links or symlinks to an entry — plus
+what a hostile or unlucky host adds: a chain link
 outside the cache that went missing, symlinks out of the tree, names with undecodable bytes and
 control characters. Every disk QEMU can read before the pass must read the same bytes after it
 (``qemu-io -c 'read -P'``), and no file outside the instances tree may change (inode, size,
@@ -46,6 +47,8 @@ USES = (
     "symlink",
     "missing-link",
     "outside-link",
+    "stray-disk",
+    "golden-entry",
 )
 
 
@@ -160,6 +163,14 @@ def _build(root: Path, entries: int, uses: list[Use], unused: int) -> list[Reada
             qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, ext)
             qemu_img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", ext, disk)
             ext.unlink()
+        elif use.how == "stray-disk":
+            # Parked directly in the instances path, in no instance directory.
+            disk = instances / f"stray-{n}.qcow2"
+            qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, disk)
+        elif use.how == "golden-entry":
+            # An image in the cache itself (an operator's golden qcow2) on an entry.
+            disk = cache / f"golden-{n}.qcow2"
+            qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, disk)
         elif use.how == "outside-link":
             (inst / "console.log").symlink_to(outside / "host-file")
             qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, disk)
