@@ -438,16 +438,6 @@ def _raw_disk(
 
 def disk_of(path: str, instance: str, chain: BackingChain) -> Disk:
     """The :class:`Disk` value of what ``chain`` found for the file at ``path``."""
-    if not chain.attached:  # nearly every disk
-        return Disk(
-            path=path,
-            instance=instance,
-            format=chain.header.format,
-            chain=chain.links,
-            missing=chain.missing,
-            chain_ids=chain.link_ids,
-            file_id=chain.file_id,
-        )
     data = [a for a in chain.attached if a.role == DATA_FILE]
     extents = [a for a in chain.attached if a.role != DATA_FILE]
     return Disk(
