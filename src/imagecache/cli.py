@@ -329,11 +329,9 @@ def main(argv: Sequence[str] | None = None, *, clock: Callable[[], float] = time
     args = parser.parse_args(argv)
     _tolerant(sys.stdout)
     _tolerant(sys.stderr)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.WARNING - 10 * min(args.verbose, 2),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), handlers=[handler])
     if not args.verbose:
         # oslo.config warns once per deprecated option name on every run: with an older
         # nova.conf that is cron mail from every hypervisor. Shown with -v.
@@ -364,6 +362,14 @@ def main(argv: Sequence[str] | None = None, *, clock: Callable[[], float] = time
         # Every mutation is atomic and each lock is released on the way out: what was done is
         # in the audit log, nothing is half done.
         return _fail(args, "interrupted (actions already taken are in the audit log)", 130)
+
+
+class _EscapingFormatter(logging.Formatter):
+    """Every log line escaped as one line: image refs, names and messages come from outside, and
+    none may forge a line or send a terminal escape (``\x1b[...``) to an operator's screen."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
