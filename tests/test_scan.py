@@ -144,7 +144,7 @@ def test_registry_read_and_corruption(tmp_path: Path) -> None:
 def test_disk_vanished_between_listing_and_reading_is_a_problem(tmp_path: Path) -> None:
     # The listing saw it; by the time the header is read it is gone (instance deleted mid-scan).
     gone = tmp_path / "u1" / "disk"
-    disk, problem = disks._inspect_disk(str(gone), "u1")
+    disk, problem = disks._inspect_disk(str(gone), "u1", layout=Layout(str(tmp_path)))
     assert disk is None and problem is not None
     assert (
         problem.blocking and problem.code is ProblemCode.DISK_VANISHED and problem.ref == str(gone)

@@ -5,11 +5,11 @@ joins a directory name it knows by heart. Pure: strings in, strings out, nothing
 
     $instances_path/
     ├── compute_nodes                 registry_file (Nova's shared-storage registry)
-    ├── locks/nova-<name>             lock_path(name), under locks_dir
-    ├── <instance>/disk.info          disk_info(instance)
+    ├── locks/nova-<name>             locks_dir (imagecache.locks.lock_path)
+    ├── <instance>/disk.info          DISK_INFO
     └── <cache_name>/                 cache_dir ([image_cache] subdirectory_name)
         ├── <entry>                   entry_path(name)
-        └── .imagecache/trash/<t>     state_dir, trash_dir, trash_path(trash name)
+        └── .imagecache/trash/<t>     trash_dir_of(cache_dir)
 """
 
 from __future__ import annotations
@@ -63,30 +63,9 @@ class Layout:
     def registry_file(self) -> str:
         return posixpath.join(self.instances_path, REGISTRY_FILE)
 
-    @property
-    def state_dir(self) -> str:
-        return posixpath.join(self.cache_dir, STATE_DIR)
-
-    @property
-    def trash_dir(self) -> str:
-        return trash_dir_of(self.cache_dir)
-
     def entry_path(self, name: str) -> str:
         """``<cache_dir>/<name>``; raises ValueError for a name that is not a plain entry name."""
         return posixpath.join(self.cache_dir, _plain(name))
-
-    def trash_path(self, trash_name: str) -> str:
-        return posixpath.join(self.trash_dir, _plain(trash_name))
-
-    def lock_path(self, name: str) -> str:
-        """The lock file of entry ``name``, as oslo.concurrency names Nova's: ``nova-<name>``."""
-        return posixpath.join(self.locks_dir, naming.lock_file_name(name))
-
-    def instance_dir(self, instance: str) -> str:
-        return posixpath.join(self.instances_path, _plain(instance))
-
-    def disk_info(self, instance: str) -> str:
-        return posixpath.join(self.instance_dir(instance), DISK_INFO)
 
     def is_instance_name(self, name: str) -> bool:
         """Whether a name directly under ``instances_path`` may be an instance directory.

@@ -384,8 +384,8 @@ def _inspect_disk(
     instance: str,
     headers: HeaderCache | None = None,
     *,
+    layout: Layout,
     guest: Container[str] = frozenset(),
-    layout: Layout | None = None,
     entry: os.DirEntry[str] | None = None,
 ) -> tuple[Disk | None, Problem | None]:
     """The disk at ``path`` (listed as ``entry``) and what it uses, or why that is not known.
@@ -394,7 +394,6 @@ def _inspect_disk(
     other files, or is garbage).
     """
     name = entry.name if entry is not None else os.path.basename(path)
-    layout = layout or Layout(os.path.dirname(os.path.dirname(os.path.abspath(path))))
     try:
         header, st = read_header_stat(path)
     except FileNotFoundError:
