@@ -81,3 +81,34 @@ def test_an_entry_that_names_another_keeps_it_while_it_exists(
         "golden.qcow2": "unknown-kind",
     }
     assert qemu.reads_pattern(golden, 0xEF) and young.exists() and host.path(B).exists()
+
+
+def test_an_entry_that_is_its_own_backing_file_keeps_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An uploaded file naming itself (and another entry) must not pin anything forever.
+    host = host_with(tmp_path)
+    put(host, B, 0)
+    tmp = tmp_path / "self.qcow2"
+    qemu.qemu_img("create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", host.path(A), tmp, "1M")
+    tmp.rename(host.path(A))
+    age(host.path(A), host.path(B))
+    code, doc = cli(host, capsys, "clean")
+    assert reasons(doc) == {A: "unused-expired", B: "unused-expired"} and code == 0
+
+
+def test_a_broken_instance_behind_a_symlinked_instances_path_only_warns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = host_with(tmp_path)
+    real = tmp_path / "volume"
+    host.instances.rename(real)
+    host.instances.symlink_to(real)
+    (real / "inst-1").mkdir(exist_ok=True)
+    (real / "inst-1" / "disk").symlink_to(host.instances / "_base" / A)  # A is gone
+    put(host, B, 0)
+    age(host.path(B))
+    code, doc = cli(host, capsys, "clean")
+    assert code == 0
+    assert doc["complete"] and reasons(doc) == {B: "unused-expired"}
+    assert "backing-missing" in {p["code"] for p in doc["problems"]}

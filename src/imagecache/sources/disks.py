@@ -376,7 +376,12 @@ def _cache_like(path: str, layout: Layout) -> bool:
     parent = os.path.dirname(path)
     folder = os.path.basename(parent)
     in_cache = folder == layout.cache_name or folder.startswith(CACHE_PREFIX)
-    return in_cache and os.path.dirname(parent) == layout.instances_path
+    # Names may be resolved (a dangling link's realpath) while instances_path or the cache is
+    # a symlink to another volume: compare with the resolved forms too. Rare: missing files only.
+    tops = (layout.instances_path, os.path.realpath(layout.instances_path))
+    return (in_cache and os.path.dirname(parent) in tops) or parent == os.path.realpath(
+        layout.cache_dir
+    )
 
 
 def _inspect_disk(

@@ -67,6 +67,10 @@ def _not_itself(disk: Disk, own: tuple[int, int]) -> Disk:
     """
     extents = [(e, i) for e, i in zip(disk.extents, disk.extent_ids, strict=False) if i != own]
     data = [(d, i) for d, i in zip(disk.data_files, disk.data_file_ids, strict=False) if i != own]
+    links = [(c, i) for c, i in zip(disk.chain, disk.chain_ids, strict=False) if i != own]
+    if len(links) < len(disk.chain_ids):  # its own backing file: it names nothing else
+        return replace(disk, file_id=None, chain=(), chain_ids=(), missing=None, extents=(),
+                       extent_ids=(), data_files=(), data_file_ids=())  # fmt: skip
     return replace(
         disk,
         file_id=None,
