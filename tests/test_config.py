@@ -62,9 +62,60 @@ def test_new_name_wins_over_old_and_later_files_win(tmp_path: Path) -> None:
     d = tmp_path / "nova.conf.d"
     d.mkdir()
     (d / "10-override.conf").write_text("[image_cache]\nmanager_interval = -1\n")
-    assert load_settings([a]).daemon.manager_interval == 20
+    s = load_settings([a])
+    assert (s.daemon.nova_manager_interval, s.daemon.manager_interval) == (20, 20)
     s = load_settings([a], [str(d)])
-    assert (s.daemon.manager_interval, s.daemon.pass_interval) == (-1, None)
+    # Nova's manager off: imagecache's own interval takes Nova's default, not Nova's -1.
+    assert (s.daemon.nova_manager_interval, s.daemon.manager_interval) == (-1, 2400)
+    assert s.daemon.pass_interval == 2400
+
+
+@pytest.mark.parametrize(
+    ("text", "own", "nova", "every"),
+    [
+        ("", 2400, 2400, 2400),
+        ("[image_cache]\nmanager_interval = 600\n", 600, 600, 600),
+        ("[image_cache]\nmanager_interval = 0\n", 0, 0, 60),
+        ("[image_cache]\nmanager_interval = -1\n", 2400, -1, 2400),
+        ("[image_cache]\nmanager_interval = -1\n[imagecache]\nmanager_interval = 5\n", 5, -1, 5),
+        ("[imagecache]\nmanager_interval = -1\n", -1, 2400, None),
+    ],
+)
+def test_own_interval_defaults_to_novas_unless_novas_is_off(
+    tmp_path: Path, text: str, own: int, nova: int, every: int | None
+) -> None:
+    s = load_settings([conf(tmp_path, text)]).daemon
+    assert (s.manager_interval, s.nova_manager_interval, s.pass_interval) == (own, nova, every)
+
+
+@pytest.mark.parametrize(
+    ("text", "enabled"),
+    [
+        ("", True),  # Nova's defaults: its manager runs every 2400 s and removes
+        ("[image_cache]\nmanager_interval = -1\n", False),
+        ("[image_cache]\nremove_unused_base_images = false\n", False),
+        ("[DEFAULT]\nimage_cache_manager_interval = 0\n", True),
+    ],
+)
+def test_novas_own_manager_is_detected(tmp_path: Path, text: str, enabled: bool) -> None:
+    assert load_settings([conf(tmp_path, text)]).nova_manager_enabled is enabled
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [("127.0.0.1:9477", ("127.0.0.1", 9477)), ("[::1]:0", ("::1", 0)), ("", None)],
+)
+def test_metrics_listen_is_address_and_port(
+    tmp_path: Path, value: str, parsed: tuple[str, int] | None
+) -> None:
+    text = f"[imagecache]\nmetrics_listen = {value}\n"
+    assert load_settings([conf(tmp_path, text)]).metrics.listen == parsed
+
+
+@pytest.mark.parametrize("value", ["9477", "::1:9477", "host:", ":9477", "h:70000", "h:x"])
+def test_a_bad_metrics_listen_names_the_option(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"\[imagecache\] metrics_listen"):
+        load_settings([conf(tmp_path, f"[imagecache]\nmetrics_listen = {value}\n")])
 
 
 def test_command_line_overrides_take_part_in_interpolation(tmp_path: Path) -> None:

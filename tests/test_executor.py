@@ -74,6 +74,8 @@ def make_host(tmp_path: Path, **options: object) -> Host:
     (instances / "_base").mkdir(parents=True)
     imagecache = {"audit_log": root / "log" / "audit.jsonl", "lock_timeout_seconds": 5, **options}
     image_cache = {k: imagecache.pop(k) for k in list(imagecache) if k.startswith("remove_unused")}
+    # Nova's own manager off, as beside imagecache it must be (nova_manager_interval=N: on).
+    image_cache["manager_interval"] = imagecache.pop("nova_manager_interval", -1)
     config = root / "nova.conf"
     config.write_text(
         f"[DEFAULT]\ninstances_path = {instances}\nhost = h1\n[image_cache]\n"

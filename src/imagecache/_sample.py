@@ -179,7 +179,8 @@ def build(root: Path, *, now: float | None = None) -> SampleHost:
     config = root / "nova.conf"
     config.write_text(
         f"[DEFAULT]\nstate_path = {root}\ninstances_path = $state_path/instances\nhost = {HOST}\n"
-        f"[image_cache]\nmanager_interval = 2400\n"
+        # Nova's own manager off, as beside imagecache it must be (its interval is then 2400).
+        f"[image_cache]\nmanager_interval = -1\n"
         f"[imagecache]\naudit_log = {root}/audit.jsonl\n"
     )
 

@@ -35,6 +35,7 @@ from imagecache.settings import (
     DaemonSettings,
     FetchSettings,
     GlanceSettings,
+    MetricsSettings,
     Settings,
     VerifySettings,
 )
@@ -44,6 +45,7 @@ __all__ = ["DEFAULT_CONFIG_FILES", "list_opts", "load_settings"]
 LOG = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_FILES = ("/etc/nova/nova.conf", "/etc/imagecache/imagecache.conf")
+DEFAULT_MANAGER_INTERVAL = 2400  # Nova's default, when Nova's own manager is turned off
 
 
 def _old(name: str, group: str) -> list[cfg.DeprecatedOpt]:
@@ -62,6 +64,24 @@ class _Option:
 
 def _tuple(value: Any) -> tuple[str, ...]:
     return tuple(value or ())
+
+
+def _listen(value: str | None) -> tuple[str, int] | None:
+    """``ADDRESS:PORT`` (``[v6]:PORT``) as (address, port); empty is None.
+
+    Raises:
+        ValueError: not ADDRESS:PORT with a port in 0..65535 (the caller names the option).
+    """
+    if not value:
+        return None
+    address, sep, port = value.rpartition(":")
+    if address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]
+    elif ":" in address:
+        raise ValueError(f"{value!r}: write an IPv6 address in brackets, [::1]:9477")
+    if not sep or not address or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not ADDRESS:PORT (e.g. 127.0.0.1:9477)")
+    return address, int(port)
 
 
 _OPTIONS: tuple[_Option, ...] = (
@@ -126,10 +146,12 @@ _OPTIONS: tuple[_Option, ...] = (
             "manager_interval",
             default=2400,
             deprecated_opts=_old("image_cache_manager_interval", "DEFAULT"),
-            help="Seconds between passes of `imagecache run`; 0 means every 60 s, negative "
-            "disables the periodic pass.",
+            help="Nova's own image cache manager: seconds between its passes in nova-compute; "
+            "0 means every 60 s, negative disables it. Set it to -1 where imagecache runs: "
+            "while it is >= 0 and remove_unused_base_images is true, Nova removes from the "
+            "cache too, and every imagecache pass warns (nova-manager-enabled).",
         ),
-        ("daemon.manager_interval",),
+        ("daemon.nova_manager_interval",),
     ),
     _Option(
         "image_cache",
@@ -216,6 +238,50 @@ _OPTIONS: tuple[_Option, ...] = (
             "Nova).",
         ),
         ("policy.remove_unused_kernels",),
+    ),
+    _Option(
+        "imagecache",
+        cfg.IntOpt(
+            "manager_interval",
+            sample_default="[image_cache] manager_interval if >= 0, else 2400",
+            help="Seconds between passes of `imagecache run`; 0 means every 60 s, negative "
+            "disables the periodic pass (`run` then exits at once). Default: Nova's "
+            "[image_cache] manager_interval when that is >= 0 (a tuned value carries over), "
+            "2400 when Nova's manager is turned off (negative).",
+        ),
+        ("daemon.manager_interval",),
+    ),
+    _Option(
+        "imagecache",
+        cfg.FloatOpt(
+            "first_pass_delay_seconds",
+            default=0.0,
+            min=0,
+            help="Seconds `imagecache run` waits before its first pass (say, to let "
+            "nova-compute start its instances after a reboot).",
+        ),
+        ("daemon.first_pass_delay",),
+    ),
+    _Option(
+        "imagecache",
+        cfg.StrOpt(
+            "metrics_listen",
+            help="ADDRESS:PORT where `imagecache run` serves Prometheus metrics over HTTP at "
+            "/metrics, e.g. 127.0.0.1:9477 ([::1]:9477 for IPv6); empty: no endpoint.",
+        ),
+        ("metrics.listen",),
+        _listen,
+    ),
+    _Option(
+        "imagecache",
+        cfg.StrOpt(
+            "metrics_textfile",
+            help="File the metrics are written to after each pass of `run` and `clean`, "
+            "atomically, for node_exporter's textfile collector (a *.prom file in its "
+            "--collector.textfile.directory); empty: none.",
+        ),
+        ("metrics.textfile",),
+        lambda v: v or None,
     ),
     _Option(
         "imagecache",
@@ -371,6 +437,7 @@ _GLANCE_OPTIONS: tuple[_Option, ...] = (
 _NO_AUTH = ("none", "noauth")
 
 _SECTIONS: dict[str, type[Any]] = {
+    "metrics": MetricsSettings,
     "policy": Policy,
     "clean": CleanSettings,
     "fetch": FetchSettings,
@@ -450,10 +517,18 @@ def load_settings(
     fields: dict[str, dict[str, Any]] = {name: {} for name in (*_SECTIONS, "layout", "")}
     for option in _OPTIONS:
         section = conf if option.group == "DEFAULT" else conf[option.group]
-        value = option.convert(_read(section, _label(option.group, option.opt), option.opt.dest))
+        label = _label(option.group, option.opt)
+        try:
+            value = option.convert(_read(section, label, option.opt.dest))
+        except ValueError as exc:  # a value oslo.config accepts but the option does not
+            raise ConfigError(f"{label}: invalid value: {exc}") from exc
         for target in option.targets:
             name, _, field_name = target.partition(".")
             fields[name][field_name] = value
+    daemon = fields["daemon"]
+    if daemon["manager_interval"] is None:
+        nova = daemon["nova_manager_interval"]
+        daemon["manager_interval"] = nova if nova >= 0 else DEFAULT_MANAGER_INTERVAL
     cache_name = fields["layout"]["cache_name"]
     if not naming.valid_entry_name(cache_name):
         raise ConfigError(

@@ -63,6 +63,11 @@ class Layout:
     def registry_file(self) -> str:
         return posixpath.join(self.instances_path, REGISTRY_FILE)
 
+    @property
+    def state_dir(self) -> str:
+        """``<cache_dir>/.imagecache``: this project's own files (trash, pass state, run lock)."""
+        return posixpath.join(self.cache_dir, STATE_DIR)
+
     def entry_path(self, name: str) -> str:
         """``<cache_dir>/<name>``; raises ValueError for a name that is not a plain entry name."""
         return posixpath.join(self.cache_dir, _plain(name))

@@ -11,25 +11,58 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-from imagecache import executor, policy, sources
+from imagecache import executor, history, policy, sources
 from imagecache.clock import Clock
-from imagecache.model import Inventory, Problem
-from imagecache.plan import Plan
+from imagecache.errors import LockTimeout
+from imagecache.history import History
+from imagecache.model import Inventory, Problem, ProblemCode
+from imagecache.plan import Plan, Reason
 from imagecache.restore import restore_entry
-from imagecache.results import Report
+from imagecache.results import Report, Result
 from imagecache.settings import Settings
-from imagecache.store import registry
+from imagecache.store import registry, state
 from imagecache.store.audit import AuditLog
 
-__all__ = ["apply_plan", "observe", "plan_pass", "register", "restore", "run_pass"]
+__all__ = [
+    "apply_plan",
+    "config_problems",
+    "observe",
+    "plan_pass",
+    "record",
+    "register",
+    "restore",
+    "run_pass",
+]
 
 LOG = logging.getLogger(__name__)
 
 
 def observe(settings: Settings, *, inventory_files: Iterable[str] = ()) -> Inventory:
-    """Read-only observation of the host the settings describe."""
+    """Read-only observation of the host the settings describe, with the configuration's own
+    warnings (a non-blocking problem: Nova's manager still enabled on this cache)."""
     files = (*settings.clean.inventory_files, *inventory_files)
-    return sources.observe(settings.layout, host=settings.host, inventory_files=files)
+    inventory = sources.observe(settings.layout, host=settings.host, inventory_files=files)
+    warnings = config_problems(settings)
+    if not warnings:
+        return inventory
+    return dataclasses.replace(inventory, problems=(*inventory.problems, *warnings))
+
+
+def config_problems(settings: Settings) -> tuple[Problem, ...]:
+    """What the configuration itself puts at risk; reported by every pass, blocking nothing."""
+    if not settings.nova_manager_enabled:
+        return ()
+    interval = settings.daemon.nova_manager_interval
+    return (
+        Problem(
+            ProblemCode.NOVA_MANAGER_ENABLED,
+            "[image_cache] manager_interval",
+            f"Nova's own image cache manager is enabled ([image_cache] manager_interval = "
+            f"{interval}, remove_unused_base_images = true): nova-compute will still remove "
+            "entries imagecache keeps (in quarantine, pinned, or by its own rules); set "
+            "[image_cache] manager_interval = -1 in nova.conf and restart nova-compute",
+        ),
+    )
 
 
 @contextmanager
@@ -121,6 +154,61 @@ def run_pass(
     plan = plan_pass(settings, inventory_files=files, now=clock.wall())
     done = _apply(settings, plan, files, clock=clock, problems=registered, should_stop=should_stop)
     return plan, done
+
+
+def record(
+    settings: Settings,
+    plan: Plan,
+    report: Report,
+    *,
+    started: float,
+    finished: float,
+    stopped: bool = False,
+) -> History | None:
+    """Log what the pass did and keep it in the cache's state file; the history, or None when
+    the state could not be written (logged: the state is a report, it never fails a pass)."""
+    log_pass(plan, report)
+    entry = history.summarize(plan, report, started=started, finished=finished, stopped=stopped)
+    try:
+        return state.update_state(
+            settings.layout,
+            lambda h: history.record_pass(h, entry),
+            now=finished,
+            timeout=settings.clean.lock_timeout,
+        )
+    except (OSError, LockTimeout) as exc:
+        LOG.warning("cannot record the pass in %s: %s", settings.layout.state_dir, exc)
+        return None
+
+
+_LOGGED = {
+    Result.REMOVED: logging.INFO,
+    Result.QUARANTINED: logging.INFO,
+    Result.REAPED: logging.INFO,
+    Result.PURGED: logging.INFO,
+    Result.RESTORED: logging.WARNING,
+    Result.FAILED: logging.ERROR,
+}
+
+
+def log_pass(plan: Plan, report: Report) -> None:
+    """One line per decision that matters: what was removed, quarantined, purged, restored or
+    failed, what a problem kept, and one summary line."""
+    for o in report.outcomes:
+        level = _LOGGED.get(o.result, logging.WARNING if o.problem else None)
+        if level is not None:
+            LOG.log(level, "%s %s (%s, %s): %d bytes freed%s", o.result, o.name, o.kind,
+                    o.reason, o.bytes_freed, f"; {o.message}" if o.message else "")  # fmt: skip
+    held = sum(d.reason is Reason.INCOMPLETE_VIEW for d in plan.decisions)
+    if held:
+        codes = sorted({str(p.code) for p in plan.problems if p.blocking})
+        LOG.warning("view incomplete (%s): %d entries kept that might have been removed",
+                    ", ".join(codes), held)  # fmt: skip
+    for p in plan.problems:
+        LOG.warning("%s: %s: %s", p.code, p.ref, p.message)
+    LOG.info("pass %s: %d entries, %d actions, %d bytes freed, view %s", report.plan_id,
+             len(plan.decisions), len(report.outcomes), report.bytes_freed,
+             "complete" if plan.complete else "incomplete")  # fmt: skip
 
 
 def restore(settings: Settings, name: str, *, clock: Clock) -> Report:

@@ -72,6 +72,7 @@ class ProblemSource(StrEnum):
     REGISTRY = "registry"
     AUDIT = "audit"
     LOCKS = "locks"
+    CONFIG = "config"
 
 
 class ProblemCode(StrEnum):
@@ -105,6 +106,7 @@ class ProblemCode(StrEnum):
     HOST_UNREGISTERED = "host-unregistered"
     AUDIT_UNWRITABLE = "audit-unwritable"
     LOCKS_UNCOLLECTED = "locks-uncollected"
+    NOVA_MANAGER_ENABLED = "nova-manager-enabled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +166,8 @@ PROBLEMS: dict[ProblemCode, ProblemTraits] = {
     _C.HOST_UNREGISTERED: ProblemTraits(_S.REGISTRY, blocking=False),
     _C.AUDIT_UNWRITABLE: ProblemTraits(_S.AUDIT, blocking=False),
     _C.LOCKS_UNCOLLECTED: ProblemTraits(_S.LOCKS, blocking=False),
+    # A warning about the configuration, reported by every pass: it changes no exit code.
+    _C.NOVA_MANAGER_ENABLED: ProblemTraits(_S.CONFIG, blocking=False),
 }
 del _S, _C
 

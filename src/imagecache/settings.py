@@ -19,6 +19,7 @@ __all__ = [
     "DaemonSettings",
     "FetchSettings",
     "GlanceSettings",
+    "MetricsSettings",
     "Settings",
     "VerifySettings",
 ]
@@ -54,16 +55,31 @@ class VerifySettings:
 
 @dataclass(frozen=True, slots=True)
 class DaemonSettings:
-    """The periodic pass (``[image_cache] manager_interval``)."""
+    """The periodic pass of ``imagecache run``, and what Nova's own manager is set to do.
+
+    ``manager_interval`` is ``[imagecache] manager_interval``: by default Nova's ``[image_cache]
+    manager_interval`` when that is >= 0 (an operator's tuned value carries over), else 2400.
+    ``nova_manager_interval`` is Nova's as read: >= 0 means nova-compute runs its own manager.
+    """
 
     manager_interval: int
+    first_pass_delay: float
+    nova_manager_interval: int
 
     @property
     def pass_interval(self) -> int | None:
-        """Seconds between passes: Nova's 0 means every 60 s, negative means disabled."""
+        """Seconds between passes: 0 means every 60 s (as Nova), negative means disabled."""
         if self.manager_interval < 0:
             return None
         return self.manager_interval or 60
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """Where the metrics go: an HTTP endpoint (``run`` only) and a node_exporter textfile."""
+
+    listen: tuple[str, int] | None  # (address, port)
+    textfile: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +113,14 @@ class Settings:
     fetch: FetchSettings
     verify: VerifySettings
     daemon: DaemonSettings
+    metrics: MetricsSettings
     glance: GlanceSettings
     config_files: tuple[str, ...] = ()
+
+    @property
+    def nova_manager_enabled(self) -> bool:
+        """Nova's own manager would remove from this cache too (its interval >= 0, removal on)."""
+        return self.daemon.nova_manager_interval >= 0 and self.policy.remove_unused
 
     @property
     def instances_path(self) -> str:

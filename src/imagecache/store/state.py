@@ -1,0 +1,261 @@
+"""The pass state file, ``<cache>/.imagecache/state.json``: the last pass and running totals.
+
+Written by every ``clean`` and ``run`` pass (and by ``precache`` for its fetch totals) under
+``<cache>/.imagecache/state.lock``, replaced atomically (temp name, fsync, rename, all through the
+directory's descriptor, so a symlink swapped in for ``.imagecache`` is refused, not followed).
+Read by ``imagecache health`` and the metrics. A file that cannot be read is reported, never
+trusted: a writer starts the totals afresh (a counter reset, which Prometheus handles) and says so.
+
+The document carries ``schema`` and ``version``; times are ISO 8601 UTC with epoch seconds beside::
+
+    {"schema": 1, "version": "0.1.0", "updated": "2026-12-01T10:00:00+00:00",
+     "updated_epoch": 1796119200.0, "last_success": ..., "last_success_epoch": ...,
+     "incomplete_streak": 0,
+     "last_pass": {"started": ..., "started_epoch": ..., "finished": ..., "finished_epoch": ...,
+                   "duration_seconds": 0.4, "complete": true, "stopped": false, "ok": true,
+                   "plan_id": "3f2a...", "bytes_freed": 1048576,
+                   "entries": [{"kind": "original", "state": "unused", "entries": 1,
+                                "bytes": 1048576}],
+                   "actions": [{"result": "removed", "reason": "unused-expired", "count": 1,
+                                "bytes_freed": 1048576}],
+                   "problems": {"disk-unreadable": 1}},
+     "totals": {"passes": {"ok": 12}, "actions": [...], "fetches": [{"result": "cached",
+                "count": 3, "bytes": 3145728}]}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from types import MappingProxyType
+from typing import Any
+
+from imagecache import locks, naming
+from imagecache._version import __version__
+from imagecache.errors import ImageCacheError
+from imagecache.history import Figures, History, PassRecord, Totals
+from imagecache.layout import Layout
+from imagecache.plan import iso
+from imagecache.store import fsops
+from imagecache.store.jsonfile import JsonFileError, read_json
+
+__all__ = ["SCHEMA", "STATE_FILE", "StateError", "history_to_dict", "read_state", "update_state"]
+
+SCHEMA = 1
+STATE_FILE = "state.json"
+STATE_LOCK = "state.lock"
+MAX_BYTES = 1 << 20
+
+
+class StateError(ImageCacheError):
+    """The state file exists but cannot be read or is not a state document of this schema."""
+
+    exit_code = 1
+
+
+def state_file(layout: Layout) -> str:
+    return os.path.join(layout.state_dir, STATE_FILE)
+
+
+def read_state(layout: Layout) -> History:
+    """The history kept in the cache's state file; a missing file is an empty history.
+
+    Raises:
+        StateError: it cannot be read (a symlink, not a regular file, too large, permissions) or
+            is not a valid state document; the message says which.
+    """
+    path = state_file(layout)
+    try:
+        doc = read_json(path, max_bytes=MAX_BYTES)
+    except JsonFileError as exc:
+        if exc.missing:
+            return History()
+        raise StateError(f"{path}: {exc}") from exc
+    try:
+        return _history(doc)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise StateError(f"{path}: not a state document: {exc}") from exc
+
+
+def update_state(
+    layout: Layout, change: Callable[[History], History], *, now: float, timeout: float
+) -> History:
+    """Apply ``change`` to the stored history under the state lock and store the result.
+
+    A state file that cannot be read is replaced (logged by the caller through the returned
+    value's fresh totals): the state is a report, and must not stop the pass that writes it.
+
+    Raises:
+        LockTimeout: another writer held the state lock for ``timeout`` seconds.
+        OSError: the state directory cannot be created or written.
+    """
+    with _locked(layout, timeout=timeout):
+        try:
+            old = read_state(layout)
+        except StateError:
+            old = History()
+        new = change(old)
+        _write(layout, history_to_dict(new, now=now))
+        return new
+
+
+@contextmanager
+def _locked(layout: Layout, *, timeout: float) -> Iterator[None]:
+    fd = fsops.open_dir(layout.state_dir, create=True)
+    os.close(fd)
+    path = os.path.join(layout.state_dir, STATE_LOCK)
+    with locks.held_lock(path, timeout=timeout, poll=0.05, what="pass state"):
+        yield
+
+
+def _write(layout: Layout, doc: dict[str, Any]) -> None:
+    data = (json.dumps(doc, sort_keys=False) + "\n").encode("utf-8")
+    dir_fd = fsops.open_dir(layout.state_dir, create=True)
+    try:
+        temp = naming.temp_name(STATE_FILE, os.getpid(), secrets.token_hex(4))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temp, flags, 0o644, dir_fd=dir_fd)
+        try:
+            with open(fd, "wb") as stream:
+                stream.write(data)
+                stream.flush()
+                os.fsync(fd)
+            os.replace(temp, STATE_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(temp, dir_fd=dir_fd)
+            raise
+        fsops.fsync_dir(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _when(name: str, ts: float | None) -> dict[str, Any]:
+    return {name: iso(ts) if ts is not None else None, f"{name}_epoch": ts}
+
+
+def _rows(figures: Figures, a: str, b: str, n: str, size: str) -> list[dict[str, Any]]:
+    return [{a: k1, b: k2, n: count, size: nbytes} for (k1, k2), (count, nbytes) in figures.items()]
+
+
+def _pass_to_dict(p: PassRecord) -> dict[str, Any]:
+    return {
+        **_when("started", p.started),
+        **_when("finished", p.finished),
+        "duration_seconds": p.duration,
+        "complete": p.complete,
+        "stopped": p.stopped,
+        "ok": p.ok,
+        "plan_id": p.plan_id,
+        "bytes_freed": p.bytes_freed,
+        "entries": _rows(p.entries, "kind", "state", "entries", "bytes"),
+        "actions": _rows(p.actions, "result", "reason", "count", "bytes_freed"),
+        "problems": dict(p.problems),
+    }
+
+
+def history_to_dict(h: History, *, now: float) -> dict[str, Any]:
+    """The state document of ``h``, written at ``now``."""
+    t = h.totals
+    return {
+        "schema": SCHEMA,
+        "version": __version__,
+        **_when("updated", now),
+        **_when("last_success", h.last_success),
+        "incomplete_streak": h.incomplete_streak,
+        "last_pass": _pass_to_dict(h.last_pass) if h.last_pass else None,
+        "totals": {
+            "passes": dict(t.passes),
+            "actions": _rows(t.actions, "result", "reason", "count", "bytes_freed"),
+            "fetches": [
+                {"result": r, "count": c, "bytes": b} for (r, _), (c, b) in t.fetches.items()
+            ],
+        },
+    }
+
+
+# Reading back: every field checked, since the file sits in a directory others can write.
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a count, got {str(value)[:40]!r}")
+    return value
+
+
+def _epoch(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected epoch seconds, got {str(value)[:40]!r}")
+    if not math.isfinite(value):
+        raise ValueError("expected finite epoch seconds")
+    return float(value)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {str(value)[:40]!r}")
+    return value
+
+
+def _figures(rows: Any, a: str, b: str, n: str, size: str) -> Figures:
+    if not isinstance(rows, list):
+        raise ValueError("expected a list of rows")
+    out = {(_str(r[a]), _str(r[b])): (_int(r[n]), _int(r[size])) for r in rows}
+    return MappingProxyType(dict(sorted(out.items())))
+
+
+def _keyed(row: Any) -> Any:
+    """A fetch row, keyed like the two-label rows (fetches have one label, the result)."""
+    return {**row, "_": ""} if isinstance(row, dict) else row
+
+
+def _counts(doc: Any) -> Mapping[str, int]:
+    if not isinstance(doc, dict):
+        raise ValueError("expected {name: count}")
+    return MappingProxyType({_str(k): _int(v) for k, v in sorted(doc.items())})
+
+
+def _pass(doc: Any) -> PassRecord:
+    if not isinstance(doc, dict):
+        raise ValueError("last_pass: expected an object")
+    plan_id = doc.get("plan_id")
+    return PassRecord(
+        started=_epoch(doc["started_epoch"]),
+        finished=_epoch(doc["finished_epoch"]),
+        complete=doc["complete"] is True,
+        stopped=doc["stopped"] is True,
+        ok=doc["ok"] is True,
+        plan_id=_str(plan_id) if plan_id is not None else None,
+        entries=_figures(doc["entries"], "kind", "state", "entries", "bytes"),
+        actions=_figures(doc["actions"], "result", "reason", "count", "bytes_freed"),
+        problems=_counts(doc["problems"]),
+        bytes_freed=_int(doc["bytes_freed"]),
+    )
+
+
+def _history(doc: Any) -> History:
+    if not isinstance(doc, dict):
+        raise ValueError("expected an object")
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"schema {str(doc.get('schema'))[:20]} is not {SCHEMA}")
+    totals = doc["totals"]
+    if not isinstance(totals, dict):
+        raise ValueError("totals: expected an object")
+    fetches = totals["fetches"]
+    if not isinstance(fetches, list):
+        raise ValueError("fetches: expected a list")
+    success = doc.get("last_success_epoch")
+    return History(
+        last_pass=_pass(doc["last_pass"]) if doc.get("last_pass") is not None else None,
+        last_success=_epoch(success) if success is not None else None,
+        incomplete_streak=_int(doc["incomplete_streak"]),
+        totals=Totals(
+            passes=_counts(totals["passes"]),
+            actions=_figures(totals["actions"], "result", "reason", "count", "bytes_freed"),
+            fetches=_figures([_keyed(r) for r in fetches], "result", "_", "count", "bytes"),
+        ),
+    )
