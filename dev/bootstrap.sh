@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBS=(qemu-utils curl dosfstools e2fsprogs util-linux procps python3-venv)
+DEBS=(qemu-utils curl dosfstools e2fsprogs util-linux procps python3-venv systemd logrotate)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
