@@ -106,6 +106,11 @@ def use(host: Host, name: str, instance: str = "inst-1") -> Path:
     return disk
 
 
+def entries(host: Host) -> set[str]:
+    """The names in the cache directory, without this project's own state directory."""
+    return {p.name for p in host.cache.iterdir()} - {".imagecache"}
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -203,7 +208,7 @@ def test_thresholds_are_novas_at_the_boundary(
     expected = {name for name, (_, removed) in BOUNDARIES.items() if removed}
     assert {e["name"] for e in plan["entries"] if e["action"] == "remove"} == expected
     assert results(doc) == dict.fromkeys(expected, ("removed", "unused-expired"))
-    assert {p.name for p in host.cache.iterdir()} == set(BOUNDARIES) - expected
+    assert entries(host) == set(BOUNDARIES) - expected
     assert host.trash() == {}
     assert {line["entry"]: line["bytes_freed"] for line in host.audit_lines()} == {
         name: sizes[name] for name in expected
@@ -239,7 +244,7 @@ def test_a_saved_plan_is_applied_and_what_changed_since_is_skipped(
         C: ("skipped", "now-in-use"),
         D: ("removed", "unused-expired"),
     }
-    assert {p.name for p in host.cache.iterdir()} == {A, B, C, E}
+    assert entries(host) == {A, B, C, E}
     assert [(line["entry"], line["plan_id"]) for line in host.audit_lines()] == [
         (D, plan["plan_id"])
     ]

@@ -33,7 +33,10 @@ _LAYERS = [
     ("sources", "sources"),
     ("images", "images"),
     ("orchestration", "executor restore manager"),
-    ("edges", "config cli daemon metrics __main__ _sample render __init__"),  # __init__: the package itself
+    (
+        "edges",
+        "config cli daemon metrics __main__ _sample render __init__",
+    ),  # __init__: the package itself
 ]
 # imagecache.<key>[.*] -> (layer, group)
 GROUP = {key: (n, group) for n, (group, keys) in enumerate(_LAYERS) for key in keys.split()}

@@ -117,12 +117,13 @@ def test_a_real_pass_renders_as_its_figures(tmp_path: Path) -> None:
 
     entries, entry_bytes = "imagecache_entries", "imagecache_entry_bytes"
     assert samples[_key(entries, kind="original", state="in-use")] == 1
-    assert samples[_key(entries, kind="original", state="unused")] == 2  # B and C, before acting
+    # The cache as the pass left it: B removed, C still there (too young).
+    assert samples[_key(entries, kind="original", state="unused")] == 1
     assert samples[_key(entry_bytes, kind="original", state="in-use")] == sizes[A] > 0
-    assert samples[_key(entry_bytes, kind="original", state="unused")] == sizes[B] + sizes[C]
+    assert samples[_key(entry_bytes, kind="original", state="unused")] == sizes[C]
     # Every kind and state is there, at zero when there is none: alerts see 0, not no data.
     assert samples[_key(entries, kind="swap", state="quarantined")] == 0
-    assert sum(v for k, v in samples.items() if k.startswith(entries + "{")) == 3
+    assert sum(v for k, v in samples.items() if k.startswith(entries + "{")) == 2
 
     removed = {"result": "removed", "reason": "unused-expired"}
     assert samples[_key("imagecache_actions_total", **removed)] == 1
@@ -238,7 +239,7 @@ def test_counters_keep_counting_through_the_state_file(tmp_path: Path) -> None:
     assert samples[_key("imagecache_fetches_total", result="cached")] == 1
     assert samples[_key("imagecache_fetched_bytes_total", result="cached")] == 4096
     assert samples[_key("imagecache_fetches_total", result="failed")] == 1
-    assert samples[_key("imagecache_entries", kind="original", state="unused")] == 1  # C
+    assert samples[_key("imagecache_entries", kind="original", state="unused")] == 0  # C gone
     assert samples[_key("imagecache_last_pass_timestamp_seconds")] == NOW + 2 * DAY + DURATION
 
 
@@ -265,13 +266,13 @@ def test_the_server_serves_the_latest_pass_and_frees_its_port(tmp_path: Path) ->
         samples, _ = _parse(text)
         unused = _key("imagecache_entries", kind="original", state="unused")
         removed = _key("imagecache_actions_total", result="removed", reason="unused-expired")
-        assert samples[unused] == 2 and samples[removed] == 1
+        assert samples[unused] == 1 and samples[removed] == 1  # B removed, C left
         assert samples[_key("imagecache_filesystem_size_bytes")] > 0
 
         second = _pass(host, first, now=NOW + 2 * DAY)  # C expired and removed
         server.update(second, fs=None, host="h1", cache_dir=str(host.cache))
         samples, _ = _parse(_scrape(server.port)[1])
-        assert samples[unused] == 1 and samples[removed] == 2
+        assert samples[unused] == 0 and samples[removed] == 2
         assert _key("imagecache_filesystem_size_bytes") not in samples  # the snapshot is whole
 
         with pytest.raises(urllib.error.HTTPError) as missing:

@@ -37,6 +37,8 @@ __all__ = [
 # What an entry is, for the entries/bytes figures. "corrupt" is added by integrity checking.
 ENTRY_STATES = ("in-use", "unused", "quarantined", "temp")
 
+_MOVED = frozenset({Result.REMOVED, Result.REAPED, Result.QUARANTINED})
+
 # (label, label) -> (count, bytes)
 Figures = Mapping[tuple[str, str], tuple[int, int]]
 
@@ -114,17 +116,30 @@ def pass_outcome(record: PassRecord) -> str:
 def summarize(
     plan: Plan, report: Report | None, *, started: float, finished: float, stopped: bool = False
 ) -> PassRecord:
-    """The record of one pass. ``report`` None: the pass only planned (nothing was applied)."""
+    """The record of one pass. ``report`` None: the pass only planned (nothing was applied).
+
+    The entry figures are the cache as the pass left it: what it removed, reaped or purged is
+    gone, what it quarantined counts as quarantined.
+    """
+    outcomes = report.outcomes if report is not None else ()
+    moved = {o.name: o.result for o in outcomes if o.result in _MOVED}
+    purged = {o.trash_name for o in outcomes if o.result is Result.PURGED}
     entries: Counter[tuple[str, str]] = Counter()
     sizes: Counter[tuple[str, str]] = Counter()
+
+    def count(kind: object, state: str, nbytes: int) -> None:
+        entries[str(kind), state] += 1
+        sizes[str(kind), state] += nbytes
+
     for d in plan.decisions:
-        key = (str(d.entry.kind), entry_state(d))
-        entries[key] += 1
-        sizes[key] += d.entry.bytes_allocated
+        result = moved.get(d.entry.name)
+        if result is None:
+            count(d.entry.kind, entry_state(d), d.entry.bytes_allocated)
+        elif result is Result.QUARANTINED:
+            count(d.entry.kind, "quarantined", d.entry.bytes_allocated)
     for t in plan.trash:
-        key = (str(naming.classify(t.entry.name)), "quarantined")
-        entries[key] += 1
-        sizes[key] += t.entry.bytes_allocated
+        if t.entry.trash_name not in purged:
+            count(naming.classify(t.entry.name), "quarantined", t.entry.bytes_allocated)
     actions: dict[tuple[str, str], tuple[int, int]] = {}
     problems: Counter[str] = Counter(str(p.code) for p in plan.problems)
     if report is not None:
