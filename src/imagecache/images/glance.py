@@ -109,9 +109,18 @@ def _auth_plugin(settings: GlanceSettings, endpoint: str | None) -> Any:
 
 
 def _from_cloud(settings: GlanceSettings) -> tuple[session.Session, str | None, Any, str | None]:
-    """Session, image endpoint override, interface and region of a clouds.yaml cloud."""
-    import openstack.config
-    import openstack.exceptions
+    """Session, image endpoint override, interface and region of a clouds.yaml cloud.
+
+    Raises ConfigError when openstacksdk (the ``clouds`` extra) is not installed, or the cloud
+    cannot be loaded.
+    """
+    try:
+        import openstack.config
+        import openstack.exceptions
+    except ImportError as exc:  # an optional dependency: only --os-cloud needs it
+        raise ConfigError(
+            f"--os-cloud needs openstacksdk: pip install 'imagecache[clouds]' ({exc})"
+        ) from exc
 
     files = [settings.clouds_yaml] if settings.clouds_yaml else None
     try:

@@ -1,0 +1,62 @@
+"""pyproject.toml declares exactly what src/ imports: a plain install needs nothing undeclared.
+
+The dev venv has the test extra too, so an undeclared import would pass every other test here;
+dev/check-install.sh proves the same for a few commands in a venv with the package alone.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def _names(requirements: list[str]) -> set[str]:
+    return {_canonical(re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0]) for r in requirements}
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _imported_distributions() -> dict[str, set[str]]:
+    """Distribution -> the modules of src/imagecache that import it (top-level imports only)."""
+    by_module = importlib.metadata.packages_distributions()
+    found: dict[str, set[str]] = {}
+    for path in sorted((REPO / "src" / "imagecache").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                tops = [alias.name.partition(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = [node.module.partition(".")[0]]
+            else:
+                continue
+            for top in tops:
+                if top in sys.stdlib_module_names or top in {"imagecache", "__future__"}:
+                    continue
+                where = str(path.relative_to(REPO))
+                for dist in by_module.get(top, [f"<no distribution for {top}>"]):
+                    found.setdefault(_canonical(dist), set()).add(where)
+    return found
+
+
+def test_every_imported_distribution_is_declared_and_every_declared_one_imported() -> None:
+    imported = _imported_distributions()
+    plain = _names(PROJECT["dependencies"])
+    clouds = _names(PROJECT["optional-dependencies"]["clouds"])
+    assert clouds == {"openstacksdk"}
+    assert set(imported) - plain - clouds == set(), {d: imported[d] for d in imported}
+    assert plain - set(imported) == set()  # nothing declared that src/ does not use
+    # openstacksdk stays optional: only the --os-cloud loader imports it (lazily).
+    assert imported["openstacksdk"] == {"src/imagecache/images/glance.py"}
+    assert "openstacksdk" not in plain
+
+
+def test_the_test_extra_installs_the_clouds_extra() -> None:
+    assert "imagecache[clouds]" in PROJECT["optional-dependencies"]["test"]
