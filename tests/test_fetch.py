@@ -511,9 +511,15 @@ def test_twenty_concurrent_precaches_make_one_download(
     results = sorted(json.loads(out)["results"][0]["result"] for out, _ in outs)
     assert results == ["cached"] + ["existing"] * 19
     assert glance_server.downloads(image_id) == 1
-    assert [p.name for p in (tmp_path / "instances" / "_base").iterdir()] == [
+    cache = tmp_path / "instances" / "_base"
+    assert [p.name for p in cache.iterdir() if p.name != ".imagecache"] == [
         naming.fingerprint(image_id)
     ]
+    # Each precache added its row to the fetch totals (the state file's lock serialises them).
+    totals = json.loads((cache / ".imagecache" / "state.json").read_text())["totals"]
+    counts = {r["result"]: r["count"] for r in totals["fetches"]}
+    assert counts == {"cached": 1, "existing": 19}
+    assert [r["bytes"] for r in totals["fetches"] if r["result"] == "existing"] == [0]
 
 
 @pytest.mark.glance

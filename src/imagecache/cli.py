@@ -24,15 +24,14 @@ from imagecache.plan import plan_to_dict
 from imagecache.render import clean as outcome
 from imagecache.render import health
 from imagecache.render import plan as report
-from imagecache.render.text import dumps, printable
+from imagecache.render.text import document, dumps, printable
+from imagecache.results import Result
 from imagecache.settings import Settings
 from imagecache.store import plans
 
 __all__ = ["main"]
 
 LOG = logging.getLogger(__name__)
-
-ERROR_SCHEMA = 1  # {"schema", "version", "error", "exit_code"}: what a failed --json command prints
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +143,7 @@ def cmd_health(ctx: Context) -> int:
 
 def cmd_restore(ctx: Context) -> int:
     done = manager.restore(ctx.settings, ctx.args.name, clock=ctx.clock)
-    _emit(ctx, outcome.report_to_dict(done), outcome.render_restore(done))
+    _emit(ctx, document(outcome.report_to_dict(done)), outcome.render_restore(done))
     return 0 if done.ok else 1
 
 
@@ -168,6 +167,12 @@ def cmd_precache(ctx: Context) -> int:
         sources.close()
         if progress:
             progress.finish()
+    downloaded = [(r.result, r.bytes or 0 if r.result is Result.CACHED else 0) for r in results]
+    history = manager.record_fetches(s, downloaded, now=ctx.clock.wall())
+    if history is not None:
+        from imagecache import daemon
+
+        daemon.publish_textfile(s, history)
     # Image refs and failure reasons come from outside (argv, Glance, an image's header).
     text = "\n".join(
         f"{r.result:<8} {r.role:<7} {printable(r.image)}  {printable(r.name)}"
@@ -175,7 +180,7 @@ def cmd_precache(ctx: Context) -> int:
         + (f"\n         {printable(r.reason)}" if r.reason else "")
         for r in results
     )
-    _emit(ctx, {"results": [r.to_dict() for r in results]}, text)
+    _emit(ctx, document({"results": [r.to_dict() for r in results]}), text)
     return 1 if any(r.failed for r in results) else 0
 
 
@@ -202,7 +207,7 @@ def cmd_create_disk(ctx: Context) -> int:
     text = "\n".join(
         f"{d.label:<8} {printable(str(d.path))}  on _base/{printable(d.backing)}" for d in made
     )
-    _emit(ctx, {"instance": a.instance, "disks": [d.to_dict() for d in made]}, text)
+    _emit(ctx, document({"instance": a.instance, "disks": [d.to_dict() for d in made]}), text)
     return 0
 
 
@@ -448,6 +453,8 @@ def _oslo_logging(args: argparse.Namespace, settings: Settings) -> None:
     else:
         logging.getLogger("oslo_config.cfg").setLevel(logging.ERROR)
     _escape_handlers()
+    LOG.debug("imagecache %s %s; configuration from %s", __version__, args.command,
+              ", ".join(files) or "defaults")  # fmt: skip
 
 
 def _escape_handlers() -> None:
@@ -477,8 +484,7 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
     """
     print(f"imagecache: error: {printable(message)}", file=sys.stderr)
     if getattr(args, "json", False):
-        doc = {"schema": ERROR_SCHEMA, "version": __version__, "error": message, "exit_code": code}
-        sys.stdout.write(dumps(doc) + "\n")
+        sys.stdout.write(dumps(document({"error": message, "exit_code": code})) + "\n")
     return code
 
 

@@ -642,11 +642,16 @@ def _read(section: Any, label: str, name: str) -> Any:
 # any is set decides if oslo.log is loaded at all (it adds ~45 ms to every start, more than a
 # `plan` of a small host). tests/test_config.py checks this list against oslo.log's own.
 LOGGING_OPTIONS = frozenset(
-    {"debug", "log_config_append", "log_config", "log-config", "log_file", "logfile"}
-    | {"log_dir", "logdir", "use_journal", "use_json", "use_syslog", "use_stderr"}
-    | {"syslog_log_facility", "watch_log_file", "log_date_format", "default_log_levels"}
-    | {"logging_context_format_string", "logging_default_format_string", "log_rotation_type"}
-    | {"publish_errors", "instance_format", "instance_uuid_format", "rate_limit_interval"}
+    {"debug", "default_log_levels", "fatal_deprecations", "instance_format"}
+    | {"instance_uuid_format", "log-config", "log_color", "log_config", "log_config_append"}
+    | {"log_date_format", "log_dir", "log_file", "log_rotate_interval"}
+    | {"log_rotate_interval_type", "log_rotation_type", "logdir", "logfile"}
+    | {"logging_context_format_string", "logging_debug_format_suffix"}
+    | {"logging_default_format_string", "logging_exception_prefix"}
+    | {"logging_user_identity_format", "max_logfile_count", "max_logfile_size_mb"}
+    | {"publish_errors", "rate_limit_burst", "rate_limit_except_level", "rate_limit_interval"}
+    | {"syslog_log_facility", "use_eventlog", "use_journal", "use_json", "use_stderr"}
+    | {"use_syslog", "watch_log_file"}
 )
 # Logged times are UTC, and say so.
 _LOG_DATE_FORMAT = "%Y-%m-%dT%H:%M:%S"
@@ -689,10 +694,14 @@ def setup_logging(
         ConfigError: a logging option has a bad value, or ``log_config_append`` cannot be used.
         OSError: the log file cannot be opened.
     """
+    from oslo_log import _options as oslo_log_options
     from oslo_log import log as oslo_log
 
     conf = cfg.ConfigOpts()
-    oslo_log.register_options(conf)
+    # oslo.log's own register_options() makes some of them command-line options, whose bad
+    # values in a file end the process from inside argparse; registered as plain options, each
+    # is validated when read, below, and named. list_opts is oslo.log's oslo.config.opts entry.
+    conf.register_opts(oslo_log_options.list_opts()[0][1])
     conf.set_default("log_date_format", _LOG_DATE_FORMAT)
     conf.set_default("logging_default_format_string", _LOG_FORMAT.format(""))
     conf.set_default("logging_context_format_string",
@@ -711,6 +720,9 @@ def setup_logging(
             conf.set_override("debug", True)
         if log_file:
             conf.set_override("log_file", log_file)
+        elif _read(conf, "[DEFAULT] log_dir", "log_dir") and not conf.log_file:
+            # oslo.log would name the file after argv[0] (`<frozen runpy>` under python -m).
+            conf.set_override("log_file", "imagecache.log")
         if stderr or not any(_read(conf, f"[DEFAULT] {n}", n) for n in _LOG_DESTINATIONS[:3]):
             conf.set_override("use_stderr", True)
         for name in sorted(LOGGING_OPTIONS & set(conf)):

@@ -29,6 +29,7 @@ __all__ = [
     "observe",
     "plan_pass",
     "record",
+    "record_fetches",
     "register",
     "restore",
     "run_pass",
@@ -178,6 +179,24 @@ def record(
         )
     except (OSError, LockTimeout) as exc:
         LOG.warning("cannot record the pass in %s: %s", settings.layout.state_dir, exc)
+        return None
+
+
+def record_fetches(
+    settings: Settings, fetched: Iterable[tuple[Result, int]], *, now: float
+) -> History | None:
+    """Add fetch results (result, bytes downloaded) to the state file's totals; as
+    :func:`record`, None when the state could not be written (logged)."""
+    rows = tuple(fetched)
+    try:
+        return state.update_state(
+            settings.layout,
+            lambda h: history.record_fetches(h, rows),
+            now=now,
+            timeout=settings.clean.lock_timeout,
+        )
+    except (OSError, LockTimeout) as exc:
+        LOG.warning("cannot record the fetches in %s: %s", settings.layout.state_dir, exc)
         return None
 
 

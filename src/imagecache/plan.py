@@ -278,6 +278,7 @@ def _entry(d: Decision) -> dict[str, Any]:
         "users": [_user(u) for u in d.users],
         "action": str(d.action),
         "reason": str(d.reason),
+        "last_used": iso(d.last_used),
         "last_used_epoch": d.last_used,
         "removable_at": iso(d.removable_at) if d.removable_at is not None else None,
         "removable_at_epoch": d.removable_at,

@@ -53,6 +53,7 @@ def report_to_dict(rep: Report) -> dict[str, Any]:
     """What was done: ``outcomes``, ``totals``, ``ok`` and the problems outside any entry."""
     return {
         "applied_at": iso(rep.now),
+        "applied_at_epoch": rep.now,
         "ok": rep.ok,
         "outcomes": [_outcome(o) for o in rep.outcomes],
         "totals": _totals(rep),

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from imagecache._version import __version__
 from imagecache.plan import iso
 
-__all__ = ["dumps", "human_bytes", "human_seconds", "iso", "printable", "render_table"]
+__all__ = ["document", "dumps", "human_bytes", "human_seconds", "iso", "printable", "render_table"]
 
 
 def human_bytes(n: int) -> str:
@@ -25,6 +26,12 @@ def human_seconds(seconds: float) -> str:
         if s >= size:
             return f"{sign}{s / size:.1f}{unit}"
     return f"{sign}{s:.0f}s"
+
+
+def document(body: dict[str, Any], *, schema: int = 1) -> dict[str, Any]:
+    """A ``--json`` document: ``schema`` (an integer, raised on any incompatible change of this
+    document) and ``version`` (the tool's) first, then ``body``."""
+    return {"schema": schema, "version": __version__, **body}
 
 
 def dumps(doc: Any, *, pretty: bool = False) -> str:

@@ -4,7 +4,8 @@
 which host, what was done to which entry, with how many bytes (measured), why, and under which plan
 id, so an operator can answer "where did my base image go?" months later::
 
-    {"time": "2026-11-21T10:00:00+00:00", "epoch": 1795255200.0, "host": "h1",
+    {"schema": 1, "version": "0.1.0", "time": "2026-11-21T10:00:00+00:00",
+     "epoch": 1795255200.0, "host": "h1",
      "entry": "356a...", "kind": "original", "bytes": 1048576, "bytes_freed": 0,
      "action": "quarantined", "reason": "unused-expired", "plan_id": "3f2a...",
      "trash_name": "356a...@1795255200"}
@@ -21,9 +22,12 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from imagecache._version import __version__
 from imagecache.results import Outcome
 
-__all__ = ["AuditLog"]
+__all__ = ["SCHEMA", "AuditLog"]
+
+SCHEMA = 1  # of one audit line; raised on any incompatible change
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +45,8 @@ class AuditLog:
                 synced (a full disk, a read-only filesystem, permissions).
         """
         line = {
+            "schema": SCHEMA,
+            "version": __version__,
             "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
             "epoch": now,
             "host": self.host,
