@@ -272,3 +272,18 @@ def test_a_disabled_interval_says_so_and_exits_0(tmp_path: Path) -> None:
         # Type=notify: a unit that exits without READY=1 fails as a protocol error.
         assert notify.has("READY", "1")
     assert "disabled" in d.stderr()
+
+
+def test_the_first_pass_waits_for_its_delay_and_sigterm_ends_the_wait(tmp_path: Path) -> None:
+    host = make_host(tmp_path, manager_interval=1, first_pass_delay_seconds=3600)
+    notify = Notify(tmp_path / "notify")
+    with (
+        closing(notify),
+        daemon(tmp_path, host.config, env={"NOTIFY_SOCKET": str(notify.path)}) as d,
+    ):
+        until("READY=1", lambda: notify.has("READY", "1"))
+        time.sleep(1.5)  # a second and a half of a one-second interval: no pass yet
+        assert not (host.cache / ".imagecache" / "state.json").exists()
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0
+    assert not (host.cache / ".imagecache" / "state.json").exists()
