@@ -496,13 +496,8 @@ def load_settings(
         config_files = [f for f in DEFAULT_CONFIG_FILES if os.path.exists(f)]
     conf = cfg.ConfigOpts()
     _register(conf)
-    args: list[str] = []
-    for path in config_files:
-        args += ["--config-file", path]
-    for path in config_dirs:
-        args += ["--config-dir", path]
     try:
-        conf(args=args, project="imagecache", default_config_files=[], default_config_dirs=[])
+        _parse(conf, config_files, config_dirs)
     except (cfg.ConfigFilesNotFoundError, cfg.ConfigDirNotFoundError) as exc:
         raise ConfigError(f"cannot read configuration: {exc}") from exc
     except cfg.ConfigFileParseError as exc:
@@ -549,6 +544,16 @@ def load_settings(
         config_files=tuple(config_files),
         **{name: cls(**fields[name]) for name, cls in _SECTIONS.items()},
     )
+
+
+def _parse(conf: cfg.ConfigOpts, config_files: Sequence[str], config_dirs: Sequence[str]) -> None:
+    """Parse exactly these files and directories: no argv, no search of /etc/<project>/."""
+    args: list[str] = []
+    for path in config_files:
+        args += ["--config-file", path]
+    for path in config_dirs:
+        args += ["--config-dir", path]
+    conf(args=args, project="imagecache", default_config_files=[], default_config_dirs=[])
 
 
 def _files_read(config_files: Sequence[str], config_dirs: Sequence[str]) -> list[str]:
@@ -706,13 +711,8 @@ def setup_logging(
     conf.set_default("logging_default_format_string", _LOG_FORMAT.format(""))
     conf.set_default("logging_context_format_string",
                      _LOG_FORMAT.format("[%(request_id)s] "))  # fmt: skip
-    args: list[str] = []
-    for path in config_files:
-        args += ["--config-file", path]
-    for path in config_dirs:
-        args += ["--config-dir", path]
     try:
-        conf(args=args, project="imagecache", default_config_files=[], default_config_dirs=[])
+        _parse(conf, config_files, config_dirs)
         if not destinations:
             for name in _LOG_DESTINATIONS:
                 conf.set_override(name, False if name.startswith("use_") else None)

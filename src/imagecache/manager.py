@@ -170,16 +170,7 @@ def record(
     the state could not be written (logged: the state is a report, it never fails a pass)."""
     log_pass(plan, report)
     entry = history.summarize(plan, report, started=started, finished=finished, stopped=stopped)
-    try:
-        return state.update_state(
-            settings.layout,
-            lambda h: history.record_pass(h, entry),
-            now=finished,
-            timeout=settings.clean.lock_timeout,
-        )
-    except (OSError, LockTimeout) as exc:
-        LOG.warning("cannot record the pass in %s: %s", settings.layout.state_dir, exc)
-        return None
+    return _keep(settings, lambda h: history.record_pass(h, entry), now=finished)
 
 
 def record_fetches(
@@ -188,15 +179,18 @@ def record_fetches(
     """Add fetch results (result, bytes downloaded) to the state file's totals; as
     :func:`record`, None when the state could not be written (logged)."""
     rows = tuple(fetched)
+    return _keep(settings, lambda h: history.record_fetches(h, rows), now=now)
+
+
+def _keep(
+    settings: Settings, change: Callable[[History], History], *, now: float
+) -> History | None:
     try:
         return state.update_state(
-            settings.layout,
-            lambda h: history.record_fetches(h, rows),
-            now=now,
-            timeout=settings.clean.lock_timeout,
+            settings.layout, change, now=now, timeout=settings.clean.lock_timeout
         )
     except (OSError, LockTimeout) as exc:
-        LOG.warning("cannot record the fetches in %s: %s", settings.layout.state_dir, exc)
+        LOG.warning("cannot record in %s: %s", settings.layout.state_dir, exc)
         return None
 
 

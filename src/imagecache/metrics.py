@@ -27,7 +27,6 @@ import socket
 import socketserver
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import suppress
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
 from types import TracebackType
@@ -286,20 +285,7 @@ def write_textfile(path: str, registry: CollectorRegistry) -> None:
     except OSError as exc:
         raise MetricsError(f"{path}: cannot write metrics: {exc.strerror}") from exc
     try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(temp, flags, 0o644, dir_fd=dir_fd)
-        try:
-            with open(fd, "wb") as stream:
-                stream.write(data)
-                stream.flush()
-                os.fchmod(fd, 0o644)
-                os.fsync(fd)
-            os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with suppress(FileNotFoundError):
-                os.unlink(temp, dir_fd=dir_fd)
-            raise
-        fsops.fsync_dir(dir_fd)
+        fsops.replace_at(dir_fd, name, data, temp=temp)
     except OSError as exc:
         raise MetricsError(f"{path}: cannot write metrics: {exc.strerror or exc}") from exc
     finally:

@@ -23,6 +23,7 @@ Functions that free space return the bytes they freed, measured (``st_blocks * 5
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -44,6 +45,7 @@ __all__ = [
     "open_dir",
     "remove",
     "rename_noreplace",
+    "replace_at",
     "temp_file",
     "temp_path",
     "touch",
@@ -247,6 +249,34 @@ def rename_noreplace(
         _link_and_unlink(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
     except OSError as exc:
         raise _named(exc, src, dst) from exc
+
+
+def replace_at(dir_fd: int, name: str, data: bytes, *, temp: str, mode: int = 0o644) -> None:
+    """Replace ``name`` in the open directory ``dir_fd`` with ``data``, all or nothing, durably.
+
+    ``temp`` (a fresh name in the same directory) is created exclusively and never through a
+    symlink, written, given exactly ``mode``, fsynced and renamed over ``name`` (a symlink there
+    is replaced, not followed); the directory is then fsynced. Everything is resolved in
+    ``dir_fd``, so a symlink swapped in for the directory on the way redirects nothing.
+
+    Raises:
+        OSError: the temp file cannot be created or written (it is then removed), or the rename
+            failed.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temp, flags, mode, dir_fd=dir_fd)
+    try:
+        with open(fd, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
+            os.fsync(fd)
+        os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=dir_fd)
+        raise
+    _fsync_dir_fd(dir_fd)
 
 
 def atomic_write(

@@ -30,7 +30,7 @@ import math
 import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Any
 
@@ -117,19 +117,7 @@ def _write(layout: Layout, doc: dict[str, Any]) -> None:
     dir_fd = fsops.open_dir(layout.state_dir, create=True)
     try:
         temp = naming.temp_name(STATE_FILE, os.getpid(), secrets.token_hex(4))
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(temp, flags, 0o644, dir_fd=dir_fd)
-        try:
-            with open(fd, "wb") as stream:
-                stream.write(data)
-                stream.flush()
-                os.fsync(fd)
-            os.replace(temp, STATE_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with suppress(FileNotFoundError):
-                os.unlink(temp, dir_fd=dir_fd)
-            raise
-        fsops.fsync_dir(dir_fd)
+        fsops.replace_at(dir_fd, STATE_FILE, data, temp=temp)
     finally:
         os.close(dir_fd)
 
