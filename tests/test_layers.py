@@ -28,7 +28,7 @@ _LAYERS = [
     ("errors", "errors _version"),
     ("core", "model plan results naming layout usage policy settings clock history"),
     ("formats", "formats"),
-    ("locks", "locks lockfiles"),
+    ("locks", "owners locks lockfiles"),
     ("store", "store"),
     ("sources", "sources"),
     ("images", "images"),

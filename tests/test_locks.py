@@ -255,3 +255,20 @@ def test_a_missing_cache_directory_collects_nothing(instances: Path) -> None:
     assert lockfiles.collect_stale_lock_files(instances, (), cache_dir=missing, now=NOW) == []
     missing.mkdir()
     assert len(lockfiles.collect_stale_lock_files(instances, (), cache_dir=missing, now=NOW)) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: handing files to another owner")
+def test_lock_files_root_makes_belong_to_the_owner_of_the_tree(tmp_path: Path) -> None:
+    """A root `clean` must not leave nova-compute a lock file it cannot open for writing."""
+    instances = tmp_path / "instances"
+    instances.mkdir()
+    os.chown(instances, 65534, 65534)
+    with locks.entry_lock(instances, "a" * 40, timeout=1):
+        pass
+    for made in (instances / "locks", instances / "locks" / ("nova-" + "a" * 40)):
+        st = made.stat()
+        assert (st.st_uid, st.st_gid) == (65534, 65534), made
+    (instances / "locks" / "nova-mine").touch()  # made by someone else: left as it is
+    with locks.entry_lock(instances, "mine", timeout=1):
+        pass
+    assert (instances / "locks" / "nova-mine").stat().st_uid == 0

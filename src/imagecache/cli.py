@@ -458,23 +458,32 @@ def _oslo_logging(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def _escape_handlers() -> None:
-    """Every handler's lines escaped and stamped in UTC, whoever made the handler."""
-    for h in logging.getLogger().handlers:
-        if not any(isinstance(f, _Escaping) for f in h.filters):
-            h.addFilter(_Escaping())
-        if h.formatter is not None:
-            h.formatter.converter = time.gmtime
+    """Every log record's message escaped as one line, and every handler stamping UTC, whoever
+    made the handlers (oslo.log, a ``log_config_append`` file with loggers of its own)."""
+    factory = logging.getLogRecordFactory()
+    if not isinstance(factory, _EscapingRecords):
+        logging.setLogRecordFactory(_EscapingRecords(factory))
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for h in getattr(logger, "handlers", ()):
+            if h.formatter is not None:
+                h.formatter.converter = time.gmtime
 
 
-class _Escaping(logging.Filter):
-    """Every log message escaped as one line: image refs, names and messages come from outside,
-    and none may forge a line or send a terminal escape (``\x1b[...``) to an operator's screen.
-    A filter, not a formatter, so it works under any formatter oslo.log or a logging config file
-    installs (text, JSON, journal, syslog)."""
+class _EscapingRecords:
+    """A log record factory: image refs, names and messages come from outside, and none may
+    forge a line or send a terminal escape (``\x1b[...``) to an operator's screen. At the
+    record, not in a formatter or a handler's filter, so that it holds under any formatter and
+    any handler a logging configuration installs (text, JSON, journal, syslog, its own loggers).
+    """
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def __init__(self, make: Callable[..., logging.LogRecord]) -> None:
+        self._make = make
+
+    def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = self._make(*args, **kwargs)
         record.msg, record.args = printable(record.getMessage()), None
-        return True
+        return record
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:

@@ -19,6 +19,7 @@ import glob
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -52,6 +53,7 @@ __all__ = [
 LOG = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_FILES = ("/etc/nova/nova.conf", "/etc/imagecache/imagecache.conf")
+_MAX_CONFIG_BYTES = 16 << 20
 DEFAULT_MANAGER_INTERVAL = 2400  # Nova's default, when Nova's own manager is turned off
 
 
@@ -504,6 +506,8 @@ def load_settings(
         raise ConfigError(f"cannot parse configuration: {exc}") from exc
     except cfg.Error as exc:
         raise ConfigError(f"configuration error: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, EACCES, a file not in UTF-8
+        raise ConfigError(f"cannot read configuration: {_unreadable(exc)}") from exc
     _warn_unknown(_files_read(config_files, config_dirs))
     if instances_path is not None:
         conf.set_override("instances_path", instances_path)
@@ -547,13 +551,36 @@ def load_settings(
 
 
 def _parse(conf: cfg.ConfigOpts, config_files: Sequence[str], config_dirs: Sequence[str]) -> None:
-    """Parse exactly these files and directories: no argv, no search of /etc/<project>/."""
+    """Parse exactly these files and directories: no argv, no search of /etc/<project>/.
+
+    Each file is first read whole as UTF-8 (they are small), so that one oslo.config cannot read
+    (a directory, EACCES, Latin-1 in a comment) is a :class:`ConfigError` naming it.
+    """
+    for path in _files_read(config_files, config_dirs):
+        try:
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read
+                raise ConfigError(f"cannot read configuration {path}: not a regular file")
+            with open(path, "rb") as f:
+                f.read(_MAX_CONFIG_BYTES).decode("utf-8")
+        except FileNotFoundError:
+            continue  # oslo.config says so, in its words
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"cannot read configuration {path}: not UTF-8 text "
+                              f"(byte {exc.start}: {exc.reason})") from exc  # fmt: skip
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from exc
     args: list[str] = []
     for path in config_files:
         args += ["--config-file", path]
     for path in config_dirs:
         args += ["--config-dir", path]
     conf(args=args, project="imagecache", default_config_files=[], default_config_dirs=[])
+
+
+def _unreadable(exc: OSError | UnicodeDecodeError) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {exc.start}: {exc.reason})"
+    return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
 
 
 def _files_read(config_files: Sequence[str], config_dirs: Sequence[str]) -> list[str]:
@@ -576,7 +603,7 @@ def _warn_unknown(paths: Sequence[str]) -> None:
         sections: dict[str, dict[str, list[str]]] = {}
         try:
             cfg.ConfigParser(path, sections).parse()
-        except (OSError, cfg.ParseError):
+        except (OSError, UnicodeDecodeError, cfg.ParseError):
             continue  # oslo.config itself already read or refused it
         for name in sorted(sections.get("imagecache", {})):
             if name not in known:
@@ -670,7 +697,7 @@ def logging_configured(config_files: Sequence[str], config_dirs: Sequence[str] =
         sections: dict[str, dict[str, list[str]]] = {}
         try:
             cfg.ConfigParser(path, sections).parse()
-        except (OSError, cfg.ParseError):
+        except (OSError, UnicodeDecodeError, cfg.ParseError):
             continue
         if LOGGING_OPTIONS & set(sections.get("DEFAULT", {})):
             return True
@@ -730,5 +757,7 @@ def setup_logging(
         oslo_log.setup(conf, "imagecache")
     except cfg.Error as exc:
         raise ConfigError(f"logging configuration: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read configuration: {_unreadable(exc)}") from exc
     except oslo_log.LogConfigError as exc:
         raise ConfigError(f"[DEFAULT] log_config_append: {exc}") from exc

@@ -49,8 +49,6 @@ LOG = logging.getLogger(__name__)
 
 RUN_LOCK = "run.lock"
 TICK = 0.5  # seconds between two looks at the signals while waiting
-JITTER = 0.05  # of the interval, at most MAX_JITTER seconds
-MAX_JITTER = 60.0
 
 
 class DaemonRunning(ImageCacheError):
@@ -223,10 +221,43 @@ class _Daemon:
             )
             return
         if new.metrics.listen != self.settings.metrics.listen:
-            self.close_server()
-            self.start_server(new)
+            from imagecache import metrics
+
+            try:
+                self.move_server(new)
+            except metrics.MetricsError as exc:
+                LOG.error("SIGHUP: configuration not reloaded, the running one kept: %s", exc)
+                return
         self.settings = new
         LOG.warning("SIGHUP: configuration reloaded from %s", ", ".join(new.config_files))
+
+    def move_server(self, new: Settings) -> None:
+        """Serve the metrics where ``new`` says; on failure, still where they were.
+
+        Raises:
+            MetricsError: the new address cannot be bound (the old endpoint is serving again).
+        """
+        from imagecache import metrics
+
+        old, self.server = self.server, None
+        if new.metrics.listen is None:
+            if old is not None:
+                old.close()
+            return
+        try:
+            self.start_server(new)
+        except metrics.MetricsError:
+            if old is None:
+                raise
+            old.close()  # the new address may be the old port on another interface
+            try:
+                self.start_server(new)
+            except metrics.MetricsError:
+                self.start_server(self.settings)  # the old address is free again
+                raise
+            return
+        if old is not None:
+            old.close()
 
     def start_server(self, settings: Settings) -> None:
         if settings.metrics.listen is None:
@@ -242,11 +273,14 @@ class _Daemon:
             self.server = None
 
     def publish(self, history: History) -> None:
-        if self.server is not None:
-            from imagecache import metrics
+        try:
+            if self.server is not None:
+                from imagecache import metrics
 
-            self.server.update(history, **_figures(self.settings, metrics.fs_usage))
-        publish_textfile(self.settings, history)
+                self.server.update(history, **_figures(self.settings, metrics.fs_usage))
+            publish_textfile(self.settings, history)
+        except Exception:
+            LOG.exception("cannot publish the metrics")  # a report: it never stops the passes
         self.notifier.send(STATUS=status_line(history.last_pass))
 
     def one_pass(self) -> None:
@@ -261,6 +295,11 @@ class _Daemon:
         except (ImageCacheError, OSError) as exc:
             # Recorded nowhere as a success: `imagecache health` turns 1 if this persists.
             LOG.error("pass failed: %s", exc)
+            return
+        except Exception:
+            # A defect, not the host: logged with its traceback, and the daemon goes on (the
+            # next pass observes afresh; nothing is half done, every mutation being atomic).
+            LOG.exception("pass failed unexpectedly")
             return
         stopped = self.signals.stop is not None
         done = manager.record(self.settings, plan, report, started=started,
@@ -283,7 +322,7 @@ class _Daemon:
                                 "< 0): stopping")  # fmt: skip
                     break
                 self.one_pass()
-                self.wait(interval + self.rng.uniform(0, min(interval * JITTER, MAX_JITTER)))
+                self.wait(interval + self.rng.uniform(0, self.settings.daemon.max_jitter))
         finally:
             self.notifier.send(STOPPING="1")
             self.close_server()

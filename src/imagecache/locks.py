@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
-from imagecache import naming
+from imagecache import naming, owners
 from imagecache.errors import LockTimeout
 from imagecache.layout import LOCKS_DIR
 
@@ -104,10 +104,27 @@ def _open_dir(path: str, *, create: bool) -> int:
     # Made as fasteners makes it (mode 0777 less the umask, missing parents too: the instances
     # path is the configured root, followed like any configured path). Only the last component,
     # the lock directory that sits in the tree we share with Nova, must not be a link.
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    made = False
     with suppress(FileExistsError):  # made meanwhile: open it, with the same checks
         os.mkdir(path)
-    return _open_real_dir(path)
+        made = True
+    fd = _open_real_dir(path)
+    if made:
+        _adopt_in(fd, parent)
+    return fd
+
+
+def _adopt_in(fd: int, parent: str) -> None:
+    try:
+        parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        owners.adopt(fd, parent_fd)
+    finally:
+        os.close(parent_fd)
 
 
 def _open_real_dir(path: str) -> int:
@@ -123,13 +140,20 @@ def _open_lock_file(path: str, *, create: bool) -> int:
     directory, name = os.path.split(path)
     dir_fd = _open_dir(directory, create=create)
     try:
-        flags = _FILE_FLAGS | (os.O_CREAT if create else 0)
-        try:
-            fd = os.open(name, flags, _FILE_MODE, dir_fd=dir_fd)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise OSError(errno.ELOOP, "lock file is a symlink; not followed", path) from exc
-            raise OSError(exc.errno, exc.strerror, path) from exc
+        fd = -1
+        if create:  # made now, by us: handed to the lock directory's owner (see owners.py)
+            with suppress(FileExistsError):
+                fd = os.open(name, _FILE_FLAGS | os.O_CREAT | os.O_EXCL, _FILE_MODE, dir_fd=dir_fd)
+                owners.adopt(fd, dir_fd)
+        if fd < 0:
+            try:
+                fd = os.open(name, _FILE_FLAGS, _FILE_MODE, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise OSError(
+                        errno.ELOOP, "lock file is a symlink; not followed", path
+                    ) from exc
+                raise OSError(exc.errno, exc.strerror, path) from exc
     finally:
         os.close(dir_fd)
     try:

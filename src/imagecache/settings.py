@@ -73,6 +73,13 @@ class DaemonSettings:
             return None
         return self.manager_interval or 60
 
+    @property
+    def max_jitter(self) -> float:
+        """The most seconds ``run`` adds to an interval (5 % of it, at most a minute), so that
+        hosts started together do not pass together."""
+        interval = self.pass_interval
+        return 0.0 if interval is None else min(interval * 0.05, 60.0)
+
 
 @dataclass(frozen=True, slots=True)
 class MetricsSettings:

@@ -1,7 +1,8 @@
 """``imagecache health``: is the periodic pass alive? For monitoring systems that run a command.
 
 Healthy when the last successful pass (complete view, not stopped, no failed action) finished
-less than two intervals ago, by the cache's state file. The document says why either way.
+less than two intervals ago (plus the daemon's jitter and the last pass's duration), by the
+cache's state file. The document says why either way.
 """
 
 from __future__ import annotations
@@ -53,14 +54,18 @@ def check(settings: Settings, *, now: float) -> dict[str, Any]:
     if history.last_success is None:
         return {**doc, "reason": f"no successful pass recorded{_why(last)}"}
     age = now - history.last_success
+    # Two intervals between two finished passes, plus what the daemon adds: its jitter, and the
+    # time the pass itself takes (a pass of a minute on a host passed every minute is healthy).
+    limit = 2 * (interval + settings.daemon.max_jitter) + (last.duration if last else 0.0)
     doc["age_seconds"] = age
+    doc["limit_seconds"] = limit
     if age < 0:
         return {**doc, "reason": f"the last successful pass is {-age:.0f} s in the future (clock)"}
-    if age >= 2 * interval:
+    if age >= limit:
         return {
             **doc,
-            "reason": f"the last successful pass was {age:.0f} s ago, two intervals are "
-            f"{2 * interval} s{_why(last)}",
+            "reason": f"the last successful pass was {age:.0f} s ago; two intervals (with "
+            f"jitter and the pass's own time) are {limit:.0f} s{_why(last)}",
         }
     return {**doc, "healthy": True, "reason": f"last successful pass {age:.0f} s ago"}
 

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from imagecache import naming
+from imagecache import naming, owners
 from imagecache.errors import EntryChanged
 
 __all__ = [
@@ -136,6 +136,9 @@ def _not_a_directory(path: StrPath, dir_fd: int | None, exc: OSError) -> OSError
     return OSError(errno.ENOTDIR, "not a directory", str(path))
 
 
+_PARENT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
 def open_dir(path: StrPath, *, dir_fd: int | None = None, create: bool = False) -> int:
     """Open the real directory ``path``, never through a symlink; the caller closes the descriptor.
 
@@ -158,10 +161,20 @@ def open_dir(path: StrPath, *, dir_fd: int | None = None, create: bool = False) 
     try:
         os.mkdir(name, dir_fd=dir_fd)
     except FileExistsError:
-        pass  # made meanwhile by someone else: open what is there, with the same checks
-    else:
-        fsync_dir(os.path.dirname(os.path.abspath(name)) if dir_fd is None else dir_fd)
-    return _open_real_dir(path, dir_fd)
+        return _open_real_dir(path, dir_fd)  # made meanwhile: open what is there, same checks
+    fd = _open_real_dir(path, dir_fd)
+    # The parent may be reached through a link the operator made (a symlinked cache): only the
+    # new directory itself must be real.
+    parent = dir_fd
+    if parent is None:
+        parent = os.open(os.path.dirname(os.path.abspath(name)), _PARENT_FLAGS)
+    try:
+        owners.adopt(fd, parent)  # root making it in nova's tree: nova's (see owners.py)
+        fsync_dir(parent)
+    finally:
+        if dir_fd is None:
+            os.close(parent)
+    return fd
 
 
 def _open_real_dir(path: StrPath, dir_fd: int | None) -> int:
@@ -270,6 +283,7 @@ def replace_at(dir_fd: int, name: str, data: bytes, *, temp: str, mode: int = 0o
             stream.write(data)
             stream.flush()
             os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
+            owners.adopt(fd, dir_fd)
             os.fsync(fd)
         os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -77,8 +78,8 @@ def read_state(layout: Layout) -> History:
         raise StateError(f"{path}: {exc}") from exc
     try:
         return _history(doc)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise StateError(f"{path}: not a state document: {exc}") from exc
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:
+        raise StateError(f"{path}: not a state document: {str(exc)[:200]}") from exc
 
 
 def update_state(
@@ -169,23 +170,29 @@ def history_to_dict(h: History, *, now: float) -> dict[str, Any]:
 # Reading back: every field checked, since the file sits in a directory others can write.
 
 
+# Counts and bytes a real cache reaches in centuries stay below 2**63: a larger number is not
+# ours (and would not fit a Prometheus sample); a label is a stable kebab-case code.
+_MAX = 1 << 63
+_LABEL = re.compile(r"(?:[a-z0-9][a-z0-9-]{0,63})?")  # empty: a fetch row's second label
+
+
 def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"expected a count, got {str(value)[:40]!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _MAX:
+        raise ValueError("expected a count")
     return value
 
 
 def _epoch(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"expected epoch seconds, got {str(value)[:40]!r}")
-    if not math.isfinite(value):
+        raise ValueError("expected epoch seconds")
+    if not -_MAX < value < _MAX or not math.isfinite(value):  # ints compare exactly: no overflow
         raise ValueError("expected finite epoch seconds")
     return float(value)
 
 
 def _str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {str(value)[:40]!r}")
+    if not isinstance(value, str) or not _LABEL.fullmatch(value):
+        raise ValueError("expected a kebab-case code")
     return value
 
 
@@ -211,13 +218,17 @@ def _pass(doc: Any) -> PassRecord:
     if not isinstance(doc, dict):
         raise ValueError("last_pass: expected an object")
     plan_id = doc.get("plan_id")
+    if plan_id is not None and not (
+        isinstance(plan_id, str) and re.fullmatch(r"[0-9a-f]{1,64}", plan_id)
+    ):
+        raise ValueError("plan_id: expected hex digits")
     return PassRecord(
         started=_epoch(doc["started_epoch"]),
         finished=_epoch(doc["finished_epoch"]),
         complete=doc["complete"] is True,
         stopped=doc["stopped"] is True,
         ok=doc["ok"] is True,
-        plan_id=_str(plan_id) if plan_id is not None else None,
+        plan_id=plan_id,
         entries=_figures(doc["entries"], "kind", "state", "entries", "bytes"),
         actions=_figures(doc["actions"], "result", "reason", "count", "bytes_freed"),
         problems=_counts(doc["problems"]),
@@ -228,8 +239,9 @@ def _pass(doc: Any) -> PassRecord:
 def _history(doc: Any) -> History:
     if not isinstance(doc, dict):
         raise ValueError("expected an object")
-    if doc.get("schema") != SCHEMA:
-        raise ValueError(f"schema {str(doc.get('schema'))[:20]} is not {SCHEMA}")
+    schema = doc.get("schema")
+    if type(schema) is not int or schema != SCHEMA:
+        raise ValueError(f"schema {str(schema)[:20]} is not {SCHEMA}")
     totals = doc["totals"]
     if not isinstance(totals, dict):
         raise ValueError("totals: expected an object")
