@@ -218,6 +218,8 @@ def build_host(root: Path, n_instances: int, n_entries: int, seed: int = 42) -> 
         fp = naming.fingerprint(img)
         in_use.update((root_base, swap, eph, fp, fp + "_sm", cache.qcow2_bases.get(root_base, "")))
 
+    # A qcow2 cache entry names its backing entry: that one is in use whoever uses the first.
+    in_use.update(cache.qcow2_bases.values())
     entries = tuple(sorted(os.listdir(base)))
     old = time.time() - 2 * DAY
     for name in entries:
@@ -226,6 +228,7 @@ def build_host(root: Path, n_instances: int, n_entries: int, seed: int = 42) -> 
     (root / "inventory.json").write_text(json.dumps({"instances": records}))
     (root / "nova.conf").write_text(
         f"[DEFAULT]\nstate_path = {root}\ninstances_path = $state_path/instances\nhost = {HOST}\n"
+        "[image_cache]\nmanager_interval = -1\n"  # Nova's own manager off, as beside imagecache
     )
     doc = {"disks": disks, "backing": backing, "in_use": sorted(in_use & set(entries))}
     (root / "host.json").write_text(json.dumps(doc))
