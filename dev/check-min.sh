@@ -26,7 +26,7 @@ fi
 shopt -s nullglob
 tests=(
   tests/test_config.py tests/test_cli.py tests/test_startup.py tests/test_api.py
-  tests/test_glance.py tests/test_fetch.py tests/test_locks.py
+  tests/test_glance.py tests/test_fetch.py tests/test_hashing.py tests/test_locks.py
   tests/test_policy.py tests/test_executor.py tests/test_scan.py tests/test_formats.py
   tests/test_metrics*.py tests/test_logging*.py tests/test_packaging.py
 )

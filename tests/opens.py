@@ -12,23 +12,26 @@ import struct
 from pathlib import Path
 from types import TracebackType
 
+_IN_ACCESS = 0x00000001  # a read
 _IN_OPEN = 0x00000020
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class OpenWatch:
-    """``with OpenWatch(a, b) as watch: ...; watch.opened()`` -> the watched paths opened since."""
+    """``with OpenWatch(a, b) as watch: ...; watch.opened()`` -> the watched paths opened since
+    (``reads=True``: read from, by ``read(2)`` and its kin, instead)."""
 
-    def __init__(self, *paths: Path) -> None:
+    def __init__(self, *paths: Path, reads: bool = False) -> None:
         self._paths = paths
         self._fd = -1
         self._by_wd: dict[int, Path] = {}
+        self._mask = _IN_ACCESS if reads else _IN_OPEN
 
     def __enter__(self) -> OpenWatch:
         self._fd = _check(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
         for path in self._paths:
-            wd = _check(_libc.inotify_add_watch(self._fd, os.fsencode(path), _IN_OPEN))
+            wd = _check(_libc.inotify_add_watch(self._fd, os.fsencode(path), self._mask))
             self._by_wd[wd] = path
         return self
 
@@ -52,7 +55,7 @@ class OpenWatch:
             while at < len(data):
                 wd, mask, _, length = _EVENT.unpack_from(data, at)
                 at += _EVENT.size + length
-                if mask & _IN_OPEN:
+                if mask & self._mask:
                     found.add(self._by_wd[wd])
 
 

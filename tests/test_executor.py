@@ -74,12 +74,15 @@ def make_host(tmp_path: Path, **options: object) -> Host:
     (instances / "_base").mkdir(parents=True)
     imagecache = {"audit_log": root / "log" / "audit.jsonl", "lock_timeout_seconds": 5, **options}
     image_cache = {k: imagecache.pop(k) for k in list(imagecache) if k.startswith("remove_unused")}
+    libvirt = {k: imagecache.pop(k) for k in list(imagecache) if k.startswith("checksum_")}
     # Nova's own manager off, as beside imagecache it must be (nova_manager_interval=N: on).
     image_cache["manager_interval"] = imagecache.pop("nova_manager_interval", -1)
     config = root / "nova.conf"
     config.write_text(
         f"[DEFAULT]\ninstances_path = {instances}\nhost = h1\n[image_cache]\n"
         + "".join(f"{k} = {v}\n" for k, v in image_cache.items())
+        + "[libvirt]\n"
+        + "".join(f"{k} = {v}\n" for k, v in libvirt.items())
         + "[imagecache]\n"
         + "".join(f"{k} = {v}\n" for k, v in imagecache.items())
     )

@@ -29,8 +29,11 @@ def options(tmp_path: Path, *, force_raw: bool) -> FetchOptions:
 
 
 def cache_listing(opts: FetchOptions) -> list[str]:
+    """The cache's entries and temps (not this project's own state: digest records)."""
     cache = Path(opts.cache_dir)
-    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+    return (
+        sorted(p.name for p in cache.iterdir() if p.name != ".imagecache") if cache.exists() else []
+    )
 
 
 def set_feature_bits(path: Path, bits: int) -> Path:

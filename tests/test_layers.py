@@ -26,13 +26,13 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 _LAYERS = [
     ("errors", "errors _version"),
-    ("core", "model plan results naming layout usage policy settings clock history"),
+    ("core", "model plan results naming layout usage policy settings clock history integrity"),
     ("formats", "formats"),
     ("locks", "owners locks lockfiles"),
     ("store", "store"),
     ("sources", "sources"),
     ("images", "images"),
-    ("orchestration", "executor restore manager"),
+    ("orchestration", "executor restore verify repair manager"),
     (
         "edges",
         "config cli daemon metrics __main__ _sample render __init__",

@@ -184,10 +184,13 @@ def test_before_any_pass_only_the_totals_and_the_info_are_there() -> None:
         "imagecache_freed_bytes",
         "imagecache_fetches",
         "imagecache_fetched_bytes",
+        "imagecache_verifications",
+        "imagecache_verified_bytes",
         "imagecache_incomplete_passes",
     }
     assert samples[_key("imagecache_passes_total", outcome="ok")] == 0
     assert samples[_key("imagecache_fetches_total", result="failed")] == 0
+    assert samples[_key("imagecache_verifications_total", result="corrupt")] == 0
 
 
 def test_an_incomplete_view_counts_its_passes_and_has_no_success(tmp_path: Path) -> None:

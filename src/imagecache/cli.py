@@ -24,7 +24,8 @@ from imagecache.plan import plan_to_dict
 from imagecache.render import clean as outcome
 from imagecache.render import health
 from imagecache.render import plan as report
-from imagecache.render.text import document, dumps, printable
+from imagecache.render import verify as verified
+from imagecache.render.text import document, dumps, human_seconds, printable
 from imagecache.results import Result
 from imagecache.settings import Settings
 from imagecache.store import plans
@@ -68,7 +69,7 @@ def cmd_status(ctx: Context) -> int:
         _emit(ctx, plan_to_dict(plan), "")
     else:
         _emit(ctx, None, report.render_status(plan))
-    return 0 if plan.complete else 1
+    return 0 if plan.ok else 1
 
 
 def cmd_plan(ctx: Context) -> int:
@@ -79,7 +80,7 @@ def cmd_plan(ctx: Context) -> int:
     if getattr(ctx.args, "output", None):  # `clean --dry-run` has no -o
         plans.save_plan(ctx.args.output, plan)
     _emit(ctx, doc, lambda: report.render_plan(plan))
-    return 0 if plan.complete else 1
+    return 0 if plan.ok else 1
 
 
 def cmd_explain(ctx: Context) -> int:
@@ -93,7 +94,7 @@ def cmd_explain(ctx: Context) -> int:
     names = {t.entry.trash_name for t in trashed}
     doc["trash"] = [t for t in doc["trash"] if t["trash_name"] in names]
     _emit(ctx, doc, lambda: report.render_explain(plan, ctx.args.target))
-    return 0 if (found or trashed) and plan.complete else 1
+    return 0 if (found or trashed) and plan.ok else 1
 
 
 def cmd_clean(ctx: Context) -> int:
@@ -120,7 +121,7 @@ def cmd_clean(ctx: Context) -> int:
 
         daemon.publish_textfile(s, history)
     _emit(ctx, outcome.clean_to_dict(plan, done), outcome.render_clean(plan, done))
-    return 0 if plan.complete and done.ok else 1
+    return 0 if plan.ok and done.ok else 1
 
 
 def cmd_run(ctx: Context) -> int:
@@ -139,6 +140,40 @@ def cmd_health(ctx: Context) -> int:
     doc = health.check(ctx.settings, now=ctx.clock.wall())
     _emit(ctx, doc, lambda: health.render(doc))
     return 0 if doc["healthy"] else 1
+
+
+def cmd_verify(ctx: Context) -> int:
+    a, s = ctx.args, ctx.settings
+    if a.repair:
+        from imagecache import repair
+
+        fixed = repair.repair(s, a.repair, clock=ctx.clock)
+        _emit(ctx, document(fixed.to_dict()), fixed.render())
+        return 0 if fixed.ok else 1
+    if a.all and a.names:
+        raise UsageError("verify: NAME... and --all exclude each other")
+    progress = _Progress(0, what="verify", unit="entries") if sys.stderr.isatty() else None
+    try:
+        checked, plan, done = manager.verify_entries(
+            s,
+            names=a.names or None,
+            every=a.all,
+            inventory_files=ctx.inventory_files,
+            clock=ctx.clock,
+            on_start=progress.start if progress else None,
+            on_bytes=progress.add_bytes if progress else None,
+            on_result=progress.add_result if progress else None,
+        )
+    finally:
+        if progress:
+            progress.finish()
+    if checked.unknown:
+        LOG.warning("not verifiable entries (no such file, or not an image): %s",
+                    ", ".join(printable(n) for n in checked.unknown))  # fmt: skip
+    _emit(ctx, verified.verify_to_dict(checked, plan, done),
+          lambda: verified.render_verify(checked, plan, done))  # fmt: skip
+    failed = checked.corrupt or checked.unknown or any(r.verdict is None for r in checked.results)
+    return 1 if failed or (done is not None and not done.ok) else 0
 
 
 def cmd_restore(ctx: Context) -> int:
@@ -212,13 +247,22 @@ def cmd_create_disk(ctx: Context) -> int:
 
 
 class _Progress:
-    """One line on a terminal's stderr: images done and bytes downloaded (threads call it)."""
+    """One line on a terminal's stderr: items done, bytes, rate and (with a byte total) the time
+    left. Threads call it (precache downloads in parallel)."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, *, what: str = "precache", unit: str = "images") -> None:
         import threading
 
         self._lock = threading.Lock()
+        self._what, self._unit = what, unit
         self._total, self._done, self._bytes, self._shown = total, 0, 0, 0
+        self._total_bytes: int | None = None
+        self._start = time.monotonic()
+
+    def start(self, items: int, nbytes: int) -> None:
+        with self._lock:
+            self._total, self._total_bytes = items, nbytes
+            self._draw()
 
     def add_bytes(self, n: int) -> None:
         with self._lock:
@@ -228,13 +272,19 @@ class _Progress:
 
     def add_result(self, row: Any) -> None:
         with self._lock:
-            self._done += row.role == "image"
+            self._done += getattr(row, "role", "image") == "image"
             self._draw()
 
     def _draw(self) -> None:
         self._shown = self._bytes
         mib = self._bytes / (1 << 20)
-        sys.stderr.write(f"\rprecache: {self._done}/{self._total} images, {mib:,.0f} MiB")
+        rate = self._bytes / max(time.monotonic() - self._start, 1e-3)
+        line = f"\r{self._what}: {self._done}/{self._total} {self._unit}, {mib:,.0f} MiB"
+        line += f", {rate / (1 << 20):,.0f} MiB/s"
+        if self._total_bytes and rate > 0:
+            left = max(0, self._total_bytes - self._bytes) / rate
+            line += f", {human_seconds(left)} left"
+        sys.stderr.write(line + "   ")
         sys.stderr.flush()
 
     def finish(self) -> None:
@@ -323,6 +373,14 @@ configuration between passes. Notifies systemd (Type=notify, WatchdogSec=) when 
 is set; serves metrics on [imagecache] metrics_listen; writes each pass's state for
 `imagecache health`."""
 
+_VERIFY = """Without NAME or --all, what a pass would hash: rewritten and new entries, then those
+verified longer than [libvirt] checksum_interval_seconds ago. Each entry is read once (xxh3-128)
+and its digest record in _base/.imagecache/digests/ updated. An unused corrupt entry is
+quarantined at once (through the executor, under its entry lock, re-checked); an in-use one is
+kept and reported with its users. Exit 1 when anything is corrupt or could not be read. --repair
+NAME fetches the image again, checks it against its recorded digests and rewrites the differing
+blocks in place (same inode: running guests read good data from then on)."""
+
 # Commands that change nothing: they log to stderr only, never to the configured log files.
 _READ_ONLY = frozenset({"status", "plan", "explain", "health"})
 
@@ -361,6 +419,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     p.add_argument("--plan", metavar="FILE", help="apply exactly the plan saved by `plan -o FILE`")
     add("run", cmd_run, "the daemon: a pass every [imagecache] manager_interval seconds", _RUN)
     add("health", cmd_health, "exit 0 if the last successful pass is younger than two intervals")
+    p = add("verify", cmd_verify, "hash cache entries and compare them with their digest records",
+            _VERIFY)  # fmt: skip
+    p.add_argument("names", nargs="*", metavar="NAME", help="entries to verify (default: due)")
+    p.add_argument("--all", action="store_true", help="every verifiable entry, due or not")
+    p.add_argument("--repair", metavar="NAME", help="fetch NAME again and repair it in place")
     p = add("restore", cmd_restore, "bring a quarantined entry back from the trash")
     p.add_argument("name", metavar="NAME", help="entry name (or its trash name NAME@EPOCH)")
     p = add("precache", cmd_precache, "fetch images (and their kernels, ramdisks) into the cache")

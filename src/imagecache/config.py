@@ -223,7 +223,10 @@ _OPTIONS: tuple[_Option, ...] = (
             "checksum_base_images",
             default=False,
             deprecated_opts=_old("checksum_base_images", "DEFAULT"),
-            help="Verify the checksums of cached images on each pass.",
+            help="Verify cached images on each pass: entries new or rewritten since their digest "
+            "record, and those verified longer than checksum_interval_seconds ago, are hashed "
+            "(xxh3-128) and compared with their records; an unused corrupt entry is "
+            "quarantined, an in-use one reported with its users.",
         ),
         ("verify.checksum_base_images",),
     ),
@@ -233,7 +236,8 @@ _OPTIONS: tuple[_Option, ...] = (
             "checksum_interval_seconds",
             default=3600,
             min=0,
-            help="Do not re-hash a cached image verified more recently than this many seconds.",
+            help="Seconds after which a verified entry is due to be hashed again (bit rot keeps "
+            "size and mtime: only re-reading finds it).",
         ),
         ("verify.checksum_interval",),
     ),
@@ -247,6 +251,29 @@ _OPTIONS: tuple[_Option, ...] = (
             "Nova).",
         ),
         ("policy.remove_unused_kernels",),
+    ),
+    _Option(
+        "imagecache",
+        cfg.IntOpt(
+            "verify_max_bytes_per_pass",
+            default=0,
+            min=0,
+            help="Bytes a pass re-hashes at most when checksum_base_images is on (rewritten and "
+            "new entries first, then the longest unverified); the rest waits for later passes, "
+            "so a large cache is scrubbed over time. 0: no limit. `imagecache verify` ignores it.",
+        ),
+        ("verify.max_bytes_per_pass",),
+    ),
+    _Option(
+        "imagecache",
+        cfg.FloatOpt(
+            "verify_max_bytes_per_second",
+            default=0.0,
+            min=0,
+            help="Read rate verification keeps under, in bytes per second, so that scrubbing "
+            "never starves the guests reading their bases; 0: as fast as the disk reads.",
+        ),
+        ("verify.max_bytes_per_second",),
     ),
     _Option(
         "imagecache",

@@ -203,6 +203,7 @@ def apply(
     lock_timeout: float,
     touch_in_use: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
+    housekeeping: bool = True,
 ) -> Report:
     """Carry out ``plan`` safely and return what was done, entry by entry.
 
@@ -210,7 +211,9 @@ def apply(
     ``policy`` (the current one) decides again under the locks, and so does ``plan.policy`` when
     it differs; ``clock`` gives the time of each step and the waits; ``should_stop`` is asked
     between entries, and a true answer leaves every entry not yet acted on as it is
-    (``stopped``).
+    (``stopped``). ``housekeeping`` false skips what only a pass does besides the plan's
+    actions: touching in-use entries and collecting stale lock files (``verify`` acting on what
+    it found corrupt).
 
     Raises:
         ValueError: ``lock_timeout`` is negative.
@@ -219,14 +222,14 @@ def apply(
         raise ValueError(f"lock_timeout must be >= 0, got {lock_timeout!r}")
     run = Run(layout=layout, audit=audit, plan_id=plan_id(plan))
     now = clock.wall()
-    if touch_in_use:
+    if touch_in_use and housekeeping:
         _touch_in_use(run, plan, now)
     if _acts(plan) and not run.audit_writable():
         return run.report(now)
     policies = (policy,) if plan.policy == policy else (policy, plan.policy)
     _apply_locked(run, plan, observe=observe, policies=policies, clock=clock,
                   lock_timeout=lock_timeout, should_stop=should_stop)  # fmt: skip
-    if _may_collect_lock_files(plan, policy) and not should_stop():
+    if housekeeping and _may_collect_lock_files(plan, policy) and not should_stop():
         _collect_lock_files(run, plan, now=now)
     return run.report(now)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from imagecache import naming
-from imagecache.model import Kind
+from imagecache.model import Integrity, Kind
 from imagecache.plan import Decision, Plan
 from imagecache.results import Report, Result
 
@@ -31,11 +31,12 @@ __all__ = [
     "pass_outcome",
     "record_fetches",
     "record_pass",
+    "record_verifications",
     "summarize",
 ]
 
-# What an entry is, for the entries/bytes figures. "corrupt" is added by integrity checking.
-ENTRY_STATES = ("in-use", "unused", "quarantined", "temp")
+# What an entry is, for the entries/bytes figures.
+ENTRY_STATES = ("in-use", "unused", "quarantined", "temp", "corrupt")
 
 _MOVED = frozenset({Result.REMOVED, Result.REAPED, Result.QUARANTINED})
 
@@ -78,11 +79,13 @@ class Totals:
 
     ``passes``: outcome ("ok", "incomplete", "failed", "stopped") -> passes. ``actions``:
     (result, reason) -> (outcomes, bytes freed). ``fetches``: (result, "") -> (images, bytes).
+    ``verifications``: (verdict or "unreadable", "") -> (entries hashed, bytes read).
     """
 
     passes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     actions: Figures = field(default_factory=lambda: _frozen({}))
     fetches: Figures = field(default_factory=lambda: _frozen({}))
+    verifications: Figures = field(default_factory=lambda: _frozen({}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +100,8 @@ class History:
 
 def entry_state(decision: Decision) -> str:
     """The state label of a cache entry: in use, a temporary file, or unused."""
+    if decision.entry.integrity is Integrity.CORRUPT:
+        return "corrupt"  # whether used or not: the alarming one
     if decision.users:
         return "in-use"
     if decision.entry.kind is Kind.TEMP:
@@ -196,3 +201,10 @@ def record_fetches(history: History, fetched: Iterable[tuple[Result, int]]) -> H
     return replace(
         history, totals=replace(history.totals, fetches=_add(history.totals.fetches, rows))
     )
+
+
+def record_verifications(history: History, checked: Iterable[tuple[str, int]]) -> History:
+    """``history`` with verification results (verdict, bytes read) added to the totals."""
+    rows = [((verdict, ""), (1, max(0, n))) for verdict, n in checked]
+    totals = history.totals
+    return replace(history, totals=replace(totals, verifications=_add(totals.verifications, rows)))

@@ -11,12 +11,12 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-from imagecache import executor, history, policy, sources
+from imagecache import executor, history, policy, sources, verify
 from imagecache.clock import Clock
 from imagecache.errors import LockTimeout
 from imagecache.history import History
 from imagecache.model import Inventory, Problem, ProblemCode
-from imagecache.plan import Plan, Reason
+from imagecache.plan import Action, Plan, Reason
 from imagecache.restore import restore_entry
 from imagecache.results import Report, Result
 from imagecache.settings import Settings
@@ -30,9 +30,11 @@ __all__ = [
     "plan_pass",
     "record",
     "record_fetches",
+    "record_verifications",
     "register",
     "restore",
     "run_pass",
+    "verify_entries",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -127,6 +129,7 @@ def _apply(
     clock: Clock,
     problems: tuple[Problem, ...],
     should_stop: Callable[[], bool],
+    housekeeping: bool = True,
 ) -> Report:
     done = executor.apply(
         plan,
@@ -138,6 +141,7 @@ def _apply(
         lock_timeout=settings.clean.lock_timeout,
         touch_in_use=settings.clean.touch_in_use,
         should_stop=should_stop,
+        housekeeping=housekeeping,
     )
     return dataclasses.replace(done, problems=(*problems, *done.problems))
 
@@ -149,12 +153,60 @@ def run_pass(
     clock: Clock,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[Plan, Report]:
-    """One whole pass: register the host, observe, decide, act."""
+    """One whole pass: register the host, verify what is due (``checksum_base_images``),
+    observe, decide, act."""
     files = tuple(inventory_files)
     registered = register(settings, now=clock.wall())
+    if settings.verify.checksum_base_images:
+        checked = verify.verify(settings.layout, settings.verify, clock=clock,
+                                should_stop=should_stop)  # fmt: skip
+        record_verifications(settings, checked, now=clock.wall())
     plan = plan_pass(settings, inventory_files=files, now=clock.wall())
     done = _apply(settings, plan, files, clock=clock, problems=registered, should_stop=should_stop)
     return plan, done
+
+
+def verify_entries(
+    settings: Settings,
+    *,
+    names: Iterable[str] | None = None,
+    every: bool = False,
+    inventory_files: Iterable[str] = (),
+    clock: Clock,
+    on_start: Callable[[int, int], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    on_result: Callable[[verify.Verified], None] | None = None,
+) -> tuple[verify.VerifyReport, Plan | None, Report | None]:
+    """``imagecache verify``: hash ``names`` (or every entry, or what is due), then quarantine
+    the unused corrupt ones as a pass would (through the executor, each re-decided under its
+    lock), and nothing else: no touch, no other removal, no lock-file collection."""
+    checked = verify.verify(settings.layout, settings.verify, clock=clock, names=names,
+                            every=every, budget=False, on_start=on_start,
+                            on_bytes=on_bytes, on_result=on_result)  # fmt: skip
+    record_verifications(settings, checked, now=clock.wall())
+    if not checked.corrupt:
+        return checked, None, None
+    files = tuple(inventory_files)
+    plan = plan_pass(settings, inventory_files=files, now=clock.wall())
+    only = dataclasses.replace(
+        plan,
+        decisions=tuple(d if d.reason is Reason.CORRUPT else dataclasses.replace(
+            d, action=Action.KEEP) for d in plan.decisions),
+        trash=tuple(dataclasses.replace(t, action=Action.KEEP) for t in plan.trash),
+    )  # fmt: skip
+    done = _apply(settings, only, files, clock=clock, problems=(), should_stop=lambda: False,
+                  housekeeping=False)  # fmt: skip
+    return checked, plan, done
+
+
+def record_verifications(
+    settings: Settings, checked: verify.VerifyReport, *, now: float
+) -> History | None:
+    """Add verification results (verdict, bytes read) to the state file's totals."""
+    rows = tuple((str(r.verdict or "unreadable"), r.bytes) for r in checked.results)
+    if not rows:
+        return None
+    return _keep(settings, lambda h: history.record_verifications(h, rows), now=now)
 
 
 def record(

@@ -60,6 +60,7 @@ __all__ = [
 # sees 0 rather than no data (``absent()`` is kept for what really has no value yet).
 _FETCH_RESULTS = (str(Result.CACHED), str(Result.EXISTING), str(Result.FAILED))
 _OUTCOMES = ("ok", "incomplete", "failed", "stopped")  # history.pass_outcome's
+_VERDICTS = ("good", "corrupt", "unreadable")
 
 
 class MetricsError(ImageCacheError):
@@ -157,6 +158,24 @@ def _totals(history: History) -> Iterator[Metric]:
             "imagecache_fetched_bytes", "Bytes of fetched images, by result.", labels=("result",)
         ),
         (((result,), size) for (result, _), (_, size) in fetches.items()),
+    )
+    checked = _pairs(t.verifications, ((v, "") for v in _VERDICTS))
+    yield _by(
+        CounterMetricFamily(
+            "imagecache_verifications",
+            "Entries hashed and compared with their digest records, by verdict (good, corrupt; "
+            "unreadable: could not be hashed).",
+            labels=("result",),
+        ),
+        (((verdict,), n) for (verdict, _), (n, _) in checked.items()),
+    )
+    yield _by(
+        CounterMetricFamily(
+            "imagecache_verified_bytes",
+            "Bytes read to verify entries, by verdict.",
+            labels=("result",),
+        ),
+        (((verdict,), size) for (verdict, _), (_, size) in checked.items()),
     )
     yield _gauge(
         "imagecache_incomplete_passes",

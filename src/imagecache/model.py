@@ -17,6 +17,7 @@ __all__ = [
     "Disk",
     "FileType",
     "InstanceRecord",
+    "Integrity",
     "Inventory",
     "Kind",
     "Problem",
@@ -40,6 +41,14 @@ class Kind(StrEnum):
     LEGACY_ID = "legacy-id"
     TEMP = "temp"
     UNKNOWN = "unknown"
+
+
+class Integrity(StrEnum):
+    """What verification knows of an entry's bytes (``imagecache.integrity``)."""
+
+    UNVERIFIED = "unverified"  # no record, or the file changed since it was hashed
+    GOOD = "good"
+    CORRUPT = "corrupt"
 
 
 class FileType(StrEnum):
@@ -107,6 +116,7 @@ class ProblemCode(StrEnum):
     AUDIT_UNWRITABLE = "audit-unwritable"
     LOCKS_UNCOLLECTED = "locks-uncollected"
     NOVA_MANAGER_ENABLED = "nova-manager-enabled"
+    ENTRY_CORRUPT = "entry-corrupt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,12 +125,14 @@ class ProblemTraits:
 
     ``blocking``: the view is incomplete, so nothing is removed. ``hides_entries``: the cache
     directory itself was not fully listed, so the names of the plan are not every entry's (no
-    lock file may be judged dead by them).
+    lock file may be judged dead by them). ``fails``: it does not block anything, but the
+    command reporting it exits 1 (a finding the operator must act on).
     """
 
     source: ProblemSource
     blocking: bool
     hides_entries: bool = False
+    fails: bool = False
 
 
 _S = ProblemSource
@@ -168,6 +180,9 @@ PROBLEMS: dict[ProblemCode, ProblemTraits] = {
     _C.LOCKS_UNCOLLECTED: ProblemTraits(_S.LOCKS, blocking=False),
     # A warning about the configuration, reported by every pass: it changes no exit code.
     _C.NOVA_MANAGER_ENABLED: ProblemTraits(_S.CONFIG, blocking=False),
+    # A corrupt entry still in use: kept (removing it would destroy its users) and reported with
+    # every user; the pass exits 1 until it is repaired.
+    _C.ENTRY_CORRUPT: ProblemTraits(_S.CACHE, blocking=False, fails=True),
 }
 del _S, _C
 
@@ -196,6 +211,10 @@ class Problem:
     def hides_entries(self) -> bool:
         return PROBLEMS[self.code].hides_entries
 
+    @property
+    def fails(self) -> bool:
+        return PROBLEMS[self.code].fails
+
 
 @dataclass(frozen=True, slots=True)
 class CacheEntry:
@@ -209,6 +228,7 @@ class CacheEntry:
     mtime: float
     inode: int
     device: int
+    integrity: Integrity = Integrity.UNVERIFIED
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from imagecache.errors import UsageError
 from imagecache.model import (
     CacheEntry,
     FileType,
+    Integrity,
     Kind,
     Problem,
     ProblemCode,
@@ -101,6 +102,8 @@ class Reason(StrEnum):
     TOUCH_DENIED = "touch-denied"
     OS_ERROR = "os-error"
     STOPPED = "stopped"  # the pass was asked to stop (a daemon's shutdown) before this entry
+    # Integrity (at the end: codes are appended, never renumbered).
+    CORRUPT = "corrupt"  # its bytes no longer match its digest record: quarantined, unused
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +172,11 @@ class Plan:
     policy: Policy
     problems: tuple[Problem, ...] = ()
     trash: tuple[TrashDecision, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """Complete, and no finding that fails the command (a corrupt entry in use)."""
+        return self.complete and not any(p.fails for p in self.problems)
 
 
 def iso(ts: float) -> str:
@@ -272,6 +280,7 @@ def _entry(d: Decision) -> dict[str, Any]:
         "mtime": e.mtime,
         "inode": e.inode,
         "device": e.device,
+        "integrity": str(e.integrity),
         "age_seconds": d.age_seconds,
         "threshold_seconds": d.threshold,
         "in_use": d.in_use,
@@ -400,8 +409,8 @@ class _Reader:
     def child(self, key: str) -> _Reader:
         return _Reader(self._get(key), f"{self.where}.{key}")
 
-    def choice(self, key: str, enum: type[_E]) -> _E:
-        value = self.text(key)
+    def choice(self, key: str, enum: type[_E], default: _E | None = None) -> _E:
+        value = self.text(key, None if default is None else str(default))
         try:
             return enum(value)
         except ValueError:
@@ -446,6 +455,7 @@ def _decision_from(r: _Reader) -> Decision:
         mtime=r.number("mtime"),
         inode=r.integer("inode"),
         device=r.integer("device", 0),
+        integrity=r.choice("integrity", Integrity, Integrity.UNVERIFIED),
     )
     last_used = r.optional_number("last_used_epoch")
     return Decision(

@@ -12,7 +12,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from imagecache import naming
-from imagecache.model import CacheEntry, FileType, Inventory, Kind, TrashEntry, User
+from imagecache.model import (
+    CacheEntry,
+    FileType,
+    Integrity,
+    Inventory,
+    Kind,
+    Problem,
+    ProblemCode,
+    TrashEntry,
+    User,
+)
 from imagecache.naming import Threshold
 from imagecache.plan import Action, Decision, Plan, Policy, Reason, TrashDecision
 from imagecache.usage import record_notes, users_by_entry
@@ -52,6 +62,13 @@ _RULES: tuple[tuple[Reason, Callable[[_Facts], bool], Callable[[_Facts], Action]
     (Reason.NOT_A_FILE, lambda f: f.entry.file_type is not FileType.FILE, lambda f: Action.KEEP),
     (Reason.UNKNOWN_KIND, lambda f: f.entry.kind is Kind.UNKNOWN, lambda f: Action.KEEP),
     (Reason.IN_USE, lambda f: bool(f.users), lambda f: Action.KEEP),
+    # Unused and its bytes no longer match its digest: quarantined whatever its age (Nova would
+    # build new instances on it), but only on a complete view and when removal is on.
+    (
+        Reason.CORRUPT,
+        lambda f: f.entry.integrity is Integrity.CORRUPT and f.complete and f.policy.remove_unused,
+        lambda f: Action.QUARANTINE,
+    ),
     (
         Reason.LEGACY_ID_DISABLED,
         lambda f: f.entry.kind is Kind.LEGACY_ID and not f.policy.remove_unused_kernels,
@@ -140,6 +157,22 @@ def _decide_trash(
     return tuple(out)
 
 
+def _corrupt_in_use(decisions: tuple[Decision, ...]) -> tuple[Problem, ...]:
+    """A corrupt entry still in use is kept (removing it would destroy its users) and reported
+    with every user, so that the operator can repair it (``imagecache verify --repair``)."""
+    return tuple(
+        Problem(
+            ProblemCode.ENTRY_CORRUPT,
+            d.entry.name,
+            "its bytes no longer match its digest record; kept, because it is in use by "
+            + ", ".join(f"{u.source} {u.ref}" for u in d.users)
+            + f"; repair it with `imagecache verify --repair {d.entry.name}`",
+        )
+        for d in decisions
+        if d.entry.integrity is Integrity.CORRUPT and d.users
+    )
+
+
 def decide(inventory: Inventory, policy: Policy, now: float) -> Plan:
     """Decide the action and reason for every cache entry and every quarantined entry; pure.
 
@@ -173,7 +206,7 @@ def decide(inventory: Inventory, policy: Policy, now: float) -> Plan:
         now=now,
         complete=complete,
         decisions=decisions,
-        problems=inventory.problems + record_notes(inventory),
+        problems=inventory.problems + record_notes(inventory) + _corrupt_in_use(decisions),
         policy=policy,
         trash=_decide_trash(inventory, policy, users, now),
     )

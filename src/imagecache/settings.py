@@ -51,6 +51,8 @@ class VerifySettings:
 
     checksum_base_images: bool
     checksum_interval: int
+    max_bytes_per_pass: int  # 0: no budget
+    max_bytes_per_second: float  # 0: no limit
 
 
 @dataclass(frozen=True, slots=True)

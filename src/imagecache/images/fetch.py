@@ -22,10 +22,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import queue
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -37,12 +37,13 @@ from imagecache.errors import (
     ImageCacheError,
     ImageServiceError,
 )
-from imagecache.images import admission, cache_name, is_url, open_source, process
+from imagecache.images import admission, cache_name, hashing, is_url, open_source, process
 from imagecache.images.base import ImageMeta, ImageSource
+from imagecache.integrity import LOCAL, Digest, DigestRecord, DigestSource, Verdict
 from imagecache.layout import Layout
 from imagecache.results import Result
 from imagecache.settings import FetchSettings, GlanceSettings
-from imagecache.store import fsops
+from imagecache.store import digests, fsops
 
 __all__ = [
     "FetchOptions",
@@ -189,6 +190,71 @@ def fetch_locked(
     return Fetched(image_ref, name, path, Result.CACHED, path.stat().st_size, meta)
 
 
+@dataclass(frozen=True, slots=True)
+class _Copy:
+    """A verified, admitted (and converted) copy of an image in a temp file of the cache."""
+
+    path: Path
+    found: admission.Admitted
+    digest: str  # xxh3-128 of ``path``'s bytes
+    converted: bool
+
+
+@contextmanager
+def _prepared(
+    image_ref: str,
+    name: str,
+    *,
+    source: ImageSource,
+    meta: ImageMeta,
+    options: FetchOptions,
+    convert: bool,
+    on_bytes: OnBytes | None,
+) -> Iterator[_Copy]:
+    """Download, verify, admit and convert ``image_ref`` into a temp file of the cache; the
+    temp files are removed when the ``with`` block ends (the one published meanwhile is gone)."""
+    made: list[Path] = []
+    try:
+        with fsops.temp_file(options.cache_dir, name) as (temp, stream):
+            made.append(temp)
+            with source.open_stream(image_ref) as chunks:
+                digest = _copy_verified(chunks, stream, meta, on_bytes=on_bytes)
+        found = admission.check_format(
+            temp, claimed=meta.disk_format, vmdk_allowed_types=options.vmdk_allowed_types
+        )
+        copy = _Copy(temp, found, digest, converted=False)
+        if convert and options.force_raw and found.format != "raw":
+            with fsops.temp_path(options.cache_dir, name) as converted:
+                made.append(converted)
+                process.convert_to_raw(temp, converted, source_format=found.qemu_format)
+                admission.check_raw(converted)
+                fd = os.open(converted, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:  # the conversion's output is a new file: read once for its digest
+                    digest = hashing.hash_file(fd, (LOCAL,))[LOCAL]
+                finally:
+                    os.close(fd)
+            copy = _Copy(converted, found, digest, converted=True)
+        yield copy
+    finally:
+        for path in made:
+            path.unlink(missing_ok=True)
+
+
+@contextmanager
+def fetched_copy(
+    image_ref: str, *, source: ImageSource, options: FetchOptions, convert: bool, name: str
+) -> Iterator[str]:
+    """A verified copy of ``image_ref`` as it would be cached, in a temp file of the cache that
+    is removed after the ``with`` block (``verify --repair`` reads the good bytes from it).
+
+    Raises as :func:`ensure_cached`, except LockTimeout.
+    """
+    meta = source.get(image_ref)
+    with _prepared(image_ref, name, source=source, meta=meta, options=options,
+                   convert=convert, on_bytes=None) as copy:  # fmt: skip
+        yield str(copy.path)
+
+
 def _download(
     image_ref: str,
     path: Path,
@@ -199,26 +265,46 @@ def _download(
     convert: bool,
     on_bytes: OnBytes | None,
 ) -> admission.Admitted:
-    """Download, verify, admit, convert and publish ``image_ref`` as ``path``; see the module.
+    """Download, verify, admit, convert and publish ``image_ref`` as ``path``, with its digest
+    record; see the module.
 
     Raises as :func:`fetch_locked`, and EntryChanged when ``path`` appeared meanwhile (the temp
     files are removed in every case).
     """
-    with fsops.temp_file(options.cache_dir, path.name) as (temp, stream):
-        with source.open_stream(image_ref) as chunks:
-            _copy_verified(chunks, stream, meta, on_bytes=on_bytes)
-        found = admission.check_format(
-            temp, claimed=meta.disk_format, vmdk_allowed_types=options.vmdk_allowed_types
-        )
-        if convert and options.force_raw and found.format != "raw":
-            with fsops.temp_path(options.cache_dir, path.name) as converted:
-                process.convert_to_raw(temp, converted, source_format=found.qemu_format)
-                admission.check_raw(converted)
-                fsops.atomic_publish(converted, path)
-            fsops.remove(temp)
-        else:
-            fsops.atomic_publish(temp, path)
-    return found
+    with _prepared(image_ref, path.name, source=source, meta=meta, options=options,
+                   convert=convert, on_bytes=on_bytes) as copy:  # fmt: skip
+        fsops.atomic_publish(copy.path, path)
+    _record(options, image_ref, path, meta, copy)
+    return copy.found
+
+
+def _record(
+    options: FetchOptions, image_ref: str, path: Path, meta: ImageMeta, copy: _Copy
+) -> None:
+    """The digest record of a published entry: ``glance`` (the service's digest of these very
+    bytes), ``converted`` (our conversion of a download that digest verified), or ``first-seen``
+    for a URL that publishes no digest. A record that cannot be written is logged: the entry is
+    good, and a later verification hashes it as new."""
+    published = None
+    if meta.hash_algo and meta.hash_value:
+        published = Digest(meta.hash_algo, meta.hash_value.lower())
+    elif meta.checksum:
+        published = Digest("md5", meta.checksum.lower())
+    if copy.converted:
+        source = DigestSource.CONVERTED
+    else:
+        source = DigestSource.GLANCE if published else DigestSource.FIRST_SEEN
+    try:
+        st = path.stat()
+        record = DigestRecord(
+            # Verified as it streamed in, just before the rename that set its ctime.
+            path.name, copy.digest, st.st_dev, st.st_ino, st.st_size, st.st_ctime, Verdict.GOOD,
+            source, expected=None if copy.converted else published, image=image_ref,
+            image_digest=published,
+        )  # fmt: skip
+        digests.write_record(options.layout, record)
+    except (OSError, ValueError) as exc:
+        LOG.warning("%s: cached, but its digest record cannot be written: %s", path.name, exc)
 
 
 def touch_in_use(path: Path) -> None:
@@ -259,15 +345,18 @@ def _hashers(meta: ImageMeta) -> list[tuple[str, str, Any]]:
 
 def _copy_verified(
     chunks: Iterable[bytes], stream: BinaryIO, meta: ImageMeta, *, on_bytes: OnBytes | None
-) -> None:
+) -> str:
     """Write every chunk to ``stream`` while hashing it; raise ChecksumMismatch on any difference.
+    Returns the bytes' local digest (xxh3-128, for the entry's digest record): computed as they
+    stream in, so the record costs no second read of the file.
 
-    The hash runs in a thread of :class:`_Digests`: hashlib releases the GIL, so receiving,
-    writing and hashing proceed on separate cores instead of one after the other.
+    The hashes run in threads of :class:`hashing.Digests`: hashlib and xxhash release the GIL,
+    so receiving, writing and hashing proceed on separate cores instead of one after the other.
     """
     hashers = _hashers(meta)
+    local = hashing.new(LOCAL)
     total = 0
-    with _Digests([h for _, _, h in hashers]) as digests:
+    with hashing.Digests([local, *(h for _, _, h in hashers)]) as digests:
         for chunk in chunks:
             # Stop as soon as the bytes outgrow what the service announced: a store or server
             # sending more must not fill the cache's disk first. A URL without Content-Length
@@ -293,46 +382,7 @@ def _copy_verified(
                 f"image {meta.id}: {label} mismatch: got {hasher.hexdigest()}, "
                 f"the service says {expected}"
             )
-
-
-class _Digests:
-    """Feed each chunk to every hash in its own thread; ``with`` waits for them to finish."""
-
-    _DONE = b""
-
-    def __init__(self, hashers: Sequence[Any]) -> None:
-        self._slots = [_HashThread(h) for h in hashers]
-
-    def __enter__(self) -> _Digests:
-        for slot in self._slots:
-            slot.start()
-        return self
-
-    def feed(self, chunk: bytes) -> None:
-        for slot in self._slots:
-            slot.put(chunk)
-
-    def __exit__(self, *exc: object) -> None:
-        for slot in self._slots:
-            slot.put(self._DONE)
-        for slot in self._slots:
-            slot.join()
-
-
-class _HashThread(threading.Thread):
-    """One hash fed through a short queue (bounded: memory stays a few chunks)."""
-
-    def __init__(self, hasher: Any) -> None:
-        super().__init__(daemon=True)
-        self._hasher = hasher
-        self._queue: queue.Queue[bytes] = queue.Queue(maxsize=4)
-
-    def put(self, chunk: bytes) -> None:
-        self._queue.put(chunk)
-
-    def run(self) -> None:
-        while chunk := self._queue.get():
-            self._hasher.update(chunk)
+    return local.hexdigest()
 
 
 class Sources:

@@ -8,15 +8,18 @@ through its problems' codes (:data:`imagecache.model.PROBLEMS`); nothing here de
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Mapping
 
+from imagecache.integrity import DigestRecord, integrity_of
 from imagecache.layout import Layout
-from imagecache.model import InstanceRecord, Inventory, Problem
+from imagecache.model import CacheEntry, InstanceRecord, Integrity, Inventory, Problem
 from imagecache.sources.cache import scan_cache, scan_trash
 from imagecache.sources.disks import scan_instances
 from imagecache.sources.entries import scan_entry_users
 from imagecache.sources.records import load_instance_records
 from imagecache.sources.registry import observe_registry
+from imagecache.store.digests import read_records
 
 __all__ = [
     "load_instance_records",
@@ -26,7 +29,23 @@ __all__ = [
     "scan_entry_users",
     "scan_instances",
     "scan_trash",
+    "with_integrity",
 ]
+
+
+def with_integrity(
+    entries: tuple[CacheEntry, ...], records: Mapping[str, DigestRecord]
+) -> tuple[CacheEntry, ...]:
+    """The entries, each with what its digest record says of its bytes (still the same file)."""
+    if not records:
+        return entries
+    out = []
+    for e in entries:
+        integrity = integrity_of(e, records.get(e.name))
+        out.append(
+            e if integrity is Integrity.UNVERIFIED else dataclasses.replace(e, integrity=integrity)
+        )
+    return tuple(out)
 
 
 def observe(
@@ -38,6 +57,7 @@ def observe(
 ) -> Inventory:
     """One read-only observation of a host: everything :func:`imagecache.policy.decide` needs."""
     entries, cache_problems = scan_cache(layout.cache_dir)
+    entries = with_integrity(entries, read_records(layout))
     disks, disk_problems = scan_instances(layout)
     # An entry that names another (a golden qcow2 on a base) uses it while it exists.
     entry_users, entry_problems = scan_entry_users(layout, entries)

@@ -163,6 +163,9 @@ def history_to_dict(h: History, *, now: float) -> dict[str, Any]:
             "fetches": [
                 {"result": r, "count": c, "bytes": b} for (r, _), (c, b) in t.fetches.items()
             ],
+            "verifications": [
+                {"result": r, "count": c, "bytes": b} for (r, _), (c, b) in t.verifications.items()
+            ],
         },
     }
 
@@ -246,8 +249,9 @@ def _history(doc: Any) -> History:
     if not isinstance(totals, dict):
         raise ValueError("totals: expected an object")
     fetches = totals["fetches"]
-    if not isinstance(fetches, list):
-        raise ValueError("fetches: expected a list")
+    verifications = totals.get("verifications", [])  # written since integrity checking
+    if not isinstance(fetches, list) or not isinstance(verifications, list):
+        raise ValueError("fetches, verifications: expected lists")
     success = doc.get("last_success_epoch")
     return History(
         last_pass=_pass(doc["last_pass"]) if doc.get("last_pass") is not None else None,
@@ -257,5 +261,8 @@ def _history(doc: Any) -> History:
             passes=_counts(totals["passes"]),
             actions=_figures(totals["actions"], "result", "reason", "count", "bytes_freed"),
             fetches=_figures([_keyed(r) for r in fetches], "result", "_", "count", "bytes"),
+            verifications=_figures(
+                [_keyed(r) for r in verifications], "result", "_", "count", "bytes"
+            ),
         ),
     )
