@@ -1,4 +1,5 @@
-"""Which files a piece of code opened, seen by the kernel (inotify ``IN_OPEN``), not by patching.
+"""Which files a piece of code opened, seen by the kernel (inotify ``IN_OPEN``), not by patching;
+and what happened to the files of a directory (:class:`DirWatch`).
 
 Linux only, like the rest of the project. A watch follows symlinks, so watching a FIFO or a file
 sees opens made through any name of it.
@@ -14,6 +15,8 @@ from types import TracebackType
 
 _IN_ACCESS = 0x00000001  # a read
 _IN_OPEN = 0x00000020
+_IN_MOVED_TO = 0x00000080
+_IN_CREATE = 0x00000100
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -57,6 +60,50 @@ class OpenWatch:
                 at += _EVENT.size + length
                 if mask & self._mask:
                     found.add(self._by_wd[wd])
+
+
+class DirWatch:
+    """``with DirWatch(directory) as watch: ...; watch.events()`` -> what happened to the files
+    directly in ``directory`` since, in order, by name: ``("read", name)`` for a ``read(2)`` and
+    its kin (through any descriptor, even one opened under an earlier name: the kernel reports
+    the name the file has now), ``("created", name)``, ``("moved-in", name)`` for a rename into
+    that name. What happens in its subdirectories is not seen."""
+
+    _KINDS = ((_IN_ACCESS, "read"), (_IN_CREATE, "created"), (_IN_MOVED_TO, "moved-in"))
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._fd = -1
+
+    def __enter__(self) -> DirWatch:
+        self._fd = _check(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+        mask = _IN_ACCESS | _IN_CREATE | _IN_MOVED_TO
+        _check(_libc.inotify_add_watch(self._fd, os.fsencode(self._directory), mask))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        os.close(self._fd)
+
+    def events(self) -> list[tuple[str, str]]:
+        """The events since the watch started (or since the last call), oldest first."""
+        found: list[tuple[str, str]] = []
+        while True:
+            try:
+                data = os.read(self._fd, 65536)
+            except BlockingIOError:
+                return found
+            at = 0
+            while at < len(data):
+                _, mask, _, length = _EVENT.unpack_from(data, at)
+                raw = data[at + _EVENT.size : at + _EVENT.size + length]
+                at += _EVENT.size + length
+                name = os.fsdecode(raw.rstrip(b"\0"))
+                found += [(kind, name) for bit, kind in self._KINDS if mask & bit and name]
 
 
 def _check(result: int) -> int:

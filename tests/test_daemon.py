@@ -287,3 +287,23 @@ def test_the_first_pass_waits_for_its_delay_and_sigterm_ends_the_wait(tmp_path: 
         d.signal(signal.SIGTERM)
         assert d.wait() == 0
     assert not (host.cache / ".imagecache" / "state.json").exists()
+
+
+def test_a_daemon_pass_finds_bit_rot_once_its_interval_is_due(tmp_path: Path) -> None:
+    from tests.test_verify import rot
+
+    host = make_host(tmp_path, manager_interval=1, checksum_base_images="true",
+                     checksum_interval_seconds=1)  # fmt: skip
+    name = fp("young-and-unused")
+    put(host, name, 60, now=time.time())
+    record = host.cache / ".imagecache" / "digests" / f"{name}.json"
+    with daemon(tmp_path, host.config, "--inventory", str(host.inventory)) as d:
+        until("the first record", lambda: record.exists()
+              and json.loads(record.read_text())["verdict"] == "good")  # fmt: skip
+        rot(host.path(name))
+        until("the rotten entry quarantined", lambda: not host.path(name).exists())
+        assert json.loads(record.read_text())["verdict"] == "corrupt"
+        assert [line["reason"] for line in host.audit_lines()] == ["corrupt"]
+        d.signal(signal.SIGTERM)
+        assert d.wait() == 0
+    assert f"CORRUPT {name}" in d.stderr()
