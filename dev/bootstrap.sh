@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # gcc, libc6-dev, python3-dev: dev/check-min.sh builds netifaces (oslo.utils < 7.4) from source.
+# strace: tests/test_repair.py holds a kill between two block writes of a repair.
 DEBS=(qemu-utils curl dosfstools e2fsprogs util-linux procps python3-venv systemd logrotate
-      gcc libc6-dev python3-dev)
+      gcc libc6-dev python3-dev strace)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

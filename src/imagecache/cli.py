@@ -172,7 +172,8 @@ def cmd_verify(ctx: Context) -> int:
                     ", ".join(printable(n) for n in checked.unknown))  # fmt: skip
     _emit(ctx, verified.verify_to_dict(checked, plan, done),
           lambda: verified.render_verify(checked, plan, done))  # fmt: skip
-    failed = checked.corrupt or checked.unknown or any(r.verdict is None for r in checked.results)
+    failed = checked.corrupt or checked.unknown or any(r.unreadable for r in checked.results)
+    failed = failed or checked.problem is not None or (plan is not None and not plan.ok)
     return 1 if failed or (done is not None and not done.ok) else 0
 
 

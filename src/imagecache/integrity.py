@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from imagecache import naming
 from imagecache.model import CacheEntry, FileType, Integrity, Kind
 
 __all__ = [
@@ -87,22 +88,32 @@ class DigestRecord:
     image: str | None = None  # the image ref it was fetched from (Glance id or URL)
     image_digest: Digest | None = None  # what the image service published for the download
     observed: str | None = None
+    ctime_ns: int = 0  # the inode's ctime when it was hashed
+    birth_ns: int = 0  # its birth time (statx), 0 when unknown
 
     def same_file(self, entry: CacheEntry) -> bool:
-        """Still the file that was hashed: same device, inode and size (not mtime: in-use entries
-        are touched every pass)."""
-        return (self.device, self.inode, self.size) == (
-            entry.device,
-            entry.inode,
-            entry.bytes_apparent,
-        )
+        """Still the file that was hashed: same device, inode, size and (where the filesystem
+        says) birth time; not mtime or ctime, which every touch of an in-use entry changes."""
+        listed = (entry.device, entry.inode, entry.bytes_apparent)
+        if (self.device, self.inode, self.size) != listed:
+            return False
+        return not (self.birth_ns and entry.birth_ns) or self.birth_ns == entry.birth_ns
 
 
 def integrity_of(entry: CacheEntry, record: DigestRecord | None) -> Integrity:
-    """An entry's integrity by its record: unverified when there is none or the file changed."""
+    """An entry's integrity by its record: unverified when there is none or the file changed.
+
+    A corrupt verdict counts only while nothing changed the inode since it was reached (the same
+    ctime, exactly): good bytes put back behind our back, or a touch, make it a question again,
+    answered by the next verification (which re-hashes corrupt entries every pass), never a
+    quarantine on an old verdict. A good verdict stays until its interval is due: in-use
+    entries are touched every pass, and that is no reason to re-read them.
+    """
     if record is None or not record.same_file(entry):
         return Integrity.UNVERIFIED
-    return Integrity.GOOD if record.verdict is Verdict.GOOD else Integrity.CORRUPT
+    if record.verdict is Verdict.GOOD:
+        return Integrity.GOOD
+    return Integrity.CORRUPT if entry.ctime_ns == record.ctime_ns else Integrity.UNVERIFIED
 
 
 class CheckReason(StrEnum):
@@ -123,7 +134,12 @@ _ORDER = {CheckReason.CHANGED: 0, CheckReason.NEW: 1, CheckReason.DUE: 2, CheckR
 
 
 def _verifiable(entry: CacheEntry) -> bool:
-    return entry.file_type is FileType.FILE and entry.kind in VERIFIABLE
+    # A name no record can be written for (not valid text) would be hashed whole every pass.
+    return (
+        entry.file_type is FileType.FILE
+        and entry.kind in VERIFIABLE
+        and naming.encodable(entry.name)
+    )
 
 
 def select(
@@ -152,7 +168,11 @@ def select(
             checks.append(Check(entry, None, CheckReason.NEW))
         elif wanted is not None or every:
             checks.append(Check(entry, record, CheckReason.REQUESTED))
-        elif now - record.verified_at >= interval or record.verified_at > now:
+        elif (
+            now - record.verified_at >= interval
+            or record.verified_at > now
+            or record.verdict is Verdict.CORRUPT  # rare, and must not act on an old verdict
+        ):
             checks.append(Check(entry, record, CheckReason.DUE))
     checks.sort(
         key=lambda c: (_ORDER[c.reason], c.record.verified_at if c.record else 0.0, c.entry.name)
@@ -197,14 +217,16 @@ def judge(
         inode=e.inode,
         size=e.bytes_apparent,
         verified_at=now,
+        ctime_ns=e.ctime_ns,
+        birth_ns=e.birth_ns,
     )
     record = check.record
     if record is None or (check.reason is CheckReason.CHANGED and not record.source.authoritative):
         if legacy is None:
-            return replace(_blank(e.name), xxh3=got, device=seen.device, inode=seen.inode,
-                           size=seen.size, verified_at=now)  # fmt: skip
-        seen = replace(_blank(e.name), device=seen.device, inode=seen.inode, size=seen.size,
-                       verified_at=now, source=DigestSource.NOVA_INFO, expected=legacy)  # fmt: skip
+            return replace(seen, xxh3=got, verdict=Verdict.GOOD, source=DigestSource.FIRST_SEEN,
+                           expected=None, image=None, image_digest=None, observed=None)  # fmt: skip
+        seen = replace(seen, xxh3="", source=DigestSource.NOVA_INFO, expected=legacy,
+                       image=None, image_digest=None)  # fmt: skip
     reference = seen.xxh3
     if reference:
         good = got == reference

@@ -20,7 +20,7 @@ from imagecache.plan import Action, Plan, Reason
 from imagecache.restore import restore_entry
 from imagecache.results import Report, Result
 from imagecache.settings import Settings
-from imagecache.store import registry, state
+from imagecache.store import digests, registry, state
 from imagecache.store.audit import AuditLog
 
 __all__ = [
@@ -161,9 +161,29 @@ def run_pass(
         checked = verify.verify(settings.layout, settings.verify, clock=clock,
                                 should_stop=should_stop)  # fmt: skip
         record_verifications(settings, checked, now=clock.wall())
+        registered += _verify_problems(settings, checked)
     plan = plan_pass(settings, inventory_files=files, now=clock.wall())
     done = _apply(settings, plan, files, clock=clock, problems=registered, should_stop=should_stop)
+    _forget_removed(settings, done, now=clock.wall())
     return plan, done
+
+
+_GONE = frozenset({Result.REMOVED, Result.REAPED, Result.PURGED})
+
+
+def _forget_removed(settings: Settings, done: Report, *, now: float) -> None:
+    """Drop the digest records of what the pass removed for good (not quarantined: a restore
+    brings the same inode back), so that no later file on a reused inode is judged by them,
+    and reap the temp files of record writes killed midway."""
+    if not any(o.result in _GONE for o in done.outcomes):
+        digests.drop_records(settings.layout, None, now=now)  # the temps of killed writes only
+        return
+    entries, listing = sources.scan_cache(settings.layout.cache_dir)
+    trash, trash_problems = sources.scan_trash(settings.layout.cache_dir)
+    if trash_problems or any(p.hides_entries for p in listing):
+        return  # an incomplete listing must not drop the records of what is still there
+    live = {e.name for e in entries} | {t.name for t in trash}
+    digests.drop_records(settings.layout, live, now=now)
 
 
 def verify_entries(
@@ -184,10 +204,14 @@ def verify_entries(
                             every=every, budget=False, on_start=on_start,
                             on_bytes=on_bytes, on_result=on_result)  # fmt: skip
     record_verifications(settings, checked, now=clock.wall())
-    if not checked.corrupt:
-        return checked, None, None
     files = tuple(inventory_files)
+    # Always: the corrupt entries kept in use (found now or before) are part of the answer.
     plan = plan_pass(settings, inventory_files=files, now=clock.wall())
+    plan = dataclasses.replace(
+        plan, problems=(*plan.problems, *_verify_problems(settings, checked))
+    )
+    if not any(d.reason is Reason.CORRUPT for d in plan.decisions):
+        return checked, plan, None
     only = dataclasses.replace(
         plan,
         decisions=tuple(d if d.reason is Reason.CORRUPT else dataclasses.replace(
@@ -199,11 +223,21 @@ def verify_entries(
     return checked, plan, done
 
 
+def _verify_problems(settings: Settings, checked: verify.VerifyReport) -> tuple[Problem, ...]:
+    if checked.problem is None:
+        return ()
+    LOG.error("%s", checked.problem)
+    code = ProblemCode.DIGESTS_UNWRITABLE
+    return (Problem(code, settings.layout.state_dir, checked.problem),)
+
+
 def record_verifications(
     settings: Settings, checked: verify.VerifyReport, *, now: float
 ) -> History | None:
     """Add verification results (verdict, bytes read) to the state file's totals."""
-    rows = tuple((str(r.verdict or "unreadable"), r.bytes) for r in checked.results)
+    rows = tuple(
+        (str(r.verdict or "unreadable"), r.bytes) for r in checked.results if not r.skipped
+    )
     if not rows:
         return None
     return _keep(settings, lambda h: history.record_verifications(h, rows), now=now)

@@ -117,6 +117,7 @@ class ProblemCode(StrEnum):
     LOCKS_UNCOLLECTED = "locks-uncollected"
     NOVA_MANAGER_ENABLED = "nova-manager-enabled"
     ENTRY_CORRUPT = "entry-corrupt"
+    DIGESTS_UNWRITABLE = "digests-unwritable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +184,9 @@ PROBLEMS: dict[ProblemCode, ProblemTraits] = {
     # A corrupt entry still in use: kept (removing it would destroy its users) and reported with
     # every user; the pass exits 1 until it is repaired.
     _C.ENTRY_CORRUPT: ProblemTraits(_S.CACHE, blocking=False, fails=True),
+    # Verification on, but no digest record can be kept: nothing is verified (rather than every
+    # entry read whole on every pass), and the pass says so (exit 1).
+    _C.DIGESTS_UNWRITABLE: ProblemTraits(_S.CACHE, blocking=False, fails=True),
 }
 del _S, _C
 
@@ -229,6 +233,8 @@ class CacheEntry:
     inode: int
     device: int
     integrity: Integrity = Integrity.UNVERIFIED
+    ctime_ns: int = 0  # the inode's last change (content or metadata), by lstat
+    birth_ns: int = 0  # when the file was made (statx); 0: the filesystem does not say
 
 
 @dataclass(frozen=True, slots=True)

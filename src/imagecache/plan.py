@@ -281,6 +281,8 @@ def _entry(d: Decision) -> dict[str, Any]:
         "inode": e.inode,
         "device": e.device,
         "integrity": str(e.integrity),
+        "ctime_ns": e.ctime_ns,
+        "birth_ns": e.birth_ns,
         "age_seconds": d.age_seconds,
         "threshold_seconds": d.threshold,
         "in_use": d.in_use,
@@ -456,6 +458,8 @@ def _decision_from(r: _Reader) -> Decision:
         inode=r.integer("inode"),
         device=r.integer("device", 0),
         integrity=r.choice("integrity", Integrity, Integrity.UNVERIFIED),
+        ctime_ns=r.integer("ctime_ns", 0),
+        birth_ns=r.integer("birth_ns", 0),
     )
     last_used = r.optional_number("last_used_epoch")
     return Decision(

@@ -62,17 +62,17 @@ _RULES: tuple[tuple[Reason, Callable[[_Facts], bool], Callable[[_Facts], Action]
     (Reason.NOT_A_FILE, lambda f: f.entry.file_type is not FileType.FILE, lambda f: Action.KEEP),
     (Reason.UNKNOWN_KIND, lambda f: f.entry.kind is Kind.UNKNOWN, lambda f: Action.KEEP),
     (Reason.IN_USE, lambda f: bool(f.users), lambda f: Action.KEEP),
+    (
+        Reason.LEGACY_ID_DISABLED,
+        lambda f: f.entry.kind is Kind.LEGACY_ID and not f.policy.remove_unused_kernels,
+        lambda f: Action.KEEP,
+    ),
     # Unused and its bytes no longer match its digest: quarantined whatever its age (Nova would
     # build new instances on it), but only on a complete view and when removal is on.
     (
         Reason.CORRUPT,
         lambda f: f.entry.integrity is Integrity.CORRUPT and f.complete and f.policy.remove_unused,
         lambda f: Action.QUARANTINE,
-    ),
-    (
-        Reason.LEGACY_ID_DISABLED,
-        lambda f: f.entry.kind is Kind.LEGACY_ID and not f.policy.remove_unused_kernels,
-        lambda f: Action.KEEP,
     ),
     (Reason.CLOCK_SKEW, lambda f: f.age < 0, lambda f: Action.KEEP),
     (

@@ -28,7 +28,7 @@ from imagecache import locks
 from imagecache.clock import Clock
 from imagecache.errors import ImageCacheError
 from imagecache.images import fetch, hashing
-from imagecache.integrity import LOCAL, DigestSource, Verdict
+from imagecache.integrity import LOCAL, DigestRecord, DigestSource, Verdict
 from imagecache.settings import Settings
 from imagecache.store import digests
 
@@ -73,34 +73,36 @@ def repair(settings: Settings, name: str, *, clock: Clock) -> RepairReport:
                             "else downloaded: no image service copy is known, so it cannot be "
                             "repaired; remove it once unused: Nova fetches it again")  # fmt: skip
     sources = fetch.Sources(settings.glance)
+    # The record says how the entry was made, whatever force_raw_images says now: a converted
+    # base is repaired from a conversion, any other from the bytes as downloaded.
+    convert = record.source is DigestSource.CONVERTED
+    options = dataclasses.replace(fetch.FetchOptions.of(layout, settings.fetch), force_raw=convert)
     try:
-        convert = record.source is DigestSource.CONVERTED
-        with fetch.fetched_copy(record.image, source=sources(record.image),
-                                options=fetch.FetchOptions.of(layout, settings.fetch),
-                                convert=convert, name=name) as good:  # fmt: skip
-            got = _digest_of(good)
-            if got != record.xxh3:
-                return RepairReport(name, "failed", f"the copy fetched again from {record.image} "
-                                    f"hashes to {got}, not to the record's {record.xxh3}: "
-                                    "nothing written")  # fmt: skip
-            with locks.entry_lock(layout.instances_path, name,
-                                  timeout=settings.clean.lock_timeout):  # fmt: skip
-                return _patch(settings, record, good, clock=clock)
+        with fetch.fetched_copy(record.image, source=sources(record.image), options=options,
+                                convert=convert, name=name) as path:  # fmt: skip
+            # One descriptor from the hash to the last block copied: the bytes written are the
+            # bytes hashed, whatever happens to the temp name meanwhile (a reaper, a rename).
+            good = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                got = hashing.hash_file(good, (LOCAL,))[LOCAL]
+                if got != record.xxh3:
+                    return RepairReport(name, "failed", f"the copy fetched again from "
+                                        f"{record.image} hashes to {got}, not to the record's "
+                                        f"{record.xxh3}: nothing written")  # fmt: skip
+                with locks.entry_lock(layout.instances_path, name,
+                                      timeout=settings.clean.lock_timeout):  # fmt: skip
+                    return _patch(settings, record, good, clock=clock)
+            finally:
+                os.close(good)
     except (ImageCacheError, OSError) as exc:
         return RepairReport(name, "failed", f"cannot repair: {exc}")
     finally:
         sources.close()
 
 
-def _digest_of(path: str) -> str:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        return hashing.hash_file(fd, (LOCAL,))[LOCAL]
-    finally:
-        os.close(fd)
-
-
-def _patch(settings: Settings, record: Any, good: str, *, clock: Clock) -> RepairReport:
+def _patch(settings: Settings, record: DigestRecord, good: int, *, clock: Clock) -> RepairReport:
+    """Write the blocks of ``good`` (an open file hashing to the record) that differ into the
+    recorded file, in place; the entry lock is held. Raises OSError (a failed read or write)."""
     name = record.name
     path = settings.layout.entry_path(name)
     try:
@@ -120,20 +122,17 @@ def _patch(settings: Settings, record: Any, good: str, *, clock: Clock) -> Repai
         ):
             return RepairReport(name, "refused", "another file than the one recorded is there "
                                 "now: verify it first")  # fmt: skip
-        blocks, written = 0, 0
-        src = os.open(good, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            offset = 0
-            while True:
-                want = os.pread(src, BLOCK, offset)
-                if not want:
-                    break
-                if os.pread(fd, len(want), offset) != want:
-                    os.pwrite(fd, want, offset)
-                    blocks, written = blocks + 1, written + len(want)
-                offset += len(want)
-        finally:
-            os.close(src)
+        if st.st_nlink > 1:  # writing in place would also write every other name of the inode
+            return RepairReport(name, "refused", f"it has {st.st_nlink} names (hard links): "
+                                "not written in place")  # fmt: skip
+        blocks, written, offset = 0, 0, 0
+        while want := os.pread(good, BLOCK, offset):
+            if os.pread(fd, len(want), offset) != want:
+                done = 0
+                while done < len(want):  # a short write is legal: the rest of the block too
+                    done += os.pwrite(fd, memoryview(want)[done:], offset + done)
+                blocks, written = blocks + 1, written + len(want)
+            offset += len(want)
         os.fsync(fd)
         after = hashing.hash_file(fd, (LOCAL,))[LOCAL]
     finally:

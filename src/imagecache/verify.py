@@ -21,14 +21,14 @@ import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from imagecache import integrity
+from imagecache import integrity, locks
 from imagecache.clock import Clock
 from imagecache.images import hashing
 from imagecache.integrity import Check, CheckReason, DigestSource, Verdict
 from imagecache.layout import Layout
 from imagecache.model import CacheEntry, Kind
 from imagecache.settings import VerifySettings
-from imagecache.sources import scan_cache
+from imagecache.sources import scan_cache, scan_trash
 from imagecache.store import digests
 
 __all__ = ["Verified", "VerifyReport", "verify"]
@@ -48,6 +48,11 @@ class Verified:
     verdict: Verdict | None
     source: DigestSource | None = None
     message: str = ""
+    skipped: bool = False  # being written (its lock held, or changed while read): a later pass
+
+    @property
+    def unreadable(self) -> bool:
+        return self.verdict is None and not self.skipped
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -58,6 +63,7 @@ class Verified:
             "verdict": str(self.verdict) if self.verdict else None,
             "source": str(self.source) if self.source else None,
             "message": self.message,
+            "skipped": self.skipped,
         }
 
 
@@ -68,6 +74,7 @@ class VerifyReport:
     deferred_bytes: int = 0
     stopped: bool = False
     unknown: tuple[str, ...] = ()  # names asked for that are no verifiable entry
+    problem: str | None = None  # why nothing could be verified at all
 
     @property
     def corrupt(self) -> tuple[str, ...]:
@@ -101,14 +108,10 @@ def _read(
         raise
     try:
         st = os.fstat(fd)
-        identity = (st.st_dev, st.st_ino, st.st_size)
-        if not stat.S_ISREG(st.st_mode) or identity != (
-            entry.device,
-            entry.inode,
-            entry.bytes_apparent,
-        ):
+        listed = (entry.device, entry.inode, entry.bytes_apparent)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino, st.st_size) != listed:
             raise _Changed("another file than the one listed")
-        return hashing.hash_file(
+        got = hashing.hash_file(
             fd,
             tuple(algorithms),
             max_rate=settings.max_bytes_per_second or None,
@@ -116,8 +119,18 @@ def _read(
             on_bytes=on_bytes,
             should_stop=should_stop,
         )
+        after = os.fstat(fd)
     finally:
         os.close(fd)
+    # Written while we read (Nova makes swap and ephemeral files in place, under its lock):
+    # what was read is no state of the file, and is recorded as nothing.
+    if (after.st_mtime_ns, after.st_ctime_ns, after.st_size) != (
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_size,
+    ):
+        raise _Changed("written while it was being read")
+    return got
 
 
 def verify(
@@ -140,8 +153,19 @@ def verify(
     keeps its old record. Never raises for one entry: what could not be read is a result with
     no verdict.
     """
-    entries, _ = scan_cache(layout.cache_dir)
+    entries, listing = scan_cache(layout.cache_dir)
+    try:
+        digests.ensure_writable(layout)
+    except OSError as exc:
+        # Every entry would be hashed whole on every pass, and nothing recorded: refuse, loudly.
+        return VerifyReport(problem=f"digest records cannot be kept: {exc}; nothing verified")
     records = digests.read_records(layout)
+    if not any(p.hides_entries for p in listing):
+        trash, trash_problems = scan_trash(layout.cache_dir)
+        if not trash_problems:  # a record whose entry is gone, even from the trash, goes too
+            live = {e.name for e in entries} | {t.name for t in trash}
+            for name in digests.drop_records(layout, live, now=clock.wall()):
+                records.pop(name, None)
     wanted = None if names is None else tuple(dict.fromkeys(names))
     limit = settings.max_bytes_per_pass if budget and settings.max_bytes_per_pass else None
     todo, deferred = integrity.select(entries, records, now=clock.wall(),
@@ -185,12 +209,24 @@ def _verify_one(
     should_stop: Callable[[], bool],
 ) -> Verified:
     e = check.entry
+    try:
+        busy = locks.is_locked(layout.instances_path, e.name)
+    except OSError as exc:
+        busy, why = True, f"its entry lock cannot be probed: {exc}"
+    else:
+        why = "its entry lock is held (being written): left for later"
+    if busy:
+        # Its writer (Nova making a swap or ephemeral file in place, a download) holds the
+        # entry: its bytes are not final. Hashed by a later pass.
+        return Verified(e.name, e.kind, e.bytes_apparent, check.reason, None, message=why,
+                        skipped=True)  # fmt: skip
     legacy = digests.legacy_digest(layout, e.name) if check.record is None else None
     try:
         got = _read(layout, e, integrity.algorithms_for(check, legacy), settings=settings,
                     clock=clock, on_bytes=on_bytes, should_stop=should_stop)  # fmt: skip
     except _Changed as exc:
-        return Verified(e.name, e.kind, e.bytes_apparent, check.reason, None, message=str(exc))
+        return Verified(e.name, e.kind, e.bytes_apparent, check.reason, None, message=str(exc),
+                        skipped=True)  # fmt: skip
     except OSError as exc:
         message = f"cannot read: {exc.strerror or exc}"
         return Verified(e.name, e.kind, e.bytes_apparent, check.reason, None, message=message)

@@ -300,7 +300,7 @@ def _record(
             # Verified as it streamed in, just before the rename that set its ctime.
             path.name, copy.digest, st.st_dev, st.st_ino, st.st_size, st.st_ctime, Verdict.GOOD,
             source, expected=None if copy.converted else published, image=image_ref,
-            image_digest=published,
+            image_digest=published, ctime_ns=st.st_ctime_ns, birth_ns=fsops.birth_ns(path),
         )  # fmt: skip
         digests.write_record(options.layout, record)
     except (OSError, ValueError) as exc:

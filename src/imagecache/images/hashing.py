@@ -36,6 +36,7 @@ __all__ = ["BLOCK_SIZE", "Digests", "Hash", "HashStopped", "hash_file", "new"]
 # only memory (a hash_file holds _BUFFERS blocks).
 BLOCK_SIZE = 4 << 20
 _BUFFERS = 3  # one being read, two queued or being hashed
+_TICK = 0.5  # seconds of one pacing sleep at most
 
 _XXHASH = {"xxh3_128": xxhash.xxh3_128}
 
@@ -184,8 +185,13 @@ def hash_file(
             offset += n
             if on_bytes is not None:
                 on_bytes(n)
-            if max_rate is not None and clock is not None:
+            while max_rate is not None and clock is not None:
                 ahead = offset / max_rate - (clock.monotonic() - start)
-                if ahead > 0:
-                    clock.sleep(ahead)
+                if ahead <= 0:
+                    break
+                # In short ticks, asking to stop between them: at a low rate one block is
+                # minutes ahead, and a daemon must stop, and feed its watchdog, meanwhile.
+                if should_stop is not None and should_stop():
+                    raise HashStopped(f"stopped after {offset} bytes")
+                clock.sleep(min(ahead, _TICK))
     return {name: hasher.hexdigest() for name, hasher in hashers.items()}

@@ -31,6 +31,7 @@ def verify_to_dict(checked: VerifyReport, plan: Plan | None, done: Report | None
             "deferred": checked.deferred,
             "deferred_bytes": checked.deferred_bytes,
             "stopped": checked.stopped,
+            "problem": checked.problem,
             "unknown": list(checked.unknown),
             "corrupt": list(checked.corrupt),
             "quarantined": _quarantined(done),
@@ -65,6 +66,8 @@ def render_verify(checked: VerifyReport, plan: Plan | None, done: Report | None)
         + (f"; {checked.deferred} left for later passes" if checked.deferred else "")
         + ("; stopped" if checked.stopped else "")
     )
+    if checked.problem:
+        out.append(f"  ! {printable(checked.problem)}")
     for name in _quarantined(done):
         out.append(f"  quarantined {printable(name)}: corrupt and unused")
     for p in _corrupt_in_use(plan):

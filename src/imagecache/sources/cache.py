@@ -8,6 +8,7 @@ import stat
 from imagecache import naming
 from imagecache.layout import STATE_DIR
 from imagecache.model import CacheEntry, FileType, Problem, ProblemCode, TrashEntry
+from imagecache.store import fsops
 from imagecache.store import trash as trash_store
 
 __all__ = ["scan_cache", "scan_trash"]
@@ -62,6 +63,8 @@ def scan_cache(cache_dir: str) -> tuple[tuple[CacheEntry, ...], tuple[Problem, .
                 mtime=st.st_mtime,
                 inode=st.st_ino,
                 device=st.st_dev,
+                ctime_ns=st.st_ctime_ns,
+                birth_ns=fsops.birth_ns(item.path) if ftype is FileType.FILE else 0,
             )
         )
     entries.sort(key=lambda e: e.name)

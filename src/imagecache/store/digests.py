@@ -15,6 +15,7 @@ JSON ``{"sha1": "<hex>"}`` Folsom to Havana wrote (``checksum_base_images``), an
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from imagecache import naming
 from imagecache._version import __version__
 from imagecache.integrity import Digest, DigestRecord, DigestSource, Verdict
 from imagecache.layout import Layout
+from imagecache.model import Kind
 from imagecache.plan import iso
 from imagecache.store import fsops
 from imagecache.store.jsonfile import JsonFileError, read_json
@@ -51,6 +53,7 @@ _HEX = re.compile(r"[0-9a-f]{8,128}")
 _ALGORITHM = re.compile(r"[a-z0-9_]{2,16}")
 _MAX = 1 << 63
 _MAX_RECORD = 64 << 10
+_STALE_TEMP = 3600.0  # a record write takes milliseconds: older temps are a killed writer's
 
 
 def _dir(layout: Layout) -> str:
@@ -78,7 +81,28 @@ def record_to_dict(r: DigestRecord) -> dict[str, Any]:
         "image": r.image,
         "image_digest": _digest(r.image_digest),
         "observed_xxh3_128": r.observed,
+        "ctime_ns": r.ctime_ns,
+        "birth_ns": r.birth_ns,
     }
+
+
+def _open(layout: Layout, *, create: bool) -> int:
+    """The descriptor of the digests directory, through ``.imagecache``'s, neither followed
+    through a symlink (``ELOOP``) nor anything but a real directory (``ENOTDIR``)."""
+    state_fd = fsops.open_dir(layout.state_dir, create=create)
+    try:
+        return fsops.open_dir(DIGESTS_DIR, dir_fd=state_fd, create=create)
+    finally:
+        os.close(state_fd)
+
+
+def ensure_writable(layout: Layout) -> None:
+    """Make the digests directory if missing, and check it is a real directory.
+
+    Raises:
+        OSError: it cannot be made, or is a symlink or not a directory.
+    """
+    os.close(_open(layout, create=True))
 
 
 def write_record(layout: Layout, record: DigestRecord) -> None:
@@ -91,11 +115,7 @@ def write_record(layout: Layout, record: DigestRecord) -> None:
     if not naming.valid_entry_name(record.name) or not naming.encodable(record.name):
         raise ValueError(f"not a plain entry name: {record.name!r}")
     data = (json.dumps(record_to_dict(record)) + "\n").encode("utf-8")
-    state_fd = fsops.open_dir(layout.state_dir, create=True)
-    try:
-        dir_fd = fsops.open_dir(DIGESTS_DIR, dir_fd=state_fd, create=True)
-    finally:
-        os.close(state_fd)
+    dir_fd = _open(layout, create=True)
     try:
         name = record.name + _SUFFIX
         temp = naming.temp_name(name, os.getpid(), secrets.token_hex(4))
@@ -104,37 +124,77 @@ def write_record(layout: Layout, record: DigestRecord) -> None:
         os.close(dir_fd)
 
 
+def drop_records(layout: Layout, keep: Iterable[str] | None, *, now: float) -> list[str]:
+    """Remove the records of every entry not in ``keep`` (gone from the cache and the trash), so
+    that a file made later on a reused inode is never judged by another file's record, and the
+    temp files of record writes killed midway (older than an hour); the names dropped. Best
+    effort: what cannot be removed stays. ``keep`` None: only the temp files."""
+    kept = None if keep is None else set(keep)
+    dropped: list[str] = []
+    try:
+        dir_fd = _open(layout, create=False)
+    except OSError:
+        return dropped
+    try:
+        for file in os.listdir(dir_fd):
+            name = file.removesuffix(_SUFFIX)
+            with contextlib.suppress(OSError):
+                if file.endswith(_SUFFIX) and kept is not None and name not in kept:
+                    os.unlink(file, dir_fd=dir_fd)
+                    dropped.append(name)
+                elif naming.classify(file) is Kind.TEMP:  # <entry>.json.<pid>.<token>.part
+                    st = os.stat(file, dir_fd=dir_fd, follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode) and now - st.st_mtime > _STALE_TEMP:
+                        os.unlink(file, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    return dropped
+
+
 def read_records(layout: Layout, names: Iterable[str] | None = None) -> dict[str, DigestRecord]:
     """The valid records, by entry name (of ``names`` only, when given); none when the directory
-    is missing. A record that cannot be read or is not one is left out (logged at debug level):
-    its entry is then hashed as new."""
-    directory = _dir(layout)
-    if names is None:
-        try:
-            with os.scandir(directory) as it:
-                files = [e.name for e in it if e.name.endswith(_SUFFIX)]
-        except OSError:
-            return {}
-        wanted = [f.removesuffix(_SUFFIX) for f in files]
-    else:
-        wanted = list(names)
-    out: dict[str, DigestRecord] = {}
-    for name in wanted:
-        if not naming.valid_entry_name(name):
-            continue
-        try:
-            doc = read_json(os.path.join(directory, name + _SUFFIX), max_bytes=_MAX_RECORD)
-            record = _record(doc)
-        except JsonFileError as exc:
-            if not exc.missing:
-                LOG.debug("digest record of %r ignored: %s", name, exc)
-            continue
-        except (KeyError, TypeError, ValueError, OverflowError) as exc:
-            LOG.debug("digest record of %r ignored: not a record: %s", name, exc)
-            continue
-        if record.name == name:
-            out[name] = record
-    return out
+    is missing or not a real one (never read through a symlink). A record that cannot be read or
+    is not one is left out (logged at debug level): its entry is then hashed as new."""
+    try:
+        dir_fd = _open(layout, create=False)
+    except OSError:
+        return {}
+    try:
+        if names is None:
+            wanted = [f.removesuffix(_SUFFIX) for f in os.listdir(dir_fd) if f.endswith(_SUFFIX)]
+        else:
+            wanted = list(names)
+        out: dict[str, DigestRecord] = {}
+        for name in wanted:
+            if not naming.valid_entry_name(name):
+                continue
+            try:
+                record = _record(_read_at(dir_fd, name + _SUFFIX))
+            except (OSError, KeyError, TypeError, ValueError, OverflowError, RecursionError) as exc:
+                if not isinstance(exc, FileNotFoundError):
+                    LOG.debug("digest record of %r ignored: %s", name, exc)
+                continue
+            if record.name == name:
+                out[name] = record
+        return out
+    finally:
+        os.close(dir_fd)
+
+
+def _read_at(dir_fd: int, name: str) -> Any:
+    """The JSON of the regular file ``name`` in ``dir_fd``: stat first (a FIFO or a device is
+    never opened), then ``O_NOFOLLOW | O_NONBLOCK``, ``fstat`` again, a size cap."""
+    if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", name)
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_RECORD:
+            raise OSError(errno.EINVAL, "not a regular file of a record's size", name)
+        data = os.read(fd, _MAX_RECORD + 1)
+    finally:
+        os.close(fd)
+    return json.loads(data.decode("utf-8"))
 
 
 def legacy_digest(layout: Layout, name: str) -> Digest | None:
@@ -147,6 +207,8 @@ def legacy_digest(layout: Layout, name: str) -> Digest | None:
         if isinstance(value, str) and re.fullmatch(r"[0-9a-fA-F]{40}", value.strip()):
             return Digest("sha1", value.strip().lower())
     try:
+        if not stat.S_ISREG(os.lstat(base + ".sha1").st_mode):  # a FIFO is never opened
+            return None
         fd = os.open(base + ".sha1", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
@@ -210,4 +272,6 @@ def _record(doc: Any) -> DigestRecord:
         image=image,
         image_digest=_digest_from(doc.get("image_digest")),
         observed=None if observed is None else _hex(observed),
+        ctime_ns=_int(doc.get("ctime_ns", 0)),
+        birth_ns=_int(doc.get("birth_ns", 0)),
     )

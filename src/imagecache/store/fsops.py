@@ -32,7 +32,7 @@ import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 from imagecache import naming, owners
 from imagecache.errors import EntryChanged
@@ -40,6 +40,7 @@ from imagecache.errors import EntryChanged
 __all__ = [
     "atomic_publish",
     "atomic_write",
+    "birth_ns",
     "ensure_dir",
     "fsync_dir",
     "open_dir",
@@ -75,6 +76,43 @@ def _load_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
 
 
 _renameat2 = _load_renameat2()
+
+# statx(2) for the birth time, which os.stat does not give on Linux (Python 3.11 has no
+# os.statx): a file made later on a reused inode number is then not the file that was hashed.
+_STATX_BTIME = 0x800
+_AT_SYMLINK_NOFOLLOW = 0x100
+_STATX_SIZE = 256
+_BTIME_OFFSET = 80  # struct statx: stx_btime follows stx_atime at byte 64
+
+
+def _load_statx() -> Callable[[int, bytes, int, int, Any], int] | None:
+    try:
+        func = ctypes.CDLL(None, use_errno=True).statx
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+    func.restype = ctypes.c_int
+    return func
+
+
+_statx = _load_statx()
+
+
+def birth_ns(name: StrPath, *, dir_fd: int | None = None) -> int:
+    """When the file ``name`` (not followed if a symlink) was created, in nanoseconds since the
+    epoch; 0 where the filesystem or the C library does not say (NFS, tmpfs on old kernels)."""
+    if _statx is None:
+        return 0
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    at = _AT_FDCWD if dir_fd is None else dir_fd
+    if _statx(at, os.fsencode(name), _AT_SYMLINK_NOFOLLOW, _STATX_BTIME, buf) != 0:
+        return 0
+    mask = int.from_bytes(buf.raw[0:4], "little")
+    if not mask & _STATX_BTIME:
+        return 0
+    sec = int.from_bytes(buf.raw[_BTIME_OFFSET : _BTIME_OFFSET + 8], "little", signed=True)
+    nsec = int.from_bytes(buf.raw[_BTIME_OFFSET + 8 : _BTIME_OFFSET + 12], "little")
+    return sec * 1_000_000_000 + nsec
 
 
 def _check_name(name: str) -> None:
