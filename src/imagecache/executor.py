@@ -40,14 +40,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from imagecache import lockfiles, locks, naming
 from imagecache.clock import Clock
 from imagecache.errors import EntryChanged, LockTimeout
-from imagecache.layout import Layout
+from imagecache.layout import Layout, trash_dir_of
 from imagecache.model import (
     CacheEntry,
     FileType,
@@ -60,6 +60,7 @@ from imagecache.model import (
 from imagecache.plan import Action, Decision, Plan, Policy, Reason, TrashDecision, plan_id
 from imagecache.policy import decide
 from imagecache.results import Outcome, Report, Result
+from imagecache.sources import openfiles
 from imagecache.sources.cache import scan_cache
 from imagecache.store import fsops
 from imagecache.store import trash as trash_store
@@ -361,6 +362,8 @@ class _Batch:
             # Observing the host again is the slow part: only when there is something to act on.
             inventory = self.observe() if len(missed) < len(names) else None
             fresh = tuple(decide(inventory, p, now) for p in self.policies) if inventory else ()
+            # One walk of /proc for the whole batch, under its locks: who holds what open.
+            opened = openfiles.holders({(d.entry.device, d.entry.inode) for d in work.decisions})
             for d in work.decisions:
                 name = _lock_name(d)
                 if name in busy:
@@ -371,7 +374,7 @@ class _Batch:
                     run.note(outcome_for(d.entry.name, d.entry.kind, failed[name]))
                 else:
                     found = [_decision_named(p, d.entry.name) for p in fresh]
-                    _act_on_entry(run, d, found, now=now)
+                    _act_on_entry(run, d, found, now=now, opened=opened)
             for t in work.trash:
                 if t.entry.name in busy:
                     continue
@@ -426,8 +429,26 @@ def recheck(planned: Decision, fresh: Sequence[Decision | None]) -> tuple[Action
     return (Action.REMOVE if both_remove else Action.QUARANTINE), None
 
 
-def _act_on_entry(run: Run, d: Decision, fresh: Sequence[Decision | None], *, now: float) -> None:
-    """Quarantine, remove or reap one entry; its lock is held."""
+def _open_by(path: str, st: os.stat_result, opened: Mapping[tuple[int, int], list[str]]) -> str:
+    """Who holds ``path`` open, by ``/proc`` or by qemu's image lock; empty when nobody does."""
+    holding = opened.get((st.st_dev, st.st_ino), [])
+    if holding:
+        return "held open by " + ", ".join(holding)
+    if openfiles.ofd_locked(path):
+        return "locked by another process (qemu's image lock), perhaps in another PID namespace"
+    return ""
+
+
+def _act_on_entry(
+    run: Run,
+    d: Decision,
+    fresh: Sequence[Decision | None],
+    *,
+    now: float,
+    opened: Mapping[tuple[int, int], list[str]],
+) -> None:
+    """Quarantine, remove or reap one entry; its lock is held. A file any process holds open is
+    in use whatever the records say: kept (``open-file``), the process named."""
     e = d.entry
     action, skip = recheck(d, fresh)
     if skip is not None:
@@ -438,6 +459,10 @@ def _act_on_entry(run: Run, d: Decision, fresh: Sequence[Decision | None], *, no
         # Nova touches a base outside the lock; one last look catches a touch since re-observing.
         if not _same_file(e, st):
             return run.note(_outcome(e, Result.SKIPPED, Reason.CHANGED_SINCE_PLAN))
+        held = _open_by(path, st, opened)
+        if held:
+            LOG.warning("kept %s: %s", e.name, held)
+            return run.note(_outcome(e, Result.SKIPPED, Reason.OPEN_FILE, message=held))
         size = st.st_blocks * 512
         if action is Action.QUARANTINE:
             name = trash_store.quarantine(run.layout.cache_dir, e.name, now=now)
@@ -476,6 +501,12 @@ def _act_on_trash(
         return run.note(_trash_outcome(e, Result.SKIPPED, reason))
     try:
         if t.action is Action.PURGE:
+            path = os.path.join(trash_dir_of(run.layout.cache_dir), e.trash_name)
+            st = os.lstat(path)
+            held = _open_by(path, st, openfiles.holders({(st.st_dev, st.st_ino)}))
+            if held:  # a qemu still running on a quarantined base: it stays in the trash
+                LOG.warning("kept %s in the trash: %s", e.trash_name, held)
+                return run.note(_trash_outcome(e, Result.SKIPPED, Reason.OPEN_FILE, message=held))
             freed = trash_store.purge(run.layout.cache_dir, e.trash_name)
             done = _trash_outcome(e, Result.PURGED, t.reason, bytes_=freed, freed=freed)
         else:

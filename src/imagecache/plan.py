@@ -104,6 +104,7 @@ class Reason(StrEnum):
     STOPPED = "stopped"  # the pass was asked to stop (a daemon's shutdown) before this entry
     # Integrity (at the end: codes are appended, never renumbered).
     CORRUPT = "corrupt"  # its bytes no longer match its digest record: quarantined, unused
+    OPEN_FILE = "open-file"  # a process holds it open (or qemu's image lock): kept, re-checked
 
 
 @dataclass(frozen=True, slots=True)
