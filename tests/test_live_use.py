@@ -1,4 +1,6 @@
-"""A file a process holds open is never removed, whatever the records say (issue 11, part 2).
+"""A file a process holds open is never removed, whatever the records say (issue 11, part 2):
+every observation sees it in use (``open-file`` users, one walk of ``/proc``), and the executor
+checks again under the entry lock just before acting (``/proc`` and qemu's image locks).
 
 Real holders: a ``qemu-io`` process with the base open through an overlay (qemu's image locks),
 a plain process with a descriptor on it (``/proc``), and a qemu-io in another PID namespace
@@ -60,12 +62,19 @@ def test_a_base_held_open_is_kept_and_removable_once_let_go(
                 pytest.skip("unshare is not installed")
             argv = ["unshare", "--pid", "--fork", "--mount-proc", *argv]
         ready = ""
-    with holding(argv, ready) if ready else _qemu_io(argv) as _:
+    with holding(argv, ready) if ready else _qemu_io(argv) as proc:
+        code, plan = cli(host, capsys, "plan", now=time.time())
+        (entry,) = plan["entries"]
+        assert (entry["action"], entry["reason"]) == ("keep", "in-use")
+        assert [u["source"] for u in entry["users"]] == ["open-file"]
+        if how != "qemu-io-other-pid-namespace":  # there, the holder is unshare's child
+            assert entry["users"][0]["ref"].startswith(f"pid {proc.pid} ")
         code, doc = cli(host, capsys, "clean", now=time.time())
         assert code == 0, doc
-        assert outcomes(doc) == [("skipped", "open-file")]
+        assert [o for o in outcomes(doc) if o[0] != "touched"] == []
         assert base.exists()
-    code, doc = cli(host, capsys, "clean", now=time.time())
+    # In use, it was touched as every in-use entry is: it goes once unused for its threshold.
+    code, doc = cli(host, capsys, "clean", now=time.time() + 2 * DAY)
     assert outcomes(doc) == [("removed", "unused-expired")]
     assert not base.exists()
 

@@ -322,6 +322,8 @@ class Inventory:
     trash: tuple[TrashEntry, ...] = ()
     registry: tuple[tuple[str, float], ...] = ()
     problems: tuple[Problem, ...] = ()
+    # Cache entries some process holds open right now: (entry name, "pid N (comm)").
+    open_files: tuple[tuple[str, str], ...] = ()
 
     @property
     def complete(self) -> bool:

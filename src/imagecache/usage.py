@@ -121,6 +121,9 @@ def users_by_entry(inventory: Inventory, policy: Policy) -> Mapping[str, tuple[U
         for name, detail in record_claims(record, policy):
             if name in wanted:
                 users[name].append(User(Source.INSTANCE, record.uuid, detail))
+    for name, holder in inventory.open_files:  # a running qemu, qemu-nbd, anything
+        if name in wanted:
+            users[name].append(User(Source.OPEN_FILE, holder, "holds it open"))
     return {name: tuple(dict.fromkeys(claims)) for name, claims in users.items()}
 
 

@@ -13,7 +13,8 @@ from collections.abc import Iterable, Mapping
 
 from imagecache.integrity import DigestRecord, integrity_of
 from imagecache.layout import Layout
-from imagecache.model import CacheEntry, InstanceRecord, Integrity, Inventory, Problem
+from imagecache.model import CacheEntry, FileType, InstanceRecord, Integrity, Inventory, Problem
+from imagecache.sources import openfiles
 from imagecache.sources.cache import scan_cache, scan_trash
 from imagecache.sources.disks import scan_instances
 from imagecache.sources.entries import scan_entry_users
@@ -68,6 +69,9 @@ def observe(
         records.extend(found)
         record_problems.extend(problems)
     registry, registry_problems = observe_registry(layout)
+    by_file = {(e.device, e.inode): e.name for e in entries if e.file_type is FileType.FILE}
+    held = openfiles.holders(by_file)  # one walk of /proc for the whole cache
+    open_files = tuple(sorted((by_file[k], h) for k, hs in held.items() for h in hs))
     trash, trash_problems = scan_trash(layout.cache_dir)
     return Inventory(
         host=host,
@@ -78,6 +82,7 @@ def observe(
         instances=tuple(records),
         registry=registry,
         trash=trash,
+        open_files=open_files,
         problems=(
             *cache_problems,
             *trash_problems,
