@@ -255,6 +255,33 @@ def test_a_first_seen_entry_cannot_be_repaired(
     assert host.path(name).read_bytes() == rotten
 
 
+def test_a_forged_record_never_has_a_host_file_written_into_the_cache(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Someone who can write in ``.imagecache/digests/`` names a host file as the entry's image,
+    with that file's own digest as the reference: repair must not fetch it (the ref is not the
+    one the entry's name was made from), and the entry keeps its bytes."""
+    host = make_host(tmp_path)
+    name = naming.fingerprint("someone-elses-image")
+    put(host, name, 60)
+    assert cli(host, capsys, "verify", name)[0] == 0
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"host secret\n" * (host.path(name).stat().st_size // 12 + 1))
+    secret.write_bytes(secret.read_bytes()[: host.path(name).stat().st_size])
+    path = digests_dir(host) / f"{name}.json"
+    forged = json.loads(path.read_text())
+    forged.update(image=secret.as_uri(), source="glance", verdict="corrupt",
+                  xxh3_128=xxhash.xxh3_128(secret.read_bytes()).hexdigest())  # fmt: skip
+    path.write_text(json.dumps(forged))
+    before = host.path(name).read_bytes()
+
+    code, doc = repair(host, capsys, name)
+
+    assert code == 1
+    assert doc["result"] == "refused" and "not made from" in doc["message"]
+    assert host.path(name).read_bytes() == before
+
+
 def test_an_entry_without_a_record_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

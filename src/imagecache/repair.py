@@ -27,7 +27,7 @@ from typing import Any
 from imagecache import locks
 from imagecache.clock import Clock
 from imagecache.errors import ImageCacheError
-from imagecache.images import fetch, hashing
+from imagecache.images import cache_name, fetch, hashing
 from imagecache.integrity import LOCAL, DigestRecord, DigestSource, Verdict
 from imagecache.settings import Settings
 from imagecache.store import digests
@@ -72,6 +72,12 @@ def repair(settings: Settings, name: str, *, clock: Clock) -> RepairReport:
         return RepairReport(name, "refused", f"a {record.source} record of a file someone "
                             "else downloaded: no image service copy is known, so it cannot be "
                             "repaired; remove it once unused: Nova fetches it again")  # fmt: skip
+    if cache_name(record.image) != name:
+        # The record sits in a directory others can write: its image ref is fetched only if it
+        # is the one this entry's very name was made from (sha1 of the Glance id or URL), so a
+        # forged record can never have a host file or another image written into the cache.
+        return RepairReport(name, "refused", "its record names an image this entry was not "
+                            "made from: not fetched")  # fmt: skip
     sources = fetch.Sources(settings.glance)
     # The record says how the entry was made, whatever force_raw_images says now: a converted
     # base is repaired from a conversion, any other from the bytes as downloaded.
