@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+import stat
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -362,8 +363,6 @@ class _Batch:
             # Observing the host again is the slow part: only when there is something to act on.
             inventory = self.observe() if len(missed) < len(names) else None
             fresh = tuple(decide(inventory, p, now) for p in self.policies) if inventory else ()
-            # One walk of /proc for the whole batch, under its locks: who holds what open.
-            opened = openfiles.holders({(d.entry.device, d.entry.inode) for d in work.decisions})
             for d in work.decisions:
                 name = _lock_name(d)
                 if name in busy:
@@ -374,7 +373,7 @@ class _Batch:
                     run.note(outcome_for(d.entry.name, d.entry.kind, failed[name]))
                 else:
                     found = [_decision_named(p, d.entry.name) for p in fresh]
-                    _act_on_entry(run, d, found, now=now, opened=opened)
+                    _act_on_entry(run, d, found, now=now)
             for t in work.trash:
                 if t.entry.name in busy:
                     continue
@@ -429,11 +428,18 @@ def recheck(planned: Decision, fresh: Sequence[Decision | None]) -> tuple[Action
     return (Action.REMOVE if both_remove else Action.QUARANTINE), None
 
 
-def _open_by(path: str, st: os.stat_result, opened: Mapping[tuple[int, int], list[str]]) -> str:
-    """Who holds ``path`` open, by ``/proc`` or by qemu's image lock; empty when nobody does."""
-    holding = opened.get((st.st_dev, st.st_ino), [])
-    if holding:
-        return "held open by " + ", ".join(holding)
+def _open_by(path: str, st: os.stat_result, *, walk: bool) -> str:
+    """Who holds the regular file ``path`` (``st``, its ``lstat``) open: by ``/proc`` when
+    ``walk`` (the fresh observation under the lock already walked it for cache entries: they
+    are users then, ``open-file``), and by qemu's image lock, which also sees a qemu in a PID
+    namespace whose ``/proc`` is hidden. Empty when nobody does."""
+    if not stat.S_ISREG(st.st_mode):
+        return ""  # never opened: a FIFO would wake its writer
+    if walk:
+        key = (st.st_dev, st.st_ino)
+        holding = openfiles.holders({key}).get(key, [])
+        if holding:
+            return "held open by " + ", ".join(holding)
     if openfiles.ofd_locked(path):
         return "locked by another process (qemu's image lock), perhaps in another PID namespace"
     return ""
@@ -445,7 +451,6 @@ def _act_on_entry(
     fresh: Sequence[Decision | None],
     *,
     now: float,
-    opened: Mapping[tuple[int, int], list[str]],
 ) -> None:
     """Quarantine, remove or reap one entry; its lock is held. A file any process holds open is
     in use whatever the records say: kept (``open-file``), the process named."""
@@ -459,7 +464,7 @@ def _act_on_entry(
         # Nova touches a base outside the lock; one last look catches a touch since re-observing.
         if not _same_file(e, st):
             return run.note(_outcome(e, Result.SKIPPED, Reason.CHANGED_SINCE_PLAN))
-        held = _open_by(path, st, opened)
+        held = _open_by(path, st, walk=False)
         if held:
             LOG.warning("kept %s: %s", e.name, held)
             return run.note(_outcome(e, Result.SKIPPED, Reason.OPEN_FILE, message=held))
@@ -503,7 +508,7 @@ def _act_on_trash(
         if t.action is Action.PURGE:
             path = os.path.join(trash_dir_of(run.layout.cache_dir), e.trash_name)
             st = os.lstat(path)
-            held = _open_by(path, st, openfiles.holders({(st.st_dev, st.st_ino)}))
+            held = _open_by(path, st, walk=True)  # a trash entry is no observed entry
             if held:  # a qemu still running on a quarantined base: it stays in the trash
                 LOG.warning("kept %s in the trash: %s", e.trash_name, held)
                 return run.note(_trash_outcome(e, Result.SKIPPED, Reason.OPEN_FILE, message=held))
