@@ -148,16 +148,19 @@ def publish_textfile(settings: Settings, history: History) -> None:
         return
     from imagecache import metrics
 
-    reg = metrics.registry(history, **_figures(settings, metrics.fs_usage))
+    reg = metrics.registry(history, **_figures(settings))
     try:
         metrics.write_textfile(path, reg)
     except metrics.MetricsError as exc:
         LOG.warning("%s", exc)
 
 
-def _figures(settings: Settings, fs_usage: Callable[[str], Any]) -> dict[str, Any]:
+def _figures(settings: Settings) -> dict[str, Any]:
+    """What the metrics say besides the history: the cache filesystem, the host, the cache."""
+    from imagecache import metrics
+
     cache = settings.layout.cache_dir
-    return {"fs": fs_usage(cache), "host": settings.host, "cache_dir": cache}
+    return {"fs": metrics.fs_usage(cache), "host": settings.host, "cache_dir": cache}
 
 
 def status_line(record: PassRecord | None) -> str:
@@ -275,9 +278,7 @@ class _Daemon:
     def publish(self, history: History) -> None:
         try:
             if self.server is not None:
-                from imagecache import metrics
-
-                self.server.update(history, **_figures(self.settings, metrics.fs_usage))
+                self.server.update(history, **_figures(self.settings))
             publish_textfile(self.settings, history)
         except Exception:
             LOG.exception("cannot publish the metrics")  # a report: it never stops the passes
