@@ -8,14 +8,30 @@ cd "$(dirname "$0")/.."
 
 # gcc, libc6-dev, python3-dev: dev/check-min.sh builds netifaces (oslo.utils < 7.4) from source.
 # strace: tests/test_repair.py holds a kill between two block writes of a repair.
+# libvirt-dev, pkg-config: pip builds libvirt-python (the libvirt extra; PyPI has only sdists).
+# libvirt-daemon, libvirt-daemon-driver-qemu, libvirt-clients, libvirt-daemon-system (the user
+# libvirt-qemu that libvirtd insists on), qemu-system-x86: the real libvirtd that
+# tests/libvirtd.py starts to run a TCG guest, and qemu:///embed.
 DEBS=(qemu-utils curl dosfstools e2fsprogs util-linux procps python3-venv systemd logrotate
-      gcc libc6-dev python3-dev strace)
+      gcc libc6-dev python3-dev strace
+      libvirt-dev pkg-config libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+      libvirt-daemon-system qemu-system-x86)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
+  # No service starts during the install: libvirt-daemon-system would start the machine's
+  # libvirtd (through invoke-rc.d, or systemd where it runs), which the tests never use. A
+  # policy-rc.d that says no (101) while apt runs, unless the machine has one of its own.
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e $policy ] || grep -q "dev/bootstrap.sh" $policy; then
+    printf '#!/bin/sh\n# dev/bootstrap.sh: no service starts during its apt-get install\nexit 101\n' \
+      >$policy
+    chmod 755 $policy
+    trap 'rm -f '$policy EXIT
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
@@ -27,7 +43,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.stamp 2>/dev/null)" != "$(stamp)
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 \
     | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c 'import imagecache, oslo_config, openstack' # fail loudly
+  .venv/bin/python -c 'import imagecache, oslo_config, openstack, libvirt' # fail loudly
   stamp > .venv/.stamp
 fi
 
