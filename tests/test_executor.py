@@ -72,7 +72,10 @@ def make_host(tmp_path: Path, **options: object) -> Host:
     root = tmp_path / "host"
     instances = root / "instances"
     (instances / "_base").mkdir(parents=True)
-    imagecache = {"audit_log": root / "log" / "audit.jsonl", "lock_timeout_seconds": 5, **options}
+    # libvirt off unless a test points it somewhere: a libvirt daemon on the machine running the
+    # suite must not become every test host's hypervisor.
+    imagecache = {"audit_log": root / "log" / "audit.jsonl", "lock_timeout_seconds": 5,
+                  "libvirt_uri": "none", **options}  # fmt: skip
     image_cache = {k: imagecache.pop(k) for k in list(imagecache) if k.startswith("remove_unused")}
     libvirt = {k: imagecache.pop(k) for k in list(imagecache) if k.startswith("checksum_")}
     # Nova's own manager off, as beside imagecache it must be (nova_manager_interval=N: on).

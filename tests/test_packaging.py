@@ -51,12 +51,18 @@ def test_every_imported_distribution_is_declared_and_every_declared_one_imported
     plain = _names(PROJECT["dependencies"])
     clouds = _names(PROJECT["optional-dependencies"]["clouds"])
     assert clouds == {"openstacksdk"}
-    assert set(imported) - plain - clouds == set(), {d: imported[d] for d in imported}
+    libvirt = _names(PROJECT["optional-dependencies"]["libvirt"])
+    assert libvirt == {"libvirt-python"}  # `import libvirt` (packages_distributions maps it)
+    optional = clouds | libvirt
+    assert set(imported) - plain - optional == set(), {d: imported[d] for d in imported}
     assert plain - set(imported) == set()  # nothing declared that src/ does not use
     # openstacksdk stays optional: only the --os-cloud loader imports it (lazily).
     assert imported["openstacksdk"] == {"src/imagecache/images/glance.py"}
-    assert "openstacksdk" not in plain
+    # libvirt-python too: only the libvirt source imports it (lazily), if that exists yet.
+    assert imported.get("libvirt-python", set()) <= {"src/imagecache/sources/libvirt.py"}
+    assert plain & optional == set()
 
 
-def test_the_test_extra_installs_the_clouds_extra() -> None:
+def test_the_test_extra_installs_the_clouds_and_libvirt_extras() -> None:
     assert "imagecache[clouds]" in PROJECT["optional-dependencies"]["test"]
+    assert "imagecache[libvirt]" in PROJECT["optional-dependencies"]["test"]

@@ -182,6 +182,9 @@ def build(root: Path, *, now: float | None = None) -> SampleHost:
         # Nova's own manager off, as beside imagecache it must be (its interval is then 2400).
         f"[image_cache]\nmanager_interval = -1\n"
         f"[imagecache]\naudit_log = {root}/audit.jsonl\n"
+        # The sample's instances are its directories and records; the machine's own libvirt
+        # (if any) runs none of them.
+        "libvirt_uri = none\n"
     )
 
     ages = {name: (2 * DAY if action != "keep" or reason == "in-use" else 0)

@@ -36,6 +36,7 @@ from imagecache.settings import (
     DaemonSettings,
     FetchSettings,
     GlanceSettings,
+    LibvirtSettings,
     MetricsSettings,
     Settings,
     VerifySettings,
@@ -396,6 +397,65 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
 )
 
+_LIBVIRT_OPTIONS: tuple[_Option, ...] = (
+    _Option(
+        "imagecache",
+        cfg.StrOpt(
+            "libvirt_uri",
+            sample_default="<[libvirt] connection_uri, else qemu:///system>",
+            help="The libvirt connection whose domains (running and defined) are users of the "
+            "files they name, and whose Nova metadata are instance records; 'none' turns it off. "
+            "Unset: Nova's [libvirt] connection_uri, else the URI of its virt_type, else "
+            "qemu:///system, consulted when one of those options is set or a libvirt daemon's "
+            "socket exists. Configured but not answering: nothing is removed.",
+        ),
+        ("libvirt.option",),
+    ),
+    _Option(
+        "imagecache",
+        cfg.FloatOpt(
+            "libvirt_timeout_seconds",
+            default=30.0,
+            min=0.1,
+            help="Seconds listing libvirt's domains may take; past it the view is incomplete "
+            "(nothing removed) and the pass goes on.",
+        ),
+        ("libvirt.timeout",),
+    ),
+    _Option(
+        "libvirt",
+        cfg.StrOpt("connection_uri", default="", help="Nova's libvirt URI override."),
+        ("libvirt.connection_uri",),
+    ),
+    _Option(
+        "libvirt",
+        cfg.StrOpt(
+            "virt_type",
+            sample_default="kvm",
+            help="Nova's hypervisor type (kvm, qemu, lxc, parallels); set, it says libvirt runs "
+            "here, and picks the default URI.",
+        ),
+        ("libvirt.virt_type",),
+    ),
+)
+# Nova's default connection URI by virt_type (nova/virt/libvirt/driver.py, _uri()).
+_VIRT_TYPE_URIS = {"parallels": "parallels:///system", "lxc": "lxc:///"}
+
+
+def _libvirt(
+    option: str | None, connection_uri: str, virt_type: str | None, timeout: float
+) -> LibvirtSettings:
+    """Which connection to consult, and whether the configuration says libvirt runs here."""
+    if option is not None and option.strip().lower() == "none":
+        return LibvirtSettings(uri=None, configured=False, timeout=timeout)
+    uri = option or connection_uri or _VIRT_TYPE_URIS.get(virt_type or "", "qemu:///system")
+    if not uri.isprintable() or any(c.isspace() for c in uri):
+        label = "[imagecache] libvirt_uri" if option else "[libvirt] connection_uri"
+        raise ConfigError(f"{label}: invalid value: {uri!r} is not a libvirt URI")
+    configured = bool(option or connection_uri or virt_type)
+    return LibvirtSettings(uri=uri, configured=configured, timeout=timeout)
+
+
 # nova.conf [glance]: where Glance is and how to authenticate (keystoneauth's session and adapter
 # options that matter here; the auth plugin's own options are registered once auth_type is known,
 # from keystoneauth1.loading, so any plugin works).
@@ -485,7 +545,7 @@ _SECTIONS: dict[str, type[Any]] = {
 def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
     """Every option by group, for ``oslo-config-generator`` (entry point ``oslo.config.opts``)."""
     groups: dict[str, list[cfg.Opt]] = {}
-    for option in (*_OPTIONS, *_GLANCE_OPTIONS):
+    for option in (*_OPTIONS, *_LIBVIRT_OPTIONS, *_GLANCE_OPTIONS):
         groups.setdefault(option.group, []).append(option.opt)
     return list(groups.items())
 
@@ -497,7 +557,7 @@ def _default_ip() -> str:
 
 
 def _register(conf: cfg.ConfigOpts) -> None:
-    for option in (*_OPTIONS, *_GLANCE_OPTIONS):
+    for option in (*_OPTIONS, *_LIBVIRT_OPTIONS, *_GLANCE_OPTIONS):
         conf.register_opt(option.opt, group=None if option.group == "DEFAULT" else option.group)
 
 
@@ -547,8 +607,8 @@ def load_settings(
     if conf.my_ip is None:
         conf.set_default("my_ip", _default_ip())
 
-    fields: dict[str, dict[str, Any]] = {name: {} for name in (*_SECTIONS, "layout", "")}
-    for option in _OPTIONS:
+    fields: dict[str, dict[str, Any]] = {name: {} for name in (*_SECTIONS, "layout", "libvirt", "")}
+    for option in (*_OPTIONS, *_LIBVIRT_OPTIONS):
         section = conf if option.group == "DEFAULT" else conf[option.group]
         label = _label(option.group, option.opt)
         try:
@@ -572,6 +632,7 @@ def load_settings(
         host=fields[""]["host"],
         layout=Layout(**fields["layout"]),
         glance=_glance(conf, os_cloud),
+        libvirt=_libvirt(**fields["libvirt"]),
         config_files=tuple(config_files),
         **{name: cls(**fields[name]) for name, cls in _SECTIONS.items()},
     )
@@ -625,7 +686,8 @@ def _warn_unknown(paths: Sequence[str]) -> None:
     there; ``[imagecache]`` is ours alone, and a misspelt ``lock_timeout_secs`` would otherwise be
     silently ignored, its default in force.
     """
-    known = sorted(o.opt.dest for o in _OPTIONS if o.group == "imagecache")
+    options = (*_OPTIONS, *_LIBVIRT_OPTIONS)
+    known = sorted(o.opt.dest for o in options if o.group == "imagecache")
     for path in paths:
         sections: dict[str, dict[str, list[str]]] = {}
         try:

@@ -44,7 +44,9 @@ def observe(settings: Settings, *, inventory_files: Iterable[str] = ()) -> Inven
     """Read-only observation of the host the settings describe, with the configuration's own
     warnings (a non-blocking problem: Nova's manager still enabled on this cache)."""
     files = (*settings.clean.inventory_files, *inventory_files)
-    inventory = sources.observe(settings.layout, host=settings.host, inventory_files=files)
+    inventory = sources.observe(
+        settings.layout, host=settings.host, inventory_files=files, libvirt=settings.libvirt
+    )
     warnings = config_problems(settings)
     if not warnings:
         return inventory

@@ -15,6 +15,8 @@ __all__ = [
     "PROBLEMS",
     "CacheEntry",
     "Disk",
+    "Domain",
+    "DomainFile",
     "FileType",
     "InstanceRecord",
     "Integrity",
@@ -79,6 +81,7 @@ class ProblemSource(StrEnum):
     DISK = "disk"
     INVENTORY = "inventory"
     REGISTRY = "registry"
+    LIBVIRT = "libvirt"
     AUDIT = "audit"
     LOCKS = "locks"
     CONFIG = "config"
@@ -118,6 +121,12 @@ class ProblemCode(StrEnum):
     NOVA_MANAGER_ENABLED = "nova-manager-enabled"
     ENTRY_CORRUPT = "entry-corrupt"
     DIGESTS_UNWRITABLE = "digests-unwritable"
+    LIBVIRT_OFF = "libvirt-off"
+    LIBVIRT_UNAVAILABLE = "libvirt-unavailable"
+    DOMAIN_UNREADABLE = "domain-unreadable"
+    DOMAIN_DISK_MISSING = "domain-disk-missing"
+    DOMAIN_DISK_UNRESOLVED = "domain-disk-unresolved"
+    DOMAIN_NETWORK_DISK = "domain-network-disk"
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +196,17 @@ PROBLEMS: dict[ProblemCode, ProblemTraits] = {
     # Verification on, but no digest record can be kept: nothing is verified (rather than every
     # entry read whole on every pass), and the pass says so (exit 1).
     _C.DIGESTS_UNWRITABLE: ProblemTraits(_S.CACHE, blocking=False, fails=True),
+    # libvirt neither configured nor running here: a note, said once per pass.
+    _C.LIBVIRT_OFF: ProblemTraits(_S.LIBVIRT, blocking=False),
+    # Configured but not answering (or libvirt-python missing): what its domains use is unknown.
+    _C.LIBVIRT_UNAVAILABLE: ProblemTraits(_S.LIBVIRT, blocking=True),
+    _C.DOMAIN_UNREADABLE: ProblemTraits(_S.LIBVIRT, blocking=True),
+    # A domain's disk that does not exist (a volume not mounted?) or a storage volume that cannot
+    # be resolved to a path: what lies behind it is unknown.
+    _C.DOMAIN_DISK_MISSING: ProblemTraits(_S.LIBVIRT, blocking=True),
+    _C.DOMAIN_DISK_UNRESOLVED: ProblemTraits(_S.LIBVIRT, blocking=True),
+    # rbd, iscsi, nbd...: no file here, nothing in this cache; noted.
+    _C.DOMAIN_NETWORK_DISK: ProblemTraits(_S.LIBVIRT, blocking=False),
 }
 del _S, _C
 
@@ -289,6 +309,35 @@ class Disk:
 
 
 @dataclass(frozen=True, slots=True)
+class DomainFile:
+    """One file a libvirt domain names: ``role`` says where (``disk vda``, ``kernel``, ...).
+
+    ``file_id`` is its ``(st_dev, st_ino)`` found by ``stat`` (never opened for this), None when
+    it does not exist or the path is not absolute.
+    """
+
+    role: str
+    path: str
+    file_id: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    """One libvirt domain, running or only defined, and every file it uses.
+
+    ``files``: each file its XML names (disk sources, the backing chain libvirt reports for a
+    running domain, mirrors, ``<os>`` kernel, initrd, loader, nvram, dtb). ``disks``: the chains
+    read from its disk sources' own headers, as instance disks are read.
+    """
+
+    name: str
+    uuid: str
+    active: bool
+    files: tuple[DomainFile, ...] = ()
+    disks: tuple[Disk, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceRecord:
     """One instance from an inventory source (DESIGN.md §7); only ``uuid`` is required."""
 
@@ -324,6 +373,7 @@ class Inventory:
     problems: tuple[Problem, ...] = ()
     # Cache entries some process holds open right now: (entry name, "pid N (comm)").
     open_files: tuple[tuple[str, str], ...] = ()
+    domains: tuple[Domain, ...] = ()
 
     @property
     def complete(self) -> bool:

@@ -15,10 +15,12 @@ from imagecache.layout import Layout
 from imagecache.plan import Policy
 
 __all__ = [
+    "LIBVIRT_OFF",
     "CleanSettings",
     "DaemonSettings",
     "FetchSettings",
     "GlanceSettings",
+    "LibvirtSettings",
     "MetricsSettings",
     "Settings",
     "VerifySettings",
@@ -92,6 +94,24 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LibvirtSettings:
+    """Which libvirt connection tells what every domain uses (``[imagecache] libvirt_uri``).
+
+    ``uri`` None: turned off (``libvirt_uri = none``). ``configured``: the configuration says
+    this host runs libvirt (``libvirt_uri``, or Nova's ``[libvirt] connection_uri`` or
+    ``virt_type``), so a connection that fails makes the view incomplete; otherwise it is
+    consulted only when a libvirt daemon's socket exists.
+    """
+
+    uri: str | None
+    configured: bool
+    timeout: float  # seconds the whole listing may take before the view is incomplete
+
+
+LIBVIRT_OFF = LibvirtSettings(uri=None, configured=False, timeout=30.0)
+
+
+@dataclass(frozen=True, slots=True)
 class GlanceSettings:
     """How to reach Glance: nova.conf ``[glance]`` or a clouds.yaml cloud (``--os-cloud``).
 
@@ -125,6 +145,7 @@ class Settings:
     metrics: MetricsSettings
     glance: GlanceSettings
     config_files: tuple[str, ...] = ()
+    libvirt: LibvirtSettings = LIBVIRT_OFF
 
     @property
     def nova_manager_enabled(self) -> bool:

@@ -21,7 +21,16 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
 
 from imagecache import naming
-from imagecache.model import FileType, InstanceRecord, Inventory, Problem, ProblemCode, Source, User
+from imagecache.model import (
+    Disk,
+    FileType,
+    InstanceRecord,
+    Inventory,
+    Problem,
+    ProblemCode,
+    Source,
+    User,
+)
 from imagecache.plan import Policy
 
 __all__ = ["counted_records", "record_claims", "record_notes", "users_by_entry"]
@@ -101,22 +110,13 @@ def users_by_entry(inventory: Inventory, policy: Policy) -> Mapping[str, tuple[U
     found = _Users(wanted, same_file)
     users = found.by_name
     for disk in inventory.disks:
-        if disk.file_id is not None:
-            for name in same_file.get(disk.file_id, ()):
-                users[name].append(User(Source.BACKING, disk.path, "the disk file itself"))
-        ids = disk.chain_ids
-        for depth, link in enumerate(disk.chain, start=1):
-            detail = "direct backing file" if depth == 1 else f"backing chain depth {depth}"
-            # A missing or unreadable last link has no id: there is no file to compare.
-            found.claim(disk.path, link, ids[depth - 1] if depth <= len(ids) else None, detail)
-        if not (disk.data_files or disk.extents):
-            continue  # nearly every disk
-        for role, files, file_ids in (
-            ("data file", disk.data_files, disk.data_file_ids),
-            ("vmdk extent", disk.extents, disk.extent_ids),
-        ):
-            for (depth, path), file_id in zip(files, file_ids, strict=True):
-                found.claim(disk.path, path, file_id, f"{role} at depth {depth}")
+        found.disk(disk, Source.BACKING, disk.path)
+    for domain in inventory.domains:  # what the hypervisor says each domain uses
+        ref = domain.name
+        for f in domain.files:
+            found.claim(ref, f.path, f.file_id, f"{f.role}: {f.path}", Source.LIBVIRT)
+        for disk in domain.disks:
+            found.disk(disk, Source.LIBVIRT, ref, of=f" of {disk.path}")
     for record in counted_records(inventory):
         for name, detail in record_claims(record, policy):
             if name in wanted:
@@ -137,13 +137,40 @@ class _Users:
         self.same_file = same_file
         self.by_name: defaultdict[str, list[User]] = defaultdict(list)
 
-    def claim(self, disk: str, path: str, file_id: tuple[int, int] | None, detail: str) -> None:
-        """``disk`` uses the file at ``path``: the entry of its basename, and the entry it is."""
+    def disk(self, disk: Disk, source: Source, ref: str, *, of: str = "") -> None:
+        """Everything one disk uses: the entry it is, its chain, its data files and extents."""
+        if disk.file_id is not None:
+            for name in self.same_file.get(disk.file_id, ()):
+                self.by_name[name].append(User(source, ref, f"the disk file itself{of}"))
+        ids = disk.chain_ids
+        for depth, link in enumerate(disk.chain, start=1):
+            detail = "direct backing file" if depth == 1 else f"backing chain depth {depth}"
+            # A missing or unreadable last link has no id: there is no file to compare.
+            file_id = ids[depth - 1] if depth <= len(ids) else None
+            self.claim(ref, link, file_id, detail + of, source)
+        if not (disk.data_files or disk.extents):
+            return  # nearly every disk
+        for role, files, file_ids in (
+            ("data file", disk.data_files, disk.data_file_ids),
+            ("vmdk extent", disk.extents, disk.extent_ids),
+        ):
+            for (depth, path), file_id in zip(files, file_ids, strict=True):
+                self.claim(ref, path, file_id, f"{role} at depth {depth}{of}", source)
+
+    def claim(
+        self,
+        ref: str,
+        path: str,
+        file_id: tuple[int, int] | None,
+        detail: str,
+        source: Source = Source.BACKING,
+    ) -> None:
+        """``ref`` uses the file at ``path``: the entry of its basename, and the entry it is."""
         name = posixpath.basename(path)
         if name in self.wanted:
-            self.by_name[name].append(User(Source.BACKING, disk, detail))
+            self.by_name[name].append(User(source, ref, detail))
         if file_id is None:
             return
         for other in self.same_file.get(file_id, ()):
             if other != name:
-                self.by_name[other].append(User(Source.BACKING, disk, f"{detail} via {path}"))
+                self.by_name[other].append(User(source, ref, f"{detail} via {path}"))

@@ -19,7 +19,7 @@ from imagecache.layout import CACHE_PREFIX, DISK_INFO, Layout
 from imagecache.model import Disk, Kind, Problem, ProblemCode
 from imagecache.store.jsonfile import JsonFileError, read_json
 
-__all__ = ["MAX_TREE_DEPTH", "disk_of", "scan_instances"]
+__all__ = ["MAX_TREE_DEPTH", "disk_of", "inspect_file", "scan_instances"]
 
 #: How many levels of subdirectories below an instance directory are scanned (``a/b/c``). A
 #: directory deeper down is reported (``tree-too-deep``, blocking), never skipped in silence.
@@ -421,6 +421,16 @@ def _inspect_disk(
         return disk, None  # nearly every disk
     unseen = _chain_problem(chain, layout)
     return disk, unseen and _excused(unseen, name, guest)
+
+
+def inspect_file(
+    path: str, owner: str, headers: HeaderCache, *, layout: Layout, guest_written: bool
+) -> tuple[Disk | None, Problem | None]:
+    """One disk file named from outside an instance directory (a libvirt domain's), read as an
+    instance disk is. ``guest_written``: qemu opens it raw, so its bytes are a guest's, and what
+    a header there names is only ``stat``-ed (see :func:`scan_instances`)."""
+    guest = frozenset({os.path.basename(path)}) if guest_written else frozenset()
+    return _inspect_disk(path, owner, headers, layout=layout, guest=guest)
 
 
 def _raw_disk(

@@ -1,0 +1,444 @@
+"""Observe libvirt's domains: every file each one uses, and the Nova records in their metadata.
+
+The hypervisor knows what no directory listing shows: the disks of domains defined but shut off,
+disks outside ``instances_path``, the backing chain it resolved for a running domain, the
+``<os>`` kernel and initrd, and, for Nova's domains, the image id in ``<nova:instance>``. Every
+domain is listed, running or not, read-only (``openReadOnly``); nothing here changes libvirt.
+
+What is and is not a problem:
+
+- libvirt *configured* (``[imagecache] libvirt_uri``, Nova's ``[libvirt] connection_uri`` or
+  ``virt_type``) or a daemon socket present, but no answer (libvirt-python missing, the daemon
+  down or hung past the timeout), or a domain whose XML cannot be read: blocking, since what
+  those domains use is unknown.
+- Neither configured nor running: off, said once as a note (``libvirt_uri = none``: off,
+  silently, as the operator asked).
+- A network disk (rbd, iscsi, nbd, ...): noted; it is no file here.
+
+libvirt's XML is the hypervisor's, but its ``<metadata>`` is whatever a client wrote: it is
+parsed as hostile text (no DTD, bounded, values checked like an inventory's). The files it names
+are found by ``stat`` and read with the same header reader as instance disks, never opened
+otherwise; a disk qemu opens raw (``<driver type='raw'>``, or no type: libvirt does not probe)
+holds a guest's bytes, whose header names are only ``stat``-ed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import stat
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from imagecache import naming
+from imagecache.formats.chain import HeaderCache
+from imagecache.layout import Layout
+from imagecache.model import Disk, Domain, DomainFile, InstanceRecord, Problem, ProblemCode
+from imagecache.settings import LibvirtSettings
+from imagecache.sources.disks import inspect_file
+
+__all__ = ["DAEMON_SOCKETS", "NOVA_NAMESPACES", "Domains", "observe_domains", "parse_domain"]
+
+#: Sockets of a libvirt daemon on this host (monolithic libvirtd, modular virtqemud): one that
+#: exists means libvirt runs here, configured or not.
+DAEMON_SOCKETS = (
+    "/run/libvirt/libvirt-sock",
+    "/run/libvirt/libvirt-sock-ro",
+    "/run/libvirt/virtqemud-sock",
+    "/run/libvirt/virtqemud-sock-ro",
+)
+#: Nova's domain metadata (``nova/virt/libvirt/config.py``), newest first.
+NOVA_NAMESPACES = (
+    "http://openstack.org/xmlns/libvirt/nova/1.1",
+    "http://openstack.org/xmlns/libvirt/nova/1.0",
+)
+_MAX_XML = 16 << 20  # a domain's XML is a few KiB; a 16 MiB one is refused, not parsed
+_MAX_SIZE = 1 << 40  # MiB of swap, GiB of ephemeral disk, as for inventory records
+_VIR_ERR_NO_DOMAIN = 42  # undefined between listing and reading: gone, nothing to protect
+_VIR_DOMAIN_XML_INACTIVE = 2
+# Disk types that name no file here.
+_NOT_FILES = frozenset({"network", "nvme", "vhostuser", "vhostvdpa"})
+
+
+@dataclass(frozen=True, slots=True)
+class Domains:
+    """What the libvirt source found: domains, the Nova records of their metadata, problems."""
+
+    domains: tuple[Domain, ...] = ()
+    records: tuple[InstanceRecord, ...] = ()
+    problems: tuple[Problem, ...] = ()
+
+
+@dataclass(slots=True)
+class _Parsed:
+    """What one domain's XML says, before any file is looked at."""
+
+    files: list[tuple[str, str]] = field(default_factory=list)  # (role, path)
+    sources: list[tuple[str, str, bool]] = field(default_factory=list)  # (role, path, raw)
+    volumes: list[tuple[str, str, str, bool]] = field(default_factory=list)  # role, pool, vol, raw
+    network: list[str] = field(default_factory=list)
+    record: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Listed:
+    """One domain as listed, in plain values (all libvirt calls happen in the worker thread)."""
+
+    name: str
+    uuid: str
+    active: bool
+    parsed: _Parsed | None
+    error: str | None = None
+    volumes: Mapping[tuple[str, str], str | Exception] = field(default_factory=dict)
+
+
+def observe_domains(
+    settings: LibvirtSettings,
+    layout: Layout,
+    *,
+    host: str,
+    disks: Mapping[str, Disk] = {},
+    sockets: Sequence[str] = DAEMON_SOCKETS,
+) -> Domains:
+    """Every domain of the configured connection and what it uses; never raises.
+
+    ``disks``: chains already read by the instance scan, by path, reused for a domain disk of the
+    same path. ``sockets``: where a running daemon would be found (the test suite's edge).
+    """
+    uri = settings.uri
+    if uri is None:
+        return Domains()  # the operator said so: no note every pass
+    if not settings.configured and not any(os.path.exists(s) for s in sockets):
+        why = "not configured and no libvirt daemon socket on this host"
+        return Domains(problems=(_off(why),))
+    listed = _list(uri, settings.timeout)
+    if isinstance(listed, Problem):
+        return Domains(problems=(listed,))
+    reader = _Reader(layout, host, disks)
+    for item in listed:
+        reader.add(uri, item)
+    return Domains(tuple(reader.domains), tuple(reader.records), tuple(reader.problems))
+
+
+def _off(why: str) -> Problem:
+    message = f"libvirt {why}: domains are not consulted"
+    return Problem(ProblemCode.LIBVIRT_OFF, "-", message)
+
+
+def _list(uri: str, timeout: float) -> list[_Listed] | Problem:
+    """Every domain of ``uri``, listed in a worker thread that may take ``timeout`` seconds.
+
+    A daemon that hangs must not hang the pass: past the timeout the thread is left behind (a
+    daemon thread, blocked in libvirt) and the view is incomplete.
+    """
+    answer: queue.Queue[list[_Listed] | Problem] = queue.Queue(1)
+
+    def work() -> None:
+        try:
+            answer.put(_connect_and_list(uri))
+        except Exception as exc:
+            answer.put(_unavailable(uri, f"listing domains failed: {exc}"))
+
+    threading.Thread(target=work, name="imagecache-libvirt", daemon=True).start()
+    try:
+        return answer.get(timeout=timeout)
+    except queue.Empty:
+        return _unavailable(uri, f"no answer within {timeout:g} s")
+
+
+def _unavailable(uri: str, why: str) -> Problem:
+    return Problem(
+        ProblemCode.LIBVIRT_UNAVAILABLE,
+        uri,
+        f"{why}: what its domains use is unknown, nothing is removed "
+        "(start libvirt, or set [imagecache] libvirt_uri = none on a host without it)",
+    )
+
+
+_event_loop = threading.Lock()
+_event_loop_registered = False
+
+
+def _connect_and_list(uri: str) -> list[_Listed] | Problem:
+    """In the worker thread: connect read-only, list every domain, read and parse its XML."""
+    try:
+        import libvirt
+    except ImportError:
+        return _unavailable(
+            uri, "libvirt-python is not installed (pip install 'imagecache[libvirt]')"
+        )
+    libvirt.registerErrorHandler(_quiet, None)  # errors are raised; do not print them too
+    if uri.startswith("qemu:///embed"):
+        _register_event_loop(libvirt)  # the embedded driver insists on one
+    try:
+        conn = libvirt.openReadOnly(uri)
+    except libvirt.libvirtError as exc:
+        return _unavailable(uri, f"cannot connect: {exc}")
+    try:
+        try:
+            found = conn.listAllDomains(0)
+        except libvirt.libvirtError as exc:
+            return _unavailable(uri, f"cannot list domains: {exc}")
+        return [d for d in (_read_domain(libvirt, conn, dom) for dom in found) if d is not None]
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+
+def _quiet(_ctx: object, _err: object) -> None:
+    return None
+
+
+def _register_event_loop(libvirt: Any) -> None:
+    global _event_loop_registered  # noqa: PLW0603 - libvirt's event loop is process-wide
+    with _event_loop:
+        if not _event_loop_registered:
+            libvirt.virEventRegisterDefaultImpl()
+            _event_loop_registered = True
+
+
+def _read_domain(libvirt: Any, conn: Any, dom: Any) -> _Listed | None:
+    """One domain's name, state and files; None when it was undefined meanwhile."""
+    try:
+        name = str(dom.name())
+        uuid = str(dom.UUIDString())
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == _VIR_ERR_NO_DOMAIN:
+            return None
+        return _Listed("?", "?", active=True, parsed=None, error=f"cannot name it: {exc}")
+    try:
+        active = bool(dom.isActive())
+        # A running domain's live XML has the chain libvirt resolved; its persistent config is
+        # what the next boot opens. Both count.
+        xmls = [dom.XMLDesc(0)]
+        if active and dom.isPersistent():
+            xmls.append(dom.XMLDesc(_VIR_DOMAIN_XML_INACTIVE))
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == _VIR_ERR_NO_DOMAIN:
+            return None
+        return _Listed(name, uuid, active=True, parsed=None, error=f"cannot read its XML: {exc}")
+    try:
+        parsed = _Parsed()
+        for text in xmls:
+            parse_domain(text, into=parsed)
+    except ValueError as exc:
+        return _Listed(name, uuid, active, parsed=None, error=str(exc))
+    volumes: dict[tuple[str, str], str | Exception] = {}
+    for _, pool, volume, _ in parsed.volumes:
+        try:
+            path = conn.storagePoolLookupByName(pool).storageVolLookupByName(volume).path()
+            volumes[(pool, volume)] = str(path)
+        except libvirt.libvirtError as exc:
+            volumes[(pool, volume)] = exc
+    return _Listed(name, uuid, active, parsed, volumes=volumes)
+
+
+def parse_domain(text: str, *, into: _Parsed | None = None) -> _Parsed:
+    """The files, disks and Nova record one domain XML names.
+
+    Raises:
+        ValueError: not a domain XML this can trust itself to read (too large, a DTD, malformed,
+            or Nova metadata with values that are no sizes or no text).
+    """
+    parsed = _Parsed() if into is None else into
+    if len(text) > _MAX_XML:
+        raise ValueError(f"domain XML larger than {_MAX_XML} bytes")
+    if "<!DOCTYPE" in text or "<!ENTITY" in text:
+        raise ValueError("domain XML with a document type declaration")  # no entity expansion
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise ValueError(f"domain XML does not parse: {exc}") from exc
+    for disk in root.iterfind("devices/disk"):
+        _disk(disk, parsed)
+    os_element = root.find("os")
+    if os_element is not None:
+        for tag in ("kernel", "initrd", "dtb", "loader"):
+            path = (os_element.findtext(tag) or "").strip()
+            if path:
+                parsed.files.append((tag, path))
+        nvram = os_element.find("nvram")
+        if nvram is not None:
+            source = nvram.find("source")
+            path = source.get("file", "") if source is not None else (nvram.text or "").strip()
+            if path:
+                parsed.files.append(("nvram", path))
+    record = _nova_record(root)
+    if record is not None and parsed.record is None:
+        parsed.record = record
+    return parsed
+
+
+def _disk(disk: ET.Element, parsed: _Parsed) -> None:
+    target = disk.find("target")
+    role = f"disk {target.get('dev', '?') if target is not None else '?'}"
+    driver = disk.find("driver")
+    fmt = driver.get("type") if driver is not None else None
+    raw = fmt in (None, "raw")  # libvirt does not probe: no type is raw
+    kind = disk.get("type", "file")
+    source = disk.find("source")
+    if kind in _NOT_FILES:
+        parsed.network.append(f"{role}: {kind} {_network_name(source)}")
+    elif source is not None and kind == "volume":
+        pool, volume = source.get("pool"), source.get("volume")
+        if pool and volume:
+            parsed.volumes.append((role, pool, volume, raw))
+    elif source is not None:
+        path = source.get("file") or source.get("dev") or source.get("dir")
+        if path:
+            parsed.sources.append((role, path, raw))
+        store = source.find("dataStore/source")  # a qcow2 external data file
+        if store is not None and store.get("file"):
+            parsed.files.append((f"{role} data file", store.get("file", "")))
+    for depth, path in _backing_store(disk):
+        parsed.files.append((f"{role} backing chain depth {depth} (libvirt)", path))
+    mirror = disk.find("mirror")  # a block copy in progress: its destination
+    if mirror is not None:
+        mirror_source = mirror.find("source")
+        path = mirror.get("file") or (
+            mirror_source.get("file") if mirror_source is not None else ""
+        )
+        if path:
+            parsed.files.append((f"{role} mirror", path))
+
+
+def _network_name(source: ET.Element | None) -> str:
+    if source is None:
+        return ""
+    return f"{source.get('protocol', '')}:{source.get('name', '')}".strip(":")
+
+
+def _backing_store(disk: ET.Element) -> Iterator[tuple[int, str]]:
+    """The chain libvirt reports under a disk, nearest first; network links skipped."""
+    node = disk.find("backingStore")
+    depth = 1
+    while node is not None and depth <= 64:  # libvirt reports as deep as qemu allows
+        source = node.find("source")
+        if source is not None and node.get("type", "file") not in _NOT_FILES:
+            path = source.get("file") or source.get("dev")
+            if path:
+                yield depth, path
+        node = node.find("backingStore")
+        depth += 1
+
+
+def _nova_record(root: ET.Element) -> dict[str, Any] | None:
+    """The fields of an instance record in Nova's metadata, or None when there is none."""
+    for ns in NOVA_NAMESPACES:
+        instance = root.find(f"metadata/{{{ns}}}instance")
+        if instance is None:
+            continue
+        record: dict[str, Any] = {}
+        name = instance.findtext(f"{{{ns}}}name")
+        if name:
+            record["name"] = _text(name, "nova:name")
+        root_disk = instance.find(f"{{{ns}}}root")
+        if root_disk is not None and root_disk.get("type") == "image" and root_disk.get("uuid"):
+            record["image_ref"] = _text(root_disk.get("uuid", ""), "nova:root uuid")
+        flavor = instance.find(f"{{{ns}}}flavor")
+        if flavor is not None:
+            for tag, key in (("swap", "swap_mb"), ("ephemeral", "ephemeral_gb")):
+                value = flavor.findtext(f"{{{ns}}}{tag}")
+                if value is not None and value.strip():
+                    record[key] = _size(value, f"nova:flavor {tag}")
+        return record
+    return None
+
+
+def _text(value: str, what: str) -> str:
+    if not naming.encodable(value):
+        raise ValueError(f"Nova metadata: {what} is not valid text: {value!r}")
+    return value
+
+
+def _size(value: str, what: str) -> int:
+    text = value.strip()
+    if not text.isdecimal() or not text.isascii() or not 0 <= int(text) <= _MAX_SIZE:
+        raise ValueError(f"Nova metadata: {what} is not a size from 0 to 2**40: {value!r}")
+    return int(text)
+
+
+class _Reader:
+    """Turn listed domains into values: files found by ``stat``, disk chains by their headers."""
+
+    __slots__ = ("disks", "domains", "headers", "host", "layout", "problems", "records")
+
+    def __init__(self, layout: Layout, host: str, disks: Mapping[str, Disk]) -> None:
+        self.layout = layout
+        self.host = host
+        self.disks = disks
+        self.headers = HeaderCache()
+        self.domains: list[Domain] = []
+        self.records: list[InstanceRecord] = []
+        self.problems: list[Problem] = []
+
+    def add(self, uri: str, item: _Listed) -> None:
+        ref = f"{uri} domain {item.name}"
+        if item.parsed is None:
+            message = f"{item.error}: what it uses is unknown, nothing is removed"
+            self.problems.append(Problem(ProblemCode.DOMAIN_UNREADABLE, ref, message))
+            return
+        parsed = item.parsed
+        for note in parsed.network:
+            message = f"{note}: no file on this host, nothing in this cache"
+            self.problems.append(Problem(ProblemCode.DOMAIN_NETWORK_DISK, ref, message))
+        sources = list(parsed.sources)
+        for role, pool, volume, raw in parsed.volumes:
+            path = item.volumes.get((pool, volume))
+            if isinstance(path, str) and path:
+                sources.append((role, path, raw))
+            else:
+                message = f"{role}: storage volume {pool}/{volume} not resolved: {path}"
+                self.problems.append(Problem(ProblemCode.DOMAIN_DISK_UNRESOLVED, ref, message))
+        files = [self._file(role, path) for role, path in parsed.files]
+        disks: list[Disk] = []
+        for role, path, raw in dict.fromkeys(sources):
+            found = self._file(role, path)
+            files.append(found)
+            disk = self._disk(ref, found, raw=raw)
+            if disk is not None:
+                disks.append(disk)
+        unique = tuple(dict.fromkeys(files))
+        self.domains.append(Domain(item.name, item.uuid, item.active, unique, tuple(disks)))
+        if parsed.record is not None:
+            self.records.append(InstanceRecord(uuid=item.uuid, host=self.host, **parsed.record))
+
+    def _file(self, role: str, path: str) -> DomainFile:
+        if not os.path.isabs(path):
+            return DomainFile(role, path)  # counts by its name alone
+        path = os.path.normpath(path)
+        try:
+            st = os.stat(path)  # found, never opened; a link is the file it names
+        except OSError:
+            return DomainFile(role, path)
+        return DomainFile(role, path, (st.st_dev, st.st_ino))
+
+    def _disk(self, ref: str, found: DomainFile, *, raw: bool) -> Disk | None:
+        """The chain of one disk source: read by the instance scan already, or read now."""
+        known = self.disks.get(found.path)
+        if known is not None and known.file_id == found.file_id:
+            return known
+        if found.file_id is None:
+            if os.path.isabs(found.path) and not os.path.lexists(found.path):
+                message = (
+                    f"{found.role}: {found.path} does not exist (a volume not mounted?): what it "
+                    "would use is unknown; undefine the domain if it is gone for good"
+                )
+                self.problems.append(Problem(ProblemCode.DOMAIN_DISK_MISSING, ref, message))
+            return None
+        try:
+            mode = os.stat(found.path).st_mode
+        except OSError:
+            mode = 0
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            return None  # a directory disk, a FIFO: nothing with a header, never opened
+        disk, problem = inspect_file(
+            found.path, ref, self.headers, layout=self.layout, guest_written=raw
+        )
+        if problem is not None:
+            self.problems.append(problem)
+        return disk
