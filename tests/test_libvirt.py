@@ -8,7 +8,11 @@ that without the domain the entry would go: the domain is what keeps it.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -299,6 +303,30 @@ def test_a_missing_disk_of_a_defined_domain_blocks_removal(
     assert str(gone) in problem["message"] and problem["blocking"]
 
 
+@pytest.mark.parametrize("active", [True, False], ids=["running", "shut-off"])
+def test_a_disk_deleted_under_a_running_domain_hides_nothing_libvirts_chain_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], active: bool
+) -> None:
+    host = libvirt_host(tmp_path, "")
+    base = put(host, A, 2 * DAY, now=time.time())
+    gone = tmp_path / "deleted" / "disk"
+    chain = (
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{gone}'/><backingStore type='file'><format type='raw'/>"
+        f"<source file='{base}'/><backingStore/></backingStore>"
+        "<target dev='vda' bus='virtio'/></disk>"
+    )
+    point(host, node(tmp_path, domain_xml("vm1", extra_devices=chain, active=active)))
+
+    code, doc = clean(host, capsys)
+    assert base.exists()
+    if active:  # libvirt resolved the chain of what qemu has open: nothing hidden
+        assert code == 0 and "domain-disk-deleted" in codes(doc), doc["problems"]
+        assert libvirt_users(doc, A)
+    else:  # a defined domain's missing disk may be a volume not mounted: unknown
+        assert code == 1 and "domain-disk-missing" in codes(doc)
+
+
 def test_a_raw_domain_disk_is_a_guests_bytes_whose_header_names_are_never_opened(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -368,7 +396,60 @@ def test_embedded_qemu_driver_domains_are_seen_like_a_hosts(
     config.mkdir(parents=True)
     xml = domain_xml("embedded", disks=[(str(disk), "qcow2")], kind="qemu")
     (config / "embedded.xml").write_text(xml)
-    code, doc = clean(host, capsys)
-    assert code == 0, doc["problems"]
+    # In a process of its own: once the embedded driver is loaded, it claims every qemu:/// URI
+    # of its process (qemu:///system included), which the other tests here connect to.
+    argv = [sys.executable, "-m", "imagecache", "--config-file", str(host.config), "--json"]
+    done = subprocess.run([*argv, "clean"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
     assert base.exists() and not other.exists()
     assert [u["ref"] for u in libvirt_users(doc, A)] == ["embedded"]
+
+
+def test_a_real_libvirtd_guest_keeps_its_base_until_destroyed_and_undefined(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's end-to-end case: a TCG guest under a real libvirtd, on an overlay of a base.
+
+    Running, the base is kept by its disk, its domain and qemu holding it open; with its instance
+    directory deleted it is still kept, by the live domain (libvirt's resolved chain) and the open
+    file; destroyed and undefined, it goes once its age has passed.
+    """
+    from tests.libvirtd import define_tcg_domain, running_libvirtd
+    from tests.test_executor import use
+
+    host = libvirt_host(tmp_path, "")
+    base = put(host, A, 2 * DAY, now=time.time())
+    other = put(host, B, 2 * DAY, now=time.time())
+    disk = use(host, A, "inst-1")
+    with running_libvirtd(log_file=tmp_path / "libvirtd.log") as uri:
+        point(host, uri)
+        define_tcg_domain(uri, "instance-00000001", disk, start=True)
+
+        code, doc = clean(host, capsys)
+        assert code == 0, doc["problems"]
+        assert base.exists() and not other.exists()
+        sources = {u["source"] for u in entry(doc, A)["users"]}
+        assert sources == {"backing", "libvirt", "open-file"}, entry(doc, A)["users"]
+
+        shutil.rmtree(disk.parent)  # the instance directory is gone; qemu still runs on it
+        os.utime(base, (time.time() - 2 * DAY,) * 2)
+        code, doc = clean(host, capsys)
+        assert code == 0, doc["problems"]
+        assert base.exists()
+        users = entry(doc, A)["users"]
+        assert {u["source"] for u in users} == {"libvirt", "open-file"}, users
+        assert any("(libvirt)" in u["detail"] for u in users if u["source"] == "libvirt")
+        assert "domain-disk-deleted" in codes(doc)  # noted: the live chain said what it used
+
+        conn = libvirt.open(uri)
+        try:
+            domain = conn.lookupByName("instance-00000001")
+            domain.destroy()
+            domain.undefine()
+        finally:
+            conn.close()
+        os.utime(base, (time.time() - 2 * DAY,) * 2)
+        code, doc = clean(host, capsys)
+        assert code == 0, doc["problems"]
+        assert not base.exists()

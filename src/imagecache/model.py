@@ -125,6 +125,7 @@ class ProblemCode(StrEnum):
     LIBVIRT_UNAVAILABLE = "libvirt-unavailable"
     DOMAIN_UNREADABLE = "domain-unreadable"
     DOMAIN_DISK_MISSING = "domain-disk-missing"
+    DOMAIN_DISK_DELETED = "domain-disk-deleted"
     DOMAIN_DISK_UNRESOLVED = "domain-disk-unresolved"
     DOMAIN_NETWORK_DISK = "domain-network-disk"
 
@@ -205,6 +206,8 @@ PROBLEMS: dict[ProblemCode, ProblemTraits] = {
     # be resolved to a path: what lies behind it is unknown.
     _C.DOMAIN_DISK_MISSING: ProblemTraits(_S.LIBVIRT, blocking=True),
     _C.DOMAIN_DISK_UNRESOLVED: ProblemTraits(_S.LIBVIRT, blocking=True),
+    # A running domain's disk deleted under it: libvirt's resolved chain says what it uses.
+    _C.DOMAIN_DISK_DELETED: ProblemTraits(_S.LIBVIRT, blocking=False),
     # rbd, iscsi, nbd...: no file here, nothing in this cache; noted.
     _C.DOMAIN_NETWORK_DISK: ProblemTraits(_S.LIBVIRT, blocking=False),
 }

@@ -81,6 +81,7 @@ class _Parsed:
     sources: list[tuple[str, str, bool]] = field(default_factory=list)  # (role, path, raw)
     volumes: list[tuple[str, str, str, bool]] = field(default_factory=list)  # role, pool, vol, raw
     network: list[str] = field(default_factory=list)
+    resolved: set[str] = field(default_factory=set)  # disk sources libvirt reported a chain of
     record: dict[str, Any] | None = None
 
 
@@ -291,6 +292,8 @@ def _disk(disk: ET.Element, parsed: _Parsed) -> None:
         path = source.get("file") or source.get("dev") or source.get("dir")
         if path:
             parsed.sources.append((role, path, raw))
+            if disk.find("backingStore") is not None:
+                parsed.resolved.add(path)
         store = source.find("dataStore/source")  # a qcow2 external data file
         if store is not None and store.get("file"):
             parsed.files.append((f"{role} data file", store.get("file", "")))
@@ -399,7 +402,8 @@ class _Reader:
         for role, path, raw in dict.fromkeys(sources):
             found = self._file(role, path)
             files.append(found)
-            disk = self._disk(ref, found, raw=raw)
+            resolved = item.active and path in parsed.resolved
+            disk = self._disk(ref, found, raw=raw, resolved=resolved)
             if disk is not None:
                 disks.append(disk)
         unique = tuple(dict.fromkeys(files))
@@ -417,13 +421,23 @@ class _Reader:
             return DomainFile(role, path)
         return DomainFile(role, path, (st.st_dev, st.st_ino))
 
-    def _disk(self, ref: str, found: DomainFile, *, raw: bool) -> Disk | None:
-        """The chain of one disk source: read by the instance scan already, or read now."""
+    def _disk(self, ref: str, found: DomainFile, *, raw: bool, resolved: bool) -> Disk | None:
+        """The chain of one disk source: read by the instance scan already, or read now.
+
+        ``resolved``: a running domain's, whose chain libvirt reported (in ``files``): a disk
+        deleted while it runs hides nothing, qemu has it and libvirt says what lies behind it.
+        """
         known = self.disks.get(found.path)
         if known is not None and known.file_id == found.file_id:
             return known
         if found.file_id is None:
-            if os.path.isabs(found.path) and not os.path.lexists(found.path):
+            if resolved:
+                message = (
+                    f"{found.role}: {found.path} was deleted while the running domain uses it: "
+                    "the chain libvirt reports for it counts"
+                )
+                self.problems.append(Problem(ProblemCode.DOMAIN_DISK_DELETED, ref, message))
+            elif os.path.isabs(found.path) and not os.path.lexists(found.path):
                 message = (
                     f"{found.role}: {found.path} does not exist (a volume not mounted?): what it "
                     "would use is unknown; undefine the domain if it is gone for good"
