@@ -455,3 +455,51 @@ def test_a_real_libvirtd_guest_keeps_its_base_until_destroyed_and_undefined(
         code, doc = clean(host, capsys)
         assert code == 0, doc["problems"]
         assert not base.exists()
+
+
+def test_a_libvirtd_that_never_answers_costs_one_timeout_and_one_thread(tmp_path: Path) -> None:
+    """A hung daemon (it accepts, then says nothing): the pass waits ``timeout`` once, the view
+    is incomplete, and while that listing stays blocked no second thread is started."""
+    import socket
+    import threading
+
+    path = tmp_path / "hung-sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(8)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    layout = Layout(str(tmp_path), "_base")
+    hung = LibvirtSettings(uri=f"qemu:///system?socket={path}", configured=True, timeout=0.5)
+    try:
+        started = time.monotonic()
+        found = observe_domains(hung, layout, host="h1")
+        assert time.monotonic() - started < 5
+        [problem] = found.problems
+        assert problem.code is ProblemCode.LIBVIRT_UNAVAILABLE and problem.blocking
+        assert "no answer within 0.5 s" in problem.message
+        before = threading.active_count()
+        found = observe_domains(hung, layout, host="h1")
+        assert "still not returned" in found.problems[0].message
+        assert threading.active_count() == before
+    finally:
+        stop.set()
+        acceptor.join()
+        for conn in accepted:
+            conn.close()  # the blocked listing gets its error and ends
+        server.close()
+    deadline = time.monotonic() + 10
+    while "still not returned" in observe_domains(hung, layout, host="h1").problems[0].message:
+        assert time.monotonic() < deadline, "the blocked listing never ended"
+        time.sleep(0.05)

@@ -134,8 +134,13 @@ def _list(uri: str, timeout: float) -> list[_Listed] | Problem:
     """Every domain of ``uri``, listed in a worker thread that may take ``timeout`` seconds.
 
     A daemon that hangs must not hang the pass: past the timeout the thread is left behind (a
-    daemon thread, blocked in libvirt) and the view is incomplete.
+    daemon thread, blocked in libvirt) and the view is incomplete. While one is still blocked,
+    no other is started (a hung libvirtd must not cost the daemon a thread per pass).
     """
+    global _stuck  # noqa: PLW0603 - one per process, like the libvirt connection it waits on
+    with _stuck_lock:
+        if _stuck is not None and _stuck.is_alive():
+            return _unavailable(uri, "the previous listing has still not returned")
     answer: queue.Queue[list[_Listed] | Problem] = queue.Queue(1)
 
     def work() -> None:
@@ -144,11 +149,18 @@ def _list(uri: str, timeout: float) -> list[_Listed] | Problem:
         except Exception as exc:
             answer.put(_unavailable(uri, f"listing domains failed: {exc}"))
 
-    threading.Thread(target=work, name="imagecache-libvirt", daemon=True).start()
+    worker = threading.Thread(target=work, name="imagecache-libvirt", daemon=True)
+    worker.start()
     try:
         return answer.get(timeout=timeout)
     except queue.Empty:
+        with _stuck_lock:
+            _stuck = worker
         return _unavailable(uri, f"no answer within {timeout:g} s")
+
+
+_stuck_lock = threading.Lock()
+_stuck: threading.Thread | None = None  # a listing that timed out and may still be blocked
 
 
 def _unavailable(uri: str, why: str) -> Problem:
