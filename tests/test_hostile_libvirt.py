@@ -39,7 +39,9 @@ HOW = st.sampled_from(
         "forged-raw",  # a raw disk whose guest wrote a qcow2 header naming the entry
         "fifo",  # a FIFO named as a disk: never opened
         "missing",  # a disk that is not there (an unmounted volume)
-        "kernel",  # <os><kernel> is the entry
+        "dangling",  # a disk that is a symlink to nothing (the volume behind it not mounted)
+        "relative",  # a relative path: where qemu opens it only qemu knows
+        "kernel",  # <os><kernel> (a second: initrd, dtb, loader) is the entry
         "network",  # an rbd disk
     ]
 )
@@ -76,7 +78,7 @@ def build(tmp_path: Path, uses: list[Use]) -> tuple[Any, set[str], bool, list[Pa
     incomplete = False
     fifos: list[Path] = []
     disks: dict[int, list[tuple[str, str | None]]] = {}
-    kernels: dict[int, str] = {}
+    os_files: dict[int, dict[str, str]] = {}
     networks: set[int] = set()
     active: dict[int, bool] = {}
     for i, use in enumerate(uses):
@@ -102,13 +104,24 @@ def build(tmp_path: Path, uses: list[Use]) -> tuple[Any, set[str], bool, list[Pa
             fmt = "raw"
         elif use.how == "missing":
             incomplete = True
+        elif use.how == "dangling":
+            file.symlink_to(tmp_path / "unmounted" / "disk.qcow2")
+            incomplete = True
+        elif use.how == "relative":
+            file = Path(f"vols/{i}.qcow2")
+            incomplete = True
         if use.how == "kernel":
-            kernels[use.domain] = str(entry)
+            # One <os> per domain: a second use takes the next of its file elements.
+            slots = os_files.setdefault(use.domain, {})
+            free = [t for t in ("kernel", "initrd", "dtb", "loader") if t not in slots]
+            if not free:
+                continue
+            slots[free[0]] = str(entry)
         elif use.how == "network":
             networks.add(use.domain)
         else:
             disks.setdefault(use.domain, []).append((str(file), fmt))
-        if use.how not in ("fifo", "missing", "network"):
+        if use.how not in ("fifo", "missing", "dangling", "relative", "network"):
             kept.add(name)  # every way of naming an entry keeps it, a forged header's too
     for path in paths:  # overlays and links were made after: the entries are old again
         os.utime(path, (now - 2 * DAY, now - 2 * DAY))
@@ -116,12 +129,12 @@ def build(tmp_path: Path, uses: list[Use]) -> tuple[Any, set[str], bool, list[Pa
         "<disk type='network' device='disk'><source protocol='rbd' name='p/i'>"
         "<host name='192.0.2.1'/></source><target dev='sdz' bus='scsi'/></disk>"
     )
-    domains = sorted(set(disks) | set(kernels) | networks)
+    domains = sorted(set(disks) | set(os_files) | networks)
     xml = [
         domain_xml(
             f"dom{d}",
             disks=disks.get(d, []),
-            os_files={"kernel": kernels[d]} if d in kernels else None,
+            os_files=os_files.get(d),
             extra_devices=rbd if d in networks else "",
             active=active.get(d, False),
         )
@@ -132,7 +145,7 @@ def build(tmp_path: Path, uses: list[Use]) -> tuple[Any, set[str], bool, list[Pa
 
 
 @settings(
-    max_examples=25,
+    max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

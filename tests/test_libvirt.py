@@ -362,7 +362,7 @@ def test_hostile_domain_xml_is_refused_with_a_reason_never_a_crash() -> None:
         with pytest.raises(ValueError, match=why):
             parse_domain(text)
     parsed = parse_domain(domain_xml("d", disks=[("relative/disk", "qcow2")]))
-    assert parsed.sources == [("disk vda", "relative/disk", False)]
+    assert parsed.sources == [("disk vda", "relative/disk", "qcow2")]
 
 
 def test_libvirt_users_are_listed_with_source_libvirt_in_plan(

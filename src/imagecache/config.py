@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import glob
 import logging
+import math
 import os
 import socket
 import stat
@@ -74,6 +75,13 @@ class _Option:
 
 def _tuple(value: Any) -> tuple[str, ...]:
     return tuple(value or ())
+
+
+def _finite(value: float, what: str) -> float:
+    """``value``, unless it is NaN (which every min/max bound lets through)."""
+    if not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a number of {what}")
+    return value
 
 
 def _listen(value: str | None) -> tuple[str, int] | None:
@@ -417,10 +425,12 @@ _LIBVIRT_OPTIONS: tuple[_Option, ...] = (
             "libvirt_timeout_seconds",
             default=30.0,
             min=0.1,
+            max=86400.0,
             help="Seconds listing libvirt's domains may take; past it the view is incomplete "
             "(nothing removed) and the pass goes on.",
         ),
         ("libvirt.timeout",),
+        lambda v: _finite(v, "seconds"),
     ),
     _Option(
         "libvirt",

@@ -362,6 +362,8 @@ class _Batch:
             now = self.clock.wall()
             # Observing the host again is the slow part: only when there is something to act on.
             inventory = self.observe() if len(missed) < len(names) else None
+            if inventory is not None and not inventory.complete:
+                _report_gaps(run, inventory)  # why the fresh decisions keep everything
             fresh = tuple(decide(inventory, p, now) for p in self.policies) if inventory else ()
             for d in work.decisions:
                 name = _lock_name(d)
@@ -385,6 +387,17 @@ class _Batch:
                     found_t = [_trash_named(p, t.entry.trash_name) for p in fresh]
                     _act_on_trash(run, t, found_t, now=now)
         return busy
+
+
+def _report_gaps(run: Run, inventory: Inventory) -> None:
+    """The blocking problems of an act-time observation, once each, as the pass's own: a plan
+    made from a complete view may meet an incomplete one (libvirt gone since), and the report
+    must say why nothing was done."""
+    seen = {(p.code, p.ref) for p in run.problems}
+    for p in inventory.problems:
+        if p.blocking and (p.code, p.ref) not in seen:
+            seen.add((p.code, p.ref))
+            run.problems.append(p)
 
 
 def _decision_named(plan: Plan, name: str) -> Decision | None:

@@ -384,6 +384,9 @@ def _cache_like(path: str, layout: Layout) -> bool:
     )
 
 
+_UNDECLARED = "\0undeclared"  # no format declared: the header says (an instance directory's disk)
+
+
 def _inspect_disk(
     path: str,
     instance: str,
@@ -392,13 +395,17 @@ def _inspect_disk(
     layout: Layout,
     guest: Container[str] = frozenset(),
     entry: os.DirEntry[str] | None = None,
+    declared: str | None = _UNDECLARED,
 ) -> tuple[Disk | None, Problem | None]:
     """The disk at ``path`` (listed as ``entry``) and what it uses, or why that is not known.
 
     ``guest``: names in its directory whose bytes are a guest's (asked only when the header names
-    other files, or is garbage).
+    other files, or is garbage). ``declared``: the format qemu opens it as, when something says
+    (libvirt's ``<driver type>``; None is raw): a header of another format is a guest's bytes.
     """
     name = entry.name if entry is not None else os.path.basename(path)
+    if declared is not _UNDECLARED and declared in (None, "raw"):
+        guest = frozenset({name})
     try:
         header, st = read_header_stat(path)
     except FileNotFoundError:
@@ -412,6 +419,8 @@ def _inspect_disk(
         return None, _excused(problem, name, guest)
     if not header.is_disk_image:
         return _raw_disk(path, instance, st, entry), None
+    if declared is not _UNDECLARED and header.format != declared:
+        guest = frozenset({name})
     if header.names_files and name in guest:
         chain = stat_names(path, header, st, headers=headers)
     else:
@@ -424,13 +433,13 @@ def _inspect_disk(
 
 
 def inspect_file(
-    path: str, owner: str, headers: HeaderCache, *, layout: Layout, guest_written: bool
+    path: str, owner: str, headers: HeaderCache, *, layout: Layout, declared: str | None
 ) -> tuple[Disk | None, Problem | None]:
     """One disk file named from outside an instance directory (a libvirt domain's), read as an
-    instance disk is. ``guest_written``: qemu opens it raw, so its bytes are a guest's, and what
-    a header there names is only ``stat``-ed (see :func:`scan_instances`)."""
-    guest = frozenset({os.path.basename(path)}) if guest_written else frozenset()
-    return _inspect_disk(path, owner, headers, layout=layout, guest=guest)
+    instance disk is, as the format it is ``declared`` to be (None: raw, as libvirt does not
+    probe). A header of any other format is bytes qemu never parses there (a guest's, in a raw or
+    fixed-VHD disk): what it names is only ``stat``-ed (see :func:`scan_instances`)."""
+    return _inspect_disk(path, owner, headers, layout=layout, declared=declared)
 
 
 def _raw_disk(

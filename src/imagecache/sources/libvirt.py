@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import re
 import stat
 import threading
 import xml.etree.ElementTree as ET
@@ -78,11 +79,12 @@ class _Parsed:
     """What one domain's XML says, before any file is looked at."""
 
     files: list[tuple[str, str]] = field(default_factory=list)  # (role, path)
-    sources: list[tuple[str, str, bool]] = field(default_factory=list)  # (role, path, raw)
-    volumes: list[tuple[str, str, str, bool]] = field(default_factory=list)  # role, pool, vol, raw
+    # (role, path, declared format or None): disks, and file-backed filesystems
+    sources: list[tuple[str, str, str | None]] = field(default_factory=list)
+    volumes: list[tuple[str, str, str, str | None]] = field(default_factory=list)  # role, pool, vol
     network: list[str] = field(default_factory=list)
     resolved: set[str] = field(default_factory=set)  # disk sources libvirt reported a chain of
-    record: dict[str, Any] | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,35 +265,91 @@ def parse_domain(text: str, *, into: _Parsed | None = None) -> _Parsed:
     if "<!DOCTYPE" in text or "<!ENTITY" in text:
         raise ValueError("domain XML with a document type declaration")  # no entity expansion
     try:
-        root = ET.fromstring(text)
+        root = ET.fromstring(_keep_attribute_whitespace(text))
     except ET.ParseError as exc:
         raise ValueError(f"domain XML does not parse: {exc}") from exc
     for disk in root.iterfind("devices/disk"):
         _disk(disk, parsed)
+    for device in root.iterfind("devices/*"):
+        if device.tag != "disk":
+            _other_device(device, parsed)
     os_element = root.find("os")
     if os_element is not None:
         for tag in ("kernel", "initrd", "dtb", "loader"):
-            path = (os_element.findtext(tag) or "").strip()
-            if path:
-                parsed.files.append((tag, path))
-        nvram = os_element.find("nvram")
-        if nvram is not None:
-            source = nvram.find("source")
-            path = source.get("file", "") if source is not None else (nvram.text or "").strip()
-            if path:
-                parsed.files.append(("nvram", path))
-    record = _nova_record(root)
-    if record is not None and parsed.record is None:
-        parsed.record = record
+            _add_text(parsed, tag, os_element.findtext(tag))
+        for nvram in os_element.iterfind("nvram"):
+            _add_text(parsed, "nvram", nvram.text)
+            for path in (nvram.get("template"), *_paths(nvram.find("source"))):
+                _add_text(parsed, "nvram", path)
+    parsed.records.extend(r for r in _nova_records(root) if r not in parsed.records)
     return parsed
 
 
+# libvirt writes a tab, newline or carriage return in a path attribute as the character itself,
+# and XML normalises those to spaces in attribute values: written as character references, the
+# path is read as libvirt meant it (anywhere else, a reference is the same character).
+_ATTRIBUTE = re.compile(r"""=(\s*)(["'])(.*?)\2""", re.DOTALL)
+
+
+def _keep_attribute_whitespace(text: str) -> str:
+    if "\t" not in text and "\n" not in text and "\r" not in text:
+        return text
+    return _ATTRIBUTE.sub(
+        lambda m: (
+            f"={m[1]}{m[2]}"
+            + m[3].replace("\t", "&#9;").replace("\n", "&#10;").replace("\r", "&#13;")
+            + m[2]
+        ),
+        text,
+    )
+
+
+def _add_text(parsed: _Parsed, role: str, path: str | None) -> None:
+    """A path from an element's text or an attribute, exactly as written (no stripping: a
+    trailing space is part of a file name)."""
+    if path and path.strip():
+        parsed.files.append((role, path))
+
+
+def _paths(source: ET.Element | None) -> Iterator[str]:
+    """The file names a ``<source>`` element gives."""
+    if source is None:
+        return
+    for attribute in ("file", "dev", "path", "dir"):
+        value = source.get(attribute)
+        if value:
+            yield value
+    path = source.findtext("path")  # nvdimm, virtio-pmem: <source><path>
+    if path:
+        yield path
+
+
+def _other_device(device: ET.Element, parsed: _Parsed) -> None:
+    """Any other device that names files: every one counts (``<filesystem type='file'>`` is an
+    image qemu or the loop driver opens, and is read like a disk)."""
+    role = device.tag
+    driver = device.find("driver")
+    if role == "filesystem" and device.get("type") in ("file", "block"):
+        fmt = driver.get("format") if driver is not None else None
+        for path in _paths(device.find("source")):
+            parsed.sources.append((f"filesystem {_target(device)}", path, fmt))
+        return
+    for source in device.iter("source"):
+        for path in _paths(source):
+            _add_text(parsed, role, path)
+
+
+def _target(device: ET.Element) -> str:
+    target = device.find("target")
+    if target is None:
+        return "?"
+    return target.get("dev") or target.get("dir") or "?"
+
+
 def _disk(disk: ET.Element, parsed: _Parsed) -> None:
-    target = disk.find("target")
-    role = f"disk {target.get('dev', '?') if target is not None else '?'}"
+    role = f"disk {_target(disk)}"
     driver = disk.find("driver")
-    fmt = driver.get("type") if driver is not None else None
-    raw = fmt in (None, "raw")  # libvirt does not probe: no type is raw
+    fmt = driver.get("type") if driver is not None else None  # None: raw, libvirt does not probe
     kind = disk.get("type", "file")
     source = disk.find("source")
     if kind in _NOT_FILES:
@@ -299,11 +357,11 @@ def _disk(disk: ET.Element, parsed: _Parsed) -> None:
     elif source is not None and kind == "volume":
         pool, volume = source.get("pool"), source.get("volume")
         if pool and volume:
-            parsed.volumes.append((role, pool, volume, raw))
+            parsed.volumes.append((role, pool, volume, fmt))
     elif source is not None:
         path = source.get("file") or source.get("dev") or source.get("dir")
         if path:
-            parsed.sources.append((role, path, raw))
+            parsed.sources.append((role, path, fmt))
             if disk.find("backingStore") is not None:
                 parsed.resolved.add(path)
         store = source.find("dataStore/source")  # a qcow2 external data file
@@ -331,7 +389,7 @@ def _backing_store(disk: ET.Element) -> Iterator[tuple[int, str]]:
     """The chain libvirt reports under a disk, nearest first; network links skipped."""
     node = disk.find("backingStore")
     depth = 1
-    while node is not None and depth <= 64:  # libvirt reports as deep as qemu allows
+    while node is not None:  # as deep as libvirt says: the XML's own size bounds it
         source = node.find("source")
         if source is not None and node.get("type", "file") not in _NOT_FILES:
             path = source.get("file") or source.get("dev")
@@ -341,27 +399,33 @@ def _backing_store(disk: ET.Element) -> Iterator[tuple[int, str]]:
         depth += 1
 
 
-def _nova_record(root: ET.Element) -> dict[str, Any] | None:
-    """The fields of an instance record in Nova's metadata, or None when there is none."""
+def _nova_records(root: ET.Element) -> Iterator[dict[str, Any]]:
+    """The fields of an instance record for each ``<nova:instance>`` of every namespace, and
+    each image root and flavor in it: a claim more only keeps more."""
     for ns in NOVA_NAMESPACES:
-        instance = root.find(f"metadata/{{{ns}}}instance")
-        if instance is None:
-            continue
-        record: dict[str, Any] = {}
-        name = instance.findtext(f"{{{ns}}}name")
-        if name:
-            record["name"] = _text(name, "nova:name")
-        root_disk = instance.find(f"{{{ns}}}root")
-        if root_disk is not None and root_disk.get("type") == "image" and root_disk.get("uuid"):
-            record["image_ref"] = _text(root_disk.get("uuid", ""), "nova:root uuid")
-        flavor = instance.find(f"{{{ns}}}flavor")
-        if flavor is not None:
-            for tag, key in (("swap", "swap_mb"), ("ephemeral", "ephemeral_gb")):
-                value = flavor.findtext(f"{{{ns}}}{tag}")
-                if value is not None and value.strip():
-                    record[key] = _size(value, f"nova:flavor {tag}")
-        return record
-    return None
+        for instance in root.iterfind(f"metadata/{{{ns}}}instance"):
+            common: dict[str, Any] = {}
+            name = instance.findtext(f"{{{ns}}}name")
+            if name:
+                common["name"] = _text(name, "nova:name")
+            images = [
+                {"image_ref": _text(r.get("uuid", ""), "nova:root uuid")}
+                for r in instance.iterfind(f"{{{ns}}}root")
+                if r.get("type") == "image" and r.get("uuid")
+            ]
+            flavors = [_flavor(f, ns) for f in instance.iterfind(f"{{{ns}}}flavor")]
+            for image in images or [{}]:
+                for flavor in flavors or [{}]:
+                    yield {**common, **image, **flavor}
+
+
+def _flavor(flavor: ET.Element, ns: str) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for tag, key in (("swap", "swap_mb"), ("ephemeral", "ephemeral_gb")):
+        value = flavor.findtext(f"{{{ns}}}{tag}")
+        if value is not None and value.strip():
+            sizes[key] = _size(value, f"nova:flavor {tag}")
+    return sizes
 
 
 def _text(value: str, what: str) -> str:
@@ -398,50 +462,60 @@ class _Reader:
             self.problems.append(Problem(ProblemCode.DOMAIN_UNREADABLE, ref, message))
             return
         parsed = item.parsed
-        for note in parsed.network:
+        for note in dict.fromkeys(parsed.network):  # live and persistent XML name it alike
             message = f"{note}: no file on this host, nothing in this cache"
             self.problems.append(Problem(ProblemCode.DOMAIN_NETWORK_DISK, ref, message))
         sources = list(parsed.sources)
-        for role, pool, volume, raw in parsed.volumes:
+        for role, pool, volume, fmt in dict.fromkeys(parsed.volumes):
             path = item.volumes.get((pool, volume))
             if isinstance(path, str) and path:
-                sources.append((role, path, raw))
+                sources.append((role, path, fmt))
             else:
                 message = f"{role}: storage volume {pool}/{volume} not resolved: {path}"
                 self.problems.append(Problem(ProblemCode.DOMAIN_DISK_UNRESOLVED, ref, message))
         files = [self._file(role, path) for role, path in parsed.files]
         disks: list[Disk] = []
-        for role, path, raw in dict.fromkeys(sources):
+        for role, path, fmt in dict.fromkeys(sources):
             found = self._file(role, path)
             files.append(found)
             resolved = item.active and path in parsed.resolved
-            disk = self._disk(ref, found, raw=raw, resolved=resolved)
+            disk = self._disk(ref, found, declared=fmt, resolved=resolved)
             if disk is not None:
                 disks.append(disk)
         unique = tuple(dict.fromkeys(files))
         self.domains.append(Domain(item.name, item.uuid, item.active, unique, tuple(disks)))
-        if parsed.record is not None:
-            self.records.append(InstanceRecord(uuid=item.uuid, host=self.host, **parsed.record))
+        for record in parsed.records:
+            self.records.append(InstanceRecord(uuid=item.uuid, host=self.host, **record))
 
     def _file(self, role: str, path: str) -> DomainFile:
+        """The file as libvirt names it: not normalised (``lnk/..`` is where the kernel goes)."""
         if not os.path.isabs(path):
             return DomainFile(role, path)  # counts by its name alone
-        path = os.path.normpath(path)
         try:
             st = os.stat(path)  # found, never opened; a link is the file it names
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in the name
             return DomainFile(role, path)
         return DomainFile(role, path, (st.st_dev, st.st_ino))
 
-    def _disk(self, ref: str, found: DomainFile, *, raw: bool, resolved: bool) -> Disk | None:
+    def _disk(
+        self, ref: str, found: DomainFile, *, declared: str | None, resolved: bool
+    ) -> Disk | None:
         """The chain of one disk source: read by the instance scan already, or read now.
 
         ``resolved``: a running domain's, whose chain libvirt reported (in ``files``): a disk
         deleted while it runs hides nothing, qemu has it and libvirt says what lies behind it.
+        Any other disk that cannot be found hides what it uses: blocking.
         """
         known = self.disks.get(found.path)
-        if known is not None and known.file_id == found.file_id:
+        if known is not None and known.file_id == found.file_id is not None:
             return known
+        if not os.path.isabs(found.path):
+            message = (
+                f"{found.role}: relative path {found.path!r}: where qemu opens it is not known, "
+                "nor what it uses"
+            )
+            self.problems.append(Problem(ProblemCode.DOMAIN_DISK_UNRESOLVED, ref, message))
+            return None
         if found.file_id is None:
             if resolved:
                 message = (
@@ -449,10 +523,10 @@ class _Reader:
                     "the chain libvirt reports for it counts"
                 )
                 self.problems.append(Problem(ProblemCode.DOMAIN_DISK_DELETED, ref, message))
-            elif os.path.isabs(found.path) and not os.path.lexists(found.path):
+            else:
                 message = (
-                    f"{found.role}: {found.path} does not exist (a volume not mounted?): what it "
-                    "would use is unknown; undefine the domain if it is gone for good"
+                    f"{found.role}: {found.path}: {_why_missing(found.path)}: what it would use is "
+                    "unknown; undefine the domain (or drop the disk) if it is gone for good"
                 )
                 self.problems.append(Problem(ProblemCode.DOMAIN_DISK_MISSING, ref, message))
             return None
@@ -463,8 +537,20 @@ class _Reader:
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             return None  # a directory disk, a FIFO: nothing with a header, never opened
         disk, problem = inspect_file(
-            found.path, ref, self.headers, layout=self.layout, guest_written=raw
+            found.path, ref, self.headers, layout=self.layout, declared=declared
         )
         if problem is not None:
             self.problems.append(problem)
         return disk
+
+
+def _why_missing(path: str) -> str:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return "a symlink to nothing (a volume not mounted?)"
+        return "does not exist (a volume not mounted?)"
+    except (OSError, ValueError) as exc:
+        return f"cannot be found: {getattr(exc, 'strerror', None) or exc}"
+    return "vanished while it was looked at"
