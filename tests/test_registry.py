@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from imagecache.layout import Layout
+from imagecache.model import Manifest
+from imagecache.store.manifests import write_manifest
 from tests.test_executor import NOW, Host, cli, make_host
 from tests.test_locks import nova_holds
 
@@ -23,12 +26,20 @@ def snapshot(path: Path) -> tuple[bytes, int, int]:
     return path.read_bytes(), st.st_ino, st.st_mtime_ns
 
 
+
+def live_peers(host: Host, *names: str) -> None:
+    """Peers sharing the storage that run imagecache: a fresh manifest each, claiming nothing
+    (a registered host without one blocks every removal: tests/test_shared.py)."""
+    for name in names:
+        write_manifest(Layout(str(host.instances)), Manifest(name, NOW, complete=True))
+
 def test_clean_registers_this_host_and_keeps_every_other(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     host = make_host(tmp_path)
     path = registry(host)
     path.write_text(json.dumps({"h0": 1_500_000_000, "h2": NOW - 100.5, "h1": NOW - 3600}))
+    live_peers(host, "h0", "h2")
     before = snapshot(path)
     for command in ("plan", "status"):  # read-only commands stay read-only
         cli(host, capsys, command)
@@ -60,6 +71,7 @@ def test_the_registry_keeps_its_owner_and_mode(
     host = make_host(tmp_path)
     path = registry(host)
     path.write_text('{"h0": 1500000000.0}')
+    live_peers(host, "h0")
     os.chown(path, 4321, 4322)
     path.chmod(0o640)
     code, _ = cli(host, capsys, "clean")
@@ -108,6 +120,7 @@ def test_the_registry_lock_nova_holds_is_waited_for_then_skipped(
     # Nova lets go while we wait: registered within the same pass.
     host = make_host(tmp_path / "again", lock_timeout_seconds=30)
     registry(host).write_text('{"h0": 1500000000.0}')
+    live_peers(host, "h0")
     with nova_holds(host.instances, "storage-registry-lock") as release:
         timer = threading.Timer(0.3, release)
         timer.start()

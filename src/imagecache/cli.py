@@ -22,7 +22,7 @@ from imagecache.config import load_settings, logging_configured, setup_logging
 from imagecache.errors import ImageCacheError, UsageError
 from imagecache.plan import plan_to_dict
 from imagecache.render import clean as outcome
-from imagecache.render import health
+from imagecache.render import health, peers
 from imagecache.render import plan as report
 from imagecache.render import verify as verified
 from imagecache.render.text import document, dumps, human_seconds, printable
@@ -175,6 +175,25 @@ def cmd_verify(ctx: Context) -> int:
     failed = checked.corrupt or checked.unknown or any(r.unreadable for r in checked.results)
     failed = failed or checked.problem is not None or (plan is not None and not plan.ok)
     return 1 if failed or (done is not None and not done.ok) else 0
+
+
+def cmd_peers(ctx: Context) -> int:
+    s, now = ctx.settings, ctx.clock.wall()
+    if ctx.args.action == "retire":
+        if not ctx.args.peer:
+            raise UsageError("peers retire: name the HOST to retire")
+        try:
+            manager.retire_peer(s, ctx.args.peer, now=now)
+        except manager.RetireRefused as exc:
+            LOG.error("not retired: %s", exc)
+            return 1
+        except (OSError, ImageCacheError) as exc:
+            LOG.error("cannot retire %s: %s", ctx.args.peer, exc)
+            return 1
+    found, problems = manager.peers_of(s, now=now)
+    doc = peers.peers_to_dict(s.host, found, problems, now=now)
+    _emit(ctx, document(doc), lambda: peers.render_peers(found, problems, now=now))
+    return 0
 
 
 def cmd_restore(ctx: Context) -> int:
@@ -382,6 +401,14 @@ kept and reported with its users. Exit 1 when anything is corrupt or could not b
 NAME fetches the image again, checks it against its recorded digests and rewrites the differing
 blocks in place (same inode: running guests read good data from then on)."""
 
+_PEERS = """On shared storage every pass writes its host's manifest
+(_base/.imagecache/hosts/<host>.json): the entries it uses and the instance directories it owns.
+A host in compute_nodes, in the coordination group or with a manifest, whose manifest is
+missing, unreadable or older than [imagecache] peer_stale_seconds, stops every removal on the
+storage. `peers retire HOST` (a host gone for good, not live) drops it from compute_nodes under
+Nova's lock, leaves a tombstone manifest, and is audited; its instance directories are then
+scanned by the other hosts. A retired host that runs imagecache again is a peer again."""
+
 # Commands that change nothing: they log to stderr only, never to the configured log files.
 _READ_ONLY = frozenset({"status", "plan", "explain", "health"})
 
@@ -425,6 +452,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     p.add_argument("names", nargs="*", metavar="NAME", help="entries to verify (default: due)")
     p.add_argument("--all", action="store_true", help="every verifiable entry, due or not")
     p.add_argument("--repair", metavar="NAME", help="fetch NAME again and repair it in place")
+    p = add("peers", cmd_peers, "the hosts sharing this storage; retire one that is gone", _PEERS)
+    p.add_argument("action", choices=["list", "retire"], help="list them, or retire PEER")
+    p.add_argument("peer", nargs="?", metavar="HOST", help="the host to retire")
     p = add("restore", cmd_restore, "bring a quarantined entry back from the trash")
     p.add_argument("name", metavar="NAME", help="entry name (or its trash name NAME@EPOCH)")
     p = add("precache", cmd_precache, "fetch images (and their kernels, ramdisks) into the cache")

@@ -19,6 +19,7 @@ import glob
 import logging
 import math
 import os
+import re
 import socket
 import stat
 from collections.abc import Callable, Sequence
@@ -353,6 +354,18 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(
         "imagecache",
         cfg.IntOpt(
+            "peer_stale_seconds",
+            min=1,
+            sample_default="<3 x manager_interval>",
+            help="Shared storage: a host sharing the cache (in compute_nodes, in the "
+            "coordination group, or with a manifest) whose manifest is older than this stops "
+            "every removal on the storage until it writes one again or is retired.",
+        ),
+        ("policy.peer_stale_seconds",),
+    ),
+    _Option(
+        "imagecache",
+        cfg.IntOpt(
             "stale_temp_seconds",
             default=86400,
             min=0,
@@ -632,7 +645,11 @@ def load_settings(
     if daemon["manager_interval"] is None:
         nova = daemon["nova_manager_interval"]
         daemon["manager_interval"] = nova if nova >= 0 else DEFAULT_MANAGER_INTERVAL
+    if fields["policy"]["peer_stale_seconds"] is None:
+        # Three passes missed (an interval of 0 means a pass a minute).
+        fields["policy"]["peer_stale_seconds"] = 3 * (daemon["manager_interval"] or 60)
     cache_name = fields["layout"]["cache_name"]
+    fields["layout"]["cache_per_host"] = _cache_per_host(_files_read(config_files, config_dirs))
     if not naming.valid_entry_name(cache_name):
         raise ConfigError(
             "[image_cache] subdirectory_name: must be a directory name under instances_path, "
@@ -709,6 +726,28 @@ def _warn_unknown(paths: Sequence[str]) -> None:
                 close = difflib.get_close_matches(name, known, n=1)
                 hint = f"; did you mean {close[0]}?" if close else ""
                 LOG.warning("%s: [imagecache] %s is not an imagecache option%s", path, name, hint)
+
+
+_PER_HOST = re.compile(r"\$\{?(my_ip|host)\b")
+
+
+def _cache_per_host(paths: Sequence[str]) -> bool:
+    """Whether the cache's name is made per host (``_base_$my_ip``): then the hosts of
+    ``compute_nodes`` share the instances path but not this cache. Read from the raw option
+    text (the last file that sets it wins, as for oslo.config), before interpolation."""
+    raw: str | None = None
+    for path in paths:
+        sections: dict[str, dict[str, list[str]]] = {}
+        try:
+            cfg.ConfigParser(path, sections).parse()
+        except (OSError, UnicodeDecodeError, cfg.ParseError):
+            continue
+        for group, name in (("DEFAULT", "image_cache_subdirectory_name"),
+                            ("image_cache", "subdirectory_name")):  # fmt: skip
+            values = sections.get(group, {}).get(name)
+            if values:
+                raw = values[-1]
+    return raw is not None and _PER_HOST.search(raw) is not None
 
 
 def _glance(conf: cfg.ConfigOpts, os_cloud: str | None) -> GlanceSettings:

@@ -50,6 +50,8 @@ class Layout:
 
     instances_path: str
     cache_name: str = "_base"
+    # The name is made per host (``_base_$my_ip``): compute_nodes' hosts do not share this cache.
+    cache_per_host: bool = False
 
     @property
     def cache_dir(self) -> str:

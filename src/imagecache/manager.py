@@ -8,44 +8,73 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-from imagecache import executor, history, policy, sources, verify
+from imagecache import executor, history, policy, sources, usage, verify
 from imagecache.clock import Clock
 from imagecache.errors import LockTimeout
 from imagecache.history import History
-from imagecache.model import Inventory, Problem, ProblemCode
+from imagecache.model import (
+    PROBLEMS,
+    Inventory,
+    Manifest,
+    Problem,
+    ProblemCode,
+    ProblemSource,
+    Source,
+)
 from imagecache.plan import Action, Plan, Reason
 from imagecache.restore import restore_entry
 from imagecache.results import Report, Result
 from imagecache.settings import Settings
-from imagecache.store import digests, registry, state
+from imagecache.store import digests, manifests, registry, state
 from imagecache.store.audit import AuditLog
 
 __all__ = [
+    "RetireRefused",
     "apply_plan",
     "config_problems",
     "observe",
+    "peers_of",
     "plan_pass",
     "record",
     "record_fetches",
     "record_verifications",
     "register",
     "restore",
+    "retire_peer",
     "run_pass",
     "verify_entries",
+    "write_manifest",
 ]
 
 LOG = logging.getLogger(__name__)
 
 
-def observe(settings: Settings, *, inventory_files: Iterable[str] = ()) -> Inventory:
+def observe(
+    settings: Settings,
+    *,
+    inventory_files: Iterable[str] = (),
+    now: float | None = None,
+    members: tuple[str, ...] | None = None,
+) -> Inventory:
     """Read-only observation of the host the settings describe, with the configuration's own
-    warnings (a non-blocking problem: Nova's manager still enabled on this cache)."""
+    warnings (a non-blocking problem: Nova's manager still enabled on this cache).
+
+    ``now``: the time the view is for, to tell its peers' live manifests from stale ones (the
+    instance directories live peers own are then not scanned); None: every one is scanned.
+    ``members``: the coordination group's, when one was consulted.
+    """
     files = (*settings.clean.inventory_files, *inventory_files)
+    shared = None if now is None else sources.SharedView(settings.policy, now, members)
     inventory = sources.observe(
-        settings.layout, host=settings.host, inventory_files=files, libvirt=settings.libvirt
+        settings.layout,
+        host=settings.host,
+        inventory_files=files,
+        libvirt=settings.libvirt,
+        shared=shared,
     )
     warnings = config_problems(settings)
     if not warnings:
@@ -89,9 +118,50 @@ def _cyclic_gc_paused() -> Iterator[None]:
 
 def plan_pass(settings: Settings, *, inventory_files: Iterable[str] = (), now: float) -> Plan:
     """Observe and decide: what one pass would do now. Changes nothing."""
+    return _observe_and_decide(settings, tuple(inventory_files), now=now)[1]
+
+
+def _observe_and_decide(
+    settings: Settings, files: tuple[str, ...], *, now: float
+) -> tuple[Inventory, Plan]:
     with _cyclic_gc_paused():
-        inventory = observe(settings, inventory_files=inventory_files)
-        return policy.decide(inventory, settings.policy, now)
+        inventory = observe(settings, inventory_files=files, now=now)
+        return inventory, policy.decide(inventory, settings.policy, now)
+
+
+def write_manifest(
+    settings: Settings, inventory: Inventory, plan: Plan, *, now: float
+) -> tuple[Problem, ...]:
+    """This host's manifest for its peers on a shared storage; what went wrong.
+
+    The entries its own sources use (never what it learnt from other manifests: two hosts must
+    not keep each other's claims alive forever), the instance directories it owns, and whether
+    its own view was complete (a peer's gap is not its own: else two hosts would block each
+    other for good). Written by every pass, also one blocked from removing.
+    """
+    if not os.path.isdir(settings.layout.cache_dir):
+        return ()  # no cache (not mounted, not made yet): nothing to share, nothing made here
+    complete = not any(
+        p.blocking and PROBLEMS[p.code].source is not ProblemSource.PEER for p in inventory.problems
+    )
+    used = sorted(
+        {
+            (d.entry.name, d.entry.device, d.entry.inode)
+            for d in plan.decisions
+            if any(u.source is not Source.PEER for u in d.users)
+        }
+    )
+    manifest = Manifest(settings.host, now, complete, tuple(used), inventory.owned_dirs)
+    try:
+        manifests.write_manifest(settings.layout, manifest)
+    except OSError as exc:
+        message = (
+            f"cannot write this host's manifest: {exc.strerror or exc}; its peers will find it "
+            "stale and stop removing"
+        )
+        LOG.error("%s", message)
+        return (Problem(ProblemCode.MANIFEST_UNWRITABLE, settings.layout.state_dir, message),)
+    return ()
 
 
 def register(settings: Settings, *, now: float) -> tuple[Problem, ...]:
@@ -136,7 +206,7 @@ def _apply(
     done = executor.apply(
         plan,
         layout=settings.layout,
-        observe=lambda: observe(settings, inventory_files=files),
+        observe=lambda: observe(settings, inventory_files=files, now=clock.wall()),
         policy=settings.policy,
         clock=clock,
         audit=AuditLog(settings.clean.audit_log, host=settings.host),
@@ -164,7 +234,9 @@ def run_pass(
                                 should_stop=should_stop)  # fmt: skip
         record_verifications(settings, checked, now=clock.wall())
         registered += _verify_problems(settings, checked)
-    plan = plan_pass(settings, inventory_files=files, now=clock.wall())
+    now = clock.wall()
+    inventory, plan = _observe_and_decide(settings, files, now=now)
+    registered += write_manifest(settings, inventory, plan, now=now)
     done = _apply(settings, plan, files, clock=clock, problems=registered, should_stop=should_stop)
     _forget_removed(settings, done, now=clock.wall())
     return plan, done
@@ -321,3 +393,61 @@ def restore(settings: Settings, name: str, *, clock: Clock) -> Report:
         audit=AuditLog(settings.clean.audit_log, host=settings.host),
         now=clock.wall(),
     )
+
+
+def peers_of(
+    settings: Settings, *, now: float
+) -> tuple[tuple[usage.Peer, ...], tuple[Problem, ...]]:
+    """The other hosts sharing this storage and their state, from ``compute_nodes`` and the
+    manifests alone (no scan); with the problems a pass would report about them."""
+    found, problems = manifests.read_manifests(settings.layout)
+    hosts, registry_problems = sources.observe_registry(settings.layout)
+    layout = settings.layout
+    view = Inventory(
+        settings.host, layout.instances_path, layout.cache_dir, registry=hosts,
+        problems=(*problems, *registry_problems), manifests=found,
+        cache_per_host=layout.cache_per_host,
+    )  # fmt: skip
+    peers = usage.peers(view, settings.policy, now)
+    return peers, (*view.problems, *usage.peer_problems(peers, settings.policy, now))
+
+
+class RetireRefused(Exception):
+    """``peers retire`` would lose what a live host uses, or names no peer."""
+
+
+def retire_peer(settings: Settings, host: str, *, now: float) -> bool:
+    """Retire a peer for good: drop it from ``compute_nodes`` under Nova's lock, replace its
+    manifest with a tombstone that claims nothing (its instance directories are then scanned by
+    the survivors), and audit it in this host's audit log. Whether it was registered.
+
+    Raises:
+        RetireRefused: it is this host, or no peer of this storage, or it is live (a fresh
+            manifest from a complete view: retiring it would drop what its instances use).
+        RegistryError, LockTimeout, OSError: compute_nodes or the manifest cannot be changed.
+    """
+    if host == settings.host:
+        raise RetireRefused(f"{host} is this host")
+    found, _ = peers_of(settings, now=now)
+    peer = next((p for p in found if p.host == host), None)
+    if peer is None:
+        raise RetireRefused(
+            f"{host} is no host of this storage (not in compute_nodes, no manifest)"
+        )
+    if peer.state == usage.LIVE:
+        assert peer.manifest is not None
+        raise RetireRefused(
+            f"{host} wrote its manifest {now - peer.manifest.written:.0f} s ago: it is alive "
+            "(stop imagecache there first, and wait peer_stale_seconds)"
+        )
+    audit = AuditLog(settings.clean.audit_log, host=settings.host)
+    audit.check_writable()  # nothing done that is not audited
+    was_registered = registry.drop_host(
+        settings.layout, host, lock_timeout=settings.clean.lock_timeout
+    )
+    tombstone = Manifest(host, now, complete=True, retired=True, retired_by=settings.host)
+    manifests.write_manifest(settings.layout, tombstone)
+    audit.record_event("retire-peer", now=now, peer=host, was_registered=was_registered,
+                       state=peer.state)  # fmt: skip
+    LOG.warning("retired peer %s (was %s)", host, peer.state)
+    return was_registered

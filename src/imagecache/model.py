@@ -22,6 +22,7 @@ __all__ = [
     "Integrity",
     "Inventory",
     "Kind",
+    "Manifest",
     "Problem",
     "ProblemCode",
     "ProblemSource",
@@ -82,6 +83,7 @@ class ProblemSource(StrEnum):
     INVENTORY = "inventory"
     REGISTRY = "registry"
     LIBVIRT = "libvirt"
+    PEER = "peer"
     AUDIT = "audit"
     LOCKS = "locks"
     CONFIG = "config"
@@ -128,6 +130,11 @@ class ProblemCode(StrEnum):
     DOMAIN_DISK_DELETED = "domain-disk-deleted"
     DOMAIN_DISK_UNRESOLVED = "domain-disk-unresolved"
     DOMAIN_NETWORK_DISK = "domain-network-disk"
+    PEER_MANIFEST_MISSING = "peer-manifest-missing"
+    PEER_MANIFEST_UNREADABLE = "peer-manifest-unreadable"
+    PEER_STALE = "peer-stale"
+    PEER_INCOMPLETE = "peer-incomplete"
+    MANIFEST_UNWRITABLE = "manifest-unwritable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +217,16 @@ PROBLEMS: dict[ProblemCode, ProblemTraits] = {
     _C.DOMAIN_DISK_DELETED: ProblemTraits(_S.LIBVIRT, blocking=False),
     # rbd, iscsi, nbd...: no file here, nothing in this cache; noted.
     _C.DOMAIN_NETWORK_DISK: ProblemTraits(_S.LIBVIRT, blocking=False),
+    # Shared storage: a peer (in compute_nodes, in the coordination group, or with a manifest)
+    # whose manifest is missing, unreadable, older than peer_stale_seconds, or written from an
+    # incomplete view: what its instances use is unknown, nothing on the storage is removed.
+    _C.PEER_MANIFEST_MISSING: ProblemTraits(_S.PEER, blocking=True),
+    _C.PEER_MANIFEST_UNREADABLE: ProblemTraits(_S.PEER, blocking=True),
+    _C.PEER_STALE: ProblemTraits(_S.PEER, blocking=True),
+    _C.PEER_INCOMPLETE: ProblemTraits(_S.PEER, blocking=True),
+    # This host's own manifest could not be written: its peers will stop removing (stale), and
+    # the pass says so (exit 1).
+    _C.MANIFEST_UNWRITABLE: ProblemTraits(_S.PEER, blocking=False, fails=True),
 }
 del _S, _C
 
@@ -341,6 +358,25 @@ class Domain:
 
 
 @dataclass(frozen=True, slots=True)
+class Manifest:
+    """What one host sharing the storage last said it uses (``.imagecache/hosts/<host>.json``).
+
+    ``entries``: (name, st_dev, st_ino) of every entry its own sources use (never what it learnt
+    from other manifests); ``instance_dirs``: the instance directories it owns and scans, which
+    its peers may then skip; ``complete``: whether its own view was. A retired host's manifest
+    says ``retired`` (by whom, when) and claims nothing.
+    """
+
+    host: str
+    written: float
+    complete: bool
+    entries: tuple[tuple[str, int, int], ...] = ()
+    instance_dirs: tuple[str, ...] = ()
+    retired: bool = False
+    retired_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceRecord:
     """One instance from an inventory source (DESIGN.md §7); only ``uuid`` is required."""
 
@@ -377,6 +413,12 @@ class Inventory:
     # Cache entries some process holds open right now: (entry name, "pid N (comm)").
     open_files: tuple[tuple[str, str], ...] = ()
     domains: tuple[Domain, ...] = ()
+    # Shared storage: every host's manifest read (this host's own included), and the members of
+    # the coordination group (None: no group was consulted).
+    manifests: tuple[Manifest, ...] = ()
+    members: tuple[str, ...] | None = None
+    owned_dirs: tuple[str, ...] = ()  # the instance directories this host owns (its manifest's)
+    cache_per_host: bool = False  # ``_base_$my_ip``: compute_nodes' hosts are no cache peers
 
     @property
     def complete(self) -> bool:

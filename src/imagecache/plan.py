@@ -122,6 +122,8 @@ class Policy:
     stale_temp_age: int
     quarantine_seconds: int
     default_ephemeral_format: str | None
+    # A peer sharing the storage whose manifest is older than this makes the view incomplete.
+    peer_stale_seconds: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +268,7 @@ def _policy(policy: Policy) -> dict[str, Any]:
         "remove_unused_kernels": policy.remove_unused_kernels,
         "stale_temp_seconds": policy.stale_temp_age,
         "quarantine_seconds": policy.quarantine_seconds,
+        "peer_stale_seconds": policy.peer_stale_seconds,
         "default_ephemeral_format": policy.default_ephemeral_format,
     }
 
@@ -503,6 +506,8 @@ def _policy_from(r: _Reader) -> Policy:
         remove_unused_kernels=r.flag("remove_unused_kernels"),
         stale_temp_age=r.integer("stale_temp_seconds"),
         quarantine_seconds=r.integer("quarantine_seconds"),
+        # Plans saved before manifests existed: three default intervals, as the option says.
+        peer_stale_seconds=r.integer("peer_stale_seconds", 3 * 2400),
         default_ephemeral_format=_ephemeral_format(r),
     )
 

@@ -8,6 +8,7 @@ at ``age >= threshold`` (Nova's boundary, nova-imagecache.md §3.3).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from imagecache.model import (
 )
 from imagecache.naming import Threshold
 from imagecache.plan import Action, Decision, Plan, Policy, Reason, TrashDecision
-from imagecache.usage import record_notes, users_by_entry
+from imagecache.usage import peer_problems, peers, record_notes, users_by_entry
 
 __all__ = ["decide", "threshold_seconds"]
 
@@ -183,6 +184,10 @@ def decide(inventory: Inventory, policy: Policy, now: float) -> Plan:
     name is referenced again (a disk's backing chain names it, an instance record claims it) and
     no cache entry of that name exists.
     """
+    # Shared storage: a peer whose manifest is missing, stale or incomplete is a gap in the view.
+    gaps = peer_problems(peers(inventory, policy, now), policy, now)
+    if gaps:
+        inventory = dataclasses.replace(inventory, problems=(*inventory.problems, *gaps))
     users = users_by_entry(inventory, policy)
     complete = inventory.complete
     decisions = tuple(

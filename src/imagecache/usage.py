@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import posixpath
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 from imagecache import naming
 from imagecache.model import (
@@ -26,6 +27,7 @@ from imagecache.model import (
     FileType,
     InstanceRecord,
     Inventory,
+    Manifest,
     Problem,
     ProblemCode,
     Source,
@@ -33,7 +35,16 @@ from imagecache.model import (
 )
 from imagecache.plan import Policy
 
-__all__ = ["counted_records", "record_claims", "record_notes", "users_by_entry"]
+__all__ = [
+    "Peer",
+    "claimed_by_live_peers",
+    "counted_records",
+    "peer_problems",
+    "peers",
+    "record_claims",
+    "record_notes",
+    "users_by_entry",
+]
 
 _ID_FIELDS = ("image_ref", "kernel_id", "ramdisk_id")
 
@@ -121,6 +132,13 @@ def users_by_entry(inventory: Inventory, policy: Policy) -> Mapping[str, tuple[U
         for name, detail in record_claims(record, policy):
             if name in wanted:
                 users[name].append(User(Source.INSTANCE, record.uuid, detail))
+    for m in inventory.manifests:  # what every other host says it uses, fresh or not
+        if m.host == inventory.host or m.retired:
+            continue
+        detail = f"in use on host {m.host} (its manifest)"
+        for name, device, inode in m.entries:
+            found.claim(m.host, name, (device, inode) if device or inode else None, detail,
+                        Source.PEER)  # fmt: skip
     for name, holder in inventory.open_files:  # a running qemu, qemu-nbd, anything
         if name in wanted:
             users[name].append(User(Source.OPEN_FILE, holder, "holds it open"))
@@ -174,3 +192,109 @@ class _Users:
         for other in self.same_file.get(file_id, ()):
             if other != name:
                 self.by_name[other].append(User(source, ref, f"{detail} via {path}"))
+
+
+# --- shared storage: peers and their manifests ---------------------------------------------------
+
+LIVE, STALE, MISSING, INCOMPLETE, UNREADABLE, RETIRED = (
+    "live", "stale", "missing", "incomplete", "unreadable", "retired",
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Another host sharing the storage, and what its manifest says of it now.
+
+    ``state``: ``live`` (a fresh manifest from a complete view), ``stale`` (older than
+    ``peer_stale_seconds``), ``missing`` (none: registered in ``compute_nodes`` or a member of the
+    coordination group, never ran imagecache), ``incomplete`` (written from an incomplete view),
+    ``unreadable``, or ``retired`` (an operator retired it, and it has not come back since).
+    """
+
+    host: str
+    state: str
+    registered: float | None = None
+    member: bool = False
+    manifest: Manifest | None = None
+
+
+def peers(inventory: Inventory, policy: Policy, now: float) -> tuple[Peer, ...]:
+    """Every host that shares this storage but this one: registered, a group member, or with a
+    manifest (a host that only left ``compute_nodes`` is never forgotten while it has one)."""
+    registered = dict(inventory.registry)
+    members = set(inventory.members or ())
+    manifests = {m.host: m for m in inventory.manifests}
+    unreadable = {
+        p.ref for p in inventory.problems if p.code is ProblemCode.PEER_MANIFEST_UNREADABLE
+    }
+    if inventory.cache_per_host:  # they share the instances path, not this cache
+        registered = {}
+    hosts = (set(registered) | members | set(manifests) | unreadable) - {inventory.host}
+    found = []
+    for host in sorted(hosts):
+        m = manifests.get(host)
+        at = registered.get(host)
+        if host in unreadable:
+            state = UNREADABLE
+        elif (
+            m is not None and m.retired and host not in members and (at is None or at <= m.written)
+        ):
+            state = RETIRED  # registered again after its retirement, or a member: it came back
+        elif m is None or m.retired:
+            state = MISSING
+        elif now - m.written > policy.peer_stale_seconds:
+            state = STALE
+        elif not m.complete:
+            state = INCOMPLETE
+        else:
+            state = LIVE
+        found.append(Peer(host, state, at, host in members, m))
+    return tuple(found)
+
+
+def peer_problems(found: Iterable[Peer], policy: Policy, now: float) -> tuple[Problem, ...]:
+    """One blocking problem per peer that is neither live nor retired (an unreadable manifest is
+    reported where it was read)."""
+    retire = "or retire it if it is gone for good (imagecache peers retire {host})"
+    problems = []
+    for p in found:
+        if p.state in (LIVE, RETIRED, UNREADABLE):
+            continue
+        where = " and ".join(
+            w
+            for w, yes in (
+                ("in compute_nodes", p.registered is not None),
+                ("in the coordination group", p.member),
+            )
+            if yes
+        )
+        if p.state == MISSING:
+            code = ProblemCode.PEER_MANIFEST_MISSING
+            why = (
+                f"host {p.host} shares this storage ({where}) but has written no manifest: what "
+                "its instances use is unknown, nothing on this storage is removed; run "
+                f"imagecache there (a host upgraded from Nova's manager), {retire}"
+            )
+        elif p.state == STALE:
+            assert p.manifest is not None
+            code = ProblemCode.PEER_STALE
+            why = (
+                f"host {p.host}'s manifest is {now - p.manifest.written:.0f} s old (more than "
+                f"peer_stale_seconds, {policy.peer_stale_seconds}): is it down? Nothing on this "
+                f"storage is removed until it writes one again, {retire}"
+            )
+        else:
+            code = ProblemCode.PEER_INCOMPLETE
+            why = (
+                f"host {p.host} wrote its manifest from an incomplete view: what its instances "
+                "use may be more than it says, nothing on this storage is removed until its "
+                "view is complete again"
+            )
+        problems.append(Problem(code, p.host, why.format(host=p.host)))
+    return tuple(problems)
+
+
+def claimed_by_live_peers(inventory: Inventory, policy: Policy, now: float) -> frozenset[str]:
+    """The instance directories live peers own (and scan): this host may skip them."""
+    live = {p.host for p in peers(inventory, policy, now) if p.state == LIVE}
+    return frozenset(d for m in inventory.manifests if m.host in live for d in m.instance_dirs)

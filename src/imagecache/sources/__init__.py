@@ -10,11 +10,22 @@ its problems' codes (:data:`imagecache.model.PROBLEMS`); nothing here decides an
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from imagecache.integrity import DigestRecord, integrity_of
 from imagecache.layout import Layout
-from imagecache.model import CacheEntry, FileType, InstanceRecord, Integrity, Inventory, Problem
+from imagecache.model import (
+    CacheEntry,
+    Domain,
+    FileType,
+    InstanceRecord,
+    Integrity,
+    Inventory,
+    Problem,
+)
+from imagecache.plan import Policy
 from imagecache.settings import LibvirtSettings
 from imagecache.sources import openfiles
 from imagecache.sources.cache import scan_cache, scan_trash
@@ -24,8 +35,11 @@ from imagecache.sources.libvirt import Domains, observe_domains
 from imagecache.sources.records import load_instance_records
 from imagecache.sources.registry import observe_registry
 from imagecache.store.digests import read_records
+from imagecache.store.manifests import read_manifests
+from imagecache.usage import claimed_by_live_peers
 
 __all__ = [
+    "SharedView",
     "load_instance_records",
     "observe",
     "observe_domains",
@@ -59,35 +73,50 @@ def observe(
     host: str,
     inventory_files: Iterable[str] = (),
     libvirt: LibvirtSettings | None = None,
+    shared: SharedView | None = None,
     extra_problems: Iterable[Problem] = (),
 ) -> Inventory:
     """One read-only observation of a host: everything :func:`imagecache.policy.decide` needs.
 
     ``libvirt`` None: domains are not consulted at all (a library caller's choice; the
-    configuration always says, see :class:`~imagecache.settings.LibvirtSettings`).
+    configuration always says, see :class:`~imagecache.settings.LibvirtSettings`). ``shared``:
+    how to read the other hosts of a shared storage (the instance directories live peers own are
+    then not scanned: their manifests say what those use); None: every directory is scanned.
     """
     entries, cache_problems = scan_cache(layout.cache_dir)
     entries = with_integrity(entries, read_records(layout))
-    disks, disk_problems = scan_instances(layout)
-    # An entry that names another (a golden qcow2 on a base) uses it while it exists.
-    entry_users, entry_problems = scan_entry_users(layout, entries)
+    manifests, manifest_problems = read_manifests(layout)
+    registry, registry_problems = observe_registry(layout)
     records: list[InstanceRecord] = []
     record_problems: list[Problem] = []
     for path in inventory_files:
         found, problems = load_instance_records(path)
         records.extend(found)
         record_problems.extend(problems)
+    members = None if shared is None else shared.members
+    peers_view = Inventory(
+        host, layout.instances_path, layout.cache_dir, registry=registry,
+        problems=manifest_problems, manifests=manifests, members=members,
+        cache_per_host=layout.cache_per_host,
+    )  # fmt: skip
+    claimed: frozenset[str] = frozenset()
+    if shared is not None:
+        claimed = claimed_by_live_peers(peers_view, shared.policy, shared.now)
+    own = {n for r in records if r.host == host for n in (r.uuid, r.name) if n}
+    disks, disk_problems = scan_instances(layout, skip=claimed - own)
+    # An entry that names another (a golden qcow2 on a base) uses it while it exists.
+    entry_users, entry_problems = scan_entry_users(layout, entries)
     domains = (
         observe_domains(libvirt, layout, host=host, disks={d.path: d for d in disks})
         if libvirt is not None
         else Domains()
     )
     records.extend(domains.records)
-    registry, registry_problems = observe_registry(layout)
     by_file = {(e.device, e.inode): e.name for e in entries if e.file_type is FileType.FILE}
     held = openfiles.holders(by_file)  # one walk of /proc for the whole cache
     open_files = tuple(sorted((by_file[k], h) for k, hs in held.items() for h in hs))
     trash, trash_problems = scan_trash(layout.cache_dir)
+    previous = next((m.instance_dirs for m in manifests if m.host == host), ())
     return Inventory(
         host=host,
         instances_path=layout.instances_path,
@@ -99,6 +128,10 @@ def observe(
         trash=trash,
         open_files=open_files,
         domains=domains.domains,
+        manifests=manifests,
+        members=members,
+        cache_per_host=layout.cache_per_host,
+        owned_dirs=_owned_dirs(layout, own, domains.domains, previous=previous, claimed=claimed),
         problems=(
             *cache_problems,
             *trash_problems,
@@ -107,6 +140,41 @@ def observe(
             *record_problems,
             *domains.problems,
             *registry_problems,
+            *manifest_problems,
             *extra_problems,
         ),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class SharedView:
+    """How a pass reads its peers: ``policy`` (``peer_stale_seconds``) and ``now`` to tell live
+    manifests from stale ones, and the coordination group's ``members`` (None: no group)."""
+
+    policy: Policy
+    now: float
+    members: tuple[str, ...] | None = None
+
+
+def _owned_dirs(
+    layout: Layout,
+    own: set[str],
+    domains: Iterable[Domain],
+    *,
+    previous: Iterable[str],
+    claimed: frozenset[str],
+) -> tuple[str, ...]:
+    """The instance directories this host owns: its instance records' (``own``: uuids, names)
+    and domains' (by uuid and name, and any that holds a file a domain names), and those its last
+    manifest claimed that no live peer claims now (an instance migrated away is another host's)."""
+    try:
+        present = set(os.listdir(layout.instances_path))
+    except OSError:
+        return ()
+    names = set(own)
+    top = layout.instances_path.rstrip("/") + "/"
+    for d in domains:
+        names |= {d.uuid, d.name}
+        names |= {f.path[len(top) :].split("/", 1)[0] for f in d.files if f.path.startswith(top)}
+    names |= set(previous) - claimed
+    return tuple(sorted(n for n in names & present if layout.is_instance_name(n)))

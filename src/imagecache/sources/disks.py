@@ -86,7 +86,9 @@ def _dir_id(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def scan_instances(layout: Layout) -> tuple[tuple[Disk, ...], tuple[Problem, ...]]:
+def scan_instances(
+    layout: Layout, *, skip: Container[str] = frozenset()
+) -> tuple[tuple[Disk, ...], tuple[Problem, ...]]:
     """Every disk image under every instance directory, with everything it uses.
 
     Every directory under ``instances_path`` (or symlink to one) except caches (``_base*``, and
@@ -119,6 +121,9 @@ def scan_instances(layout: Layout) -> tuple[tuple[Disk, ...], tuple[Problem, ...
     A missing file of a chain (a backing file, a data file or extent qemu opens) that is named
     like a cache entry, or lies in a ``_base*`` directory, is a broken instance, a warning; any
     other (an external snapshot on a volume not mounted now) hides what lies behind it: blocking.
+
+    ``skip``: names of instance directories not scanned (on shared storage, those a live peer
+    owns: its manifest says what their disks use).
     """
     instances_path = layout.instances_path
     try:
@@ -134,7 +139,8 @@ def scan_instances(layout: Layout) -> tuple[tuple[Disk, ...], tuple[Problem, ...
     # A disk parked directly in instances_path (not in an instance directory) is a disk too.
     scan.files_of(instances_path, "-")
     for directory in dirs:
-        scan.tree(directory.path, directory.name)
+        if directory.name not in skip:  # shared storage: owned and scanned by a live peer
+            scan.tree(directory.path, directory.name)
     return tuple(scan.disks), tuple(scan.problems)
 
 

@@ -59,6 +59,26 @@ class AuditLog:
             "plan_id": plan_id,
             "trash_name": outcome.trash_name,
         }
+        self._append(line)
+
+    def record_event(self, action: str, *, now: float, **fields: object) -> None:
+        """Append one line of an action on no entry (``retire-peer``), with its own fields.
+
+        Raises:
+            OSError: as :meth:`record`.
+        """
+        line = {
+            "schema": SCHEMA,
+            "version": __version__,
+            "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
+            "epoch": now,
+            "host": self.host,
+            "action": action,
+            **fields,
+        }
+        self._append(line)
+
+    def _append(self, line: dict[str, object]) -> None:
         data = (json.dumps(line, sort_keys=False) + "\n").encode("utf-8")
         fd = self._open()
         try:

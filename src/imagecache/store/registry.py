@@ -28,7 +28,7 @@ from imagecache.model import Problem, ProblemCode
 from imagecache.store import fsops
 from imagecache.store.jsonfile import JsonFileError, read_json
 
-__all__ = ["RegistryError", "read_registry", "register_host"]
+__all__ = ["RegistryError", "drop_host", "read_registry", "register_host"]
 
 Hosts = tuple[tuple[str, float], ...]
 
@@ -91,20 +91,43 @@ def register_host(layout: Layout, host: str, *, now: float, lock_timeout: float)
                 hosts = read_registry(layout)
             except RegistryError as exc:
                 return Problem(code, path, f"{exc}: left as it is, {host} not registered")
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                st = os.stat(layout.instances_path)
-                mode = 0o644
-            else:
-                mode = stat.S_IMODE(st.st_mode)
-            doc = {**dict(hosts), host: now}
-            data = (json.dumps(doc, sort_keys=True) + "\n").encode("utf-8")
-            owner = (st.st_uid, st.st_gid)
-            ours = owner == (os.geteuid(), os.getegid())
-            fsops.atomic_write(path, data, mode=mode, owner=None if ours else owner)
+            _replace(layout, {**dict(hosts), host: now})
     except LockTimeout as exc:
         return Problem(code, path, f"{host} not registered this pass: {exc}")
     except OSError as exc:
         return Problem(code, path, f"cannot register {host}: {exc}")
     return None
+
+
+def drop_host(layout: Layout, host: str, *, lock_timeout: float) -> bool:
+    """Remove ``host``'s entry from ``compute_nodes`` under Nova's lock; whether it was there.
+
+    Raises:
+        RegistryError: the file cannot be read or is not ``{host: epoch}`` (it is left as is).
+        LockTimeout: Nova's registry lock stayed busy.
+        OSError: it cannot be written.
+    """
+    with locks.entry_lock(layout.instances_path, REGISTRY_LOCK, timeout=lock_timeout):
+        hosts = dict(read_registry(layout))
+        if host not in hosts:
+            return False
+        del hosts[host]
+        _replace(layout, hosts)
+    return True
+
+
+def _replace(layout: Layout, hosts: dict[str, float]) -> None:
+    """Write ``compute_nodes`` atomically; the lock is held. A missing file is created owned
+    like ``instances_path``, mode 0644; an existing one keeps its owner and mode."""
+    path = layout.registry_file
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = os.stat(layout.instances_path)
+        mode = 0o644
+    else:
+        mode = stat.S_IMODE(st.st_mode)
+    data = (json.dumps(hosts, sort_keys=True) + "\n").encode("utf-8")
+    owner = (st.st_uid, st.st_gid)
+    ours = owner == (os.geteuid(), os.getegid())
+    fsops.atomic_write(path, data, mode=mode, owner=None if ours else owner)

@@ -1,0 +1,241 @@
+"""Shared storage (issue 12): several hosts on one ``_base``, each a separate ``imagecache``
+process with its own host name, instance directories and records, on one shared directory.
+
+Each host's pass writes its manifest (``_base/.imagecache/hosts/<host>.json``); a peer's users
+count for every host; a peer whose manifest is missing, unreadable, stale or from an incomplete
+view stops every removal until it comes back or is retired; a host skips the directories a
+live peer owns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imagecache.layout import Layout
+from imagecache.model import Manifest
+from imagecache.store.manifests import read_manifests, write_manifest
+from tests.opens import OpenWatch
+from tests.qemu import make_overlay
+from tests.test_executor import make_host
+
+X, Y, Z = "1" * 40, "2" * 40, "3" * 40
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class Node:
+    """One host of the pool: its configuration and its instance records."""
+
+    name: str
+    config: Path
+    inventory: Path
+    audit: Path
+
+    def run(self, *args: str) -> tuple[int, dict[str, Any], str]:
+        argv = [sys.executable, "-m", "imagecache", "--config-file", str(self.config),
+                "--inventory", str(self.inventory), "--json", *args]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        doc = json.loads(done.stdout) if done.stdout.strip() else {}
+        return done.returncode, doc, done.stderr
+
+
+@dataclass(frozen=True)
+class Pool:
+    instances: Path
+    cache: Path
+    nodes: dict[str, Node]
+
+    def instance(self, node: str, uuid: str, base: str) -> Path:
+        """An instance of ``node``: a qcow2 overlay on entry ``base``, and its record."""
+        entry = self.cache / base
+        st = entry.stat()
+        disk = make_overlay(self.instances / uuid / "disk", entry)
+        os.utime(entry, ns=(st.st_atime_ns, st.st_mtime_ns))
+        n = self.nodes[node]
+        doc = json.loads(n.inventory.read_text())
+        doc["instances"].append({"uuid": uuid, "host": node})
+        n.inventory.write_text(json.dumps(doc))
+        return disk
+
+    def old(self, *names: str) -> None:
+        for name in names:
+            os.utime(self.cache / name, (time.time() - 2 * DAY,) * 2)
+
+    def manifests(self) -> dict[str, Manifest]:
+        found, problems = read_manifests(Layout(str(self.instances)))
+        assert not problems, problems
+        return {m.host: m for m in found}
+
+
+def pool(tmp_path: Path, *names: str, **options: object) -> Pool:
+    """Hosts sharing one instances path and its ``_base``, Nova's manager off on each."""
+    first = make_host(tmp_path, quarantine_seconds=0, **options)
+    text = first.config.read_text()
+    nodes = {}
+    for name in names:
+        root = tmp_path / name
+        root.mkdir()
+        audit = root / "audit.jsonl"
+        config = root / "nova.conf"
+        config.write_text(
+            text.replace("host = h1\n", f"host = {name}\n").replace(str(first.audit), str(audit))
+        )
+        inventory = root / "inventory.json"
+        inventory.write_text('{"instances": []}')
+        nodes[name] = Node(name, config, inventory, audit)
+    return Pool(first.instances, first.cache, nodes)
+
+
+def codes(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(p["code"], p["ref"]) for p in doc["problems"]]
+
+
+def users(doc: dict[str, Any], name: str) -> list[tuple[str, str]]:
+    entry = next(e for e in doc["entries"] if e["name"] == name)
+    return [(u["source"], u["ref"]) for u in entry["users"]]
+
+
+def test_a_base_used_only_by_host_b_is_kept_when_host_a_cleans(tmp_path: Path) -> None:
+    p = pool(tmp_path, "ha", "hb")
+    (p.cache / X).write_bytes(b"x" * 65536)
+    (p.cache / Y).write_bytes(b"y" * 65536)
+    disk_b = p.instance("hb", "inst-b", X)
+    p.old(X, Y)
+    code, _, err = p.nodes["hb"].run("clean")
+    assert code == 0, err
+    assert (p.cache / X).exists() and not (p.cache / Y).exists()  # B removes what no one uses
+    (p.cache / Y).write_bytes(b"y" * 65536)
+    p.old(X, Y)
+    manifest_b = p.manifests()["hb"]
+    assert manifest_b.complete and manifest_b.instance_dirs == ("inst-b",)
+    assert [e[0] for e in manifest_b.entries] == [X]
+
+    with OpenWatch(disk_b) as watch:  # A skips the directory a live peer owns
+        code, doc, err = p.nodes["ha"].run("clean")
+        assert watch.opened() == set(), "host A scanned host B's instance directory"
+    assert code == 0, err
+    assert (p.cache / X).exists() and not (p.cache / Y).exists()
+    assert ("peer", "hb") in users(doc, X)
+    # A's manifest says what A's own sources use: not B's claims (no echo between hosts).
+    assert p.manifests()["ha"].entries == ()
+
+
+def test_a_registered_host_without_a_manifest_blocks_removal_until_it_runs(
+    tmp_path: Path,
+) -> None:
+    """The upgrade case: compute_nodes lists a host that never ran imagecache."""
+    p = pool(tmp_path, "ha", "hb")
+    (p.instances / "compute_nodes").write_text(json.dumps({"hb": time.time() - 60}))
+    (p.cache / Y).write_bytes(b"y" * 65536)
+    p.old(Y)
+    code, doc, _ = p.nodes["ha"].run("clean")
+    assert code == 1 and (p.cache / Y).exists()
+    [problem] = [q for q in doc["problems"] if q["code"] == "peer-manifest-missing"]
+    assert problem["ref"] == "hb" and problem["blocking"]
+    assert "run imagecache there" in problem["message"] and "peers retire hb" in problem["message"]
+
+    # B upgraded: it writes its manifest, and A has one since its blocked pass: both are live,
+    # and whichever cleans next removes what neither uses.
+    code, _, err = p.nodes["hb"].run("clean")
+    assert code == 0, err
+    assert not (p.cache / Y).exists()
+    code, doc, err = p.nodes["ha"].run("clean")
+    assert code == 0 and not [q for q in doc["problems"] if q["blocking"]], err
+
+
+def test_a_stale_peer_blocks_until_it_is_retired_and_its_instances_are_then_scanned(
+    tmp_path: Path,
+) -> None:
+    p = pool(tmp_path, "ha", "hb", peer_stale_seconds=600)
+    (p.cache / X).write_bytes(b"x" * 65536)
+    (p.cache / Y).write_bytes(b"y" * 65536)
+    p.instance("hb", "inst-b", X)
+    p.old(X, Y)
+    assert p.nodes["hb"].run("clean")[0] == 0
+    # B is killed (or its host died): its last manifest, written long ago, is all there is.
+    last = p.manifests()["hb"]
+    write_manifest(Layout(str(p.instances)), Manifest(
+        "hb", time.time() - 3600, True, last.entries, last.instance_dirs))  # fmt: skip
+    (p.cache / Y).write_bytes(b"y" * 65536)
+    p.old(X, Y)
+
+    code, doc, _ = p.nodes["ha"].run("clean")
+    assert code == 1 and (p.cache / X).exists() and (p.cache / Y).exists()
+    assert ("peer-stale", "hb") in codes(doc)
+
+    code, doc, err = p.nodes["ha"].run("peers", "list")
+    assert code == 0, err
+    assert [(q["host"], q["state"]) for q in doc["peers"]] == [("hb", "stale")]
+    code, doc, err = p.nodes["ha"].run("peers", "retire", "hb")
+    assert code == 0, err
+    assert [(q["host"], q["state"]) for q in doc["peers"]] == [("hb", "retired")]
+    audit = [json.loads(line) for line in p.nodes["ha"].audit.read_text().splitlines()]
+    assert [(a["action"], a["peer"]) for a in audit if a["action"] == "retire-peer"] == [
+        ("retire-peer", "hb")
+    ]
+
+    p.old(X, Y)
+    code, doc, err = p.nodes["ha"].run("clean")
+    assert code == 0, err
+    # B's instance directory is unclaimed now: A scans it, and its disk keeps X.
+    assert (p.cache / X).exists() and not (p.cache / Y).exists()
+    assert ("backing", str(p.instances / "inst-b" / "disk")) in users(doc, X)
+
+    assert p.nodes["hb"].run("clean")[0] == 0  # B comes back: a peer again
+    code, doc, _ = p.nodes["ha"].run("peers", "list")
+    assert [(q["host"], q["state"]) for q in doc["peers"]] == [("hb", "live")]
+
+
+def test_a_live_peer_is_never_retired(tmp_path: Path) -> None:
+    p = pool(tmp_path, "ha", "hb")
+    (p.cache / X).write_bytes(b"x" * 65536)
+    p.instance("hb", "inst-b", X)
+    assert p.nodes["hb"].run("clean")[0] == 0
+    before = p.manifests()["hb"]
+    code, _, err = p.nodes["ha"].run("peers", "retire", "hb")
+    assert code == 1 and "it is alive" in err
+    assert p.manifests()["hb"] == before
+
+
+def test_a_corrupt_or_incomplete_manifest_never_loses_its_host(tmp_path: Path) -> None:
+    p = pool(tmp_path, "ha", "hb", "hc")
+    (p.cache / Y).write_bytes(b"y" * 65536)
+    for node in ("hb", "hc"):
+        assert p.nodes[node].run("clean")[0] == 0
+    hosts = p.cache / ".imagecache" / "hosts"
+    (hosts / "hb.json").write_text('{"schema": 1, "host": "hb", "entries": [')
+    found, _ = read_manifests(Layout(str(p.instances)))
+    hc = next(m for m in found if m.host == "hc")
+    write_manifest(Layout(str(p.instances)), Manifest("hc", hc.written, False))
+    p.old(Y)
+    code, doc, _ = p.nodes["ha"].run("clean")
+    assert code == 1 and (p.cache / Y).exists()
+    assert {("peer-manifest-unreadable", "hb"), ("peer-incomplete", "hc")} <= set(codes(doc))
+
+
+def test_a_cache_per_host_is_not_blocked_by_the_other_hosts_of_compute_nodes(
+    tmp_path: Path,
+) -> None:
+    """``_base_$my_ip``: the hosts of compute_nodes share the instances path, not this cache."""
+    p = pool(tmp_path, "ha")
+    config = p.nodes["ha"].config
+    config.write_text(
+        config.read_text()
+        .replace("[image_cache]\n", "[image_cache]\nsubdirectory_name = _base_$my_ip\n", 1)
+        .replace("[DEFAULT]\n", "[DEFAULT]\nmy_ip = 192.0.2.7\n", 1)
+    )
+    cache = p.instances / "_base_192.0.2.7"
+    cache.mkdir()
+    (cache / Y).write_bytes(b"y" * 65536)
+    os.utime(cache / Y, (time.time() - 2 * DAY,) * 2)
+    (p.instances / "compute_nodes").write_text(json.dumps({"hb": time.time() - 60}))
+    code, doc, err = p.nodes["ha"].run("clean")
+    assert code == 0, (err, doc.get("problems"))
+    assert not (cache / Y).exists()
