@@ -26,12 +26,12 @@ def snapshot(path: Path) -> tuple[bytes, int, int]:
     return path.read_bytes(), st.st_ino, st.st_mtime_ns
 
 
-
 def live_peers(host: Host, *names: str) -> None:
     """Peers sharing the storage that run imagecache: a fresh manifest each, claiming nothing
     (a registered host without one blocks every removal: tests/test_shared.py)."""
     for name in names:
         write_manifest(Layout(str(host.instances)), Manifest(name, NOW, complete=True))
+
 
 def test_clean_registers_this_host_and_keeps_every_other(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
