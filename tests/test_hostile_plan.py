@@ -57,11 +57,12 @@ class Saved:
 
 def snapshot(host: Host) -> dict[str, str]:
     """Every file of the cache and the trash, by name, with its content digest (not the pass
-    state a clean records in ``.imagecache/state.*``: bookkeeping, no entry)."""
+    state a clean records in ``.imagecache/state.*``, nor the host's manifest in
+    ``.imagecache/hosts/``: bookkeeping, no entry)."""
     return {
         str(p.relative_to(host.cache)): digest(p)
         for p in sorted(host.cache.rglob("*"))
-        if p.is_file() and not p.is_symlink() and p.parent.name != ".imagecache"
+        if p.is_file() and not p.is_symlink() and p.parent.name not in (".imagecache", "hosts")
     }
 
 

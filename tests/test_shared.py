@@ -108,6 +108,8 @@ def test_a_base_used_only_by_host_b_is_kept_when_host_a_cleans(tmp_path: Path) -
     (p.cache / Y).write_bytes(b"y" * 65536)
     disk_b = p.instance("hb", "inst-b", X)
     p.old(X, Y)
+    # Made long ago: a directory changed just before its owner's manifest is scanned anyway.
+    os.utime(disk_b.parent, (time.time() - DAY,) * 2)
     code, _, err = p.nodes["hb"].run("clean")
     assert code == 0, err
     assert (p.cache / X).exists() and not (p.cache / Y).exists()  # B removes what no one uses
@@ -210,7 +212,7 @@ def test_a_corrupt_or_incomplete_manifest_never_loses_its_host(tmp_path: Path) -
     for node in ("hb", "hc"):
         assert p.nodes[node].run("clean")[0] == 0
     hosts = p.cache / ".imagecache" / "hosts"
-    (hosts / "hb.json").write_text('{"schema": 1, "host": "hb", "entries": [')
+    (hosts / "host-hb.json").write_text('{"schema": 1, "host": "hb", "entries": [')
     found, _ = read_manifests(Layout(str(p.instances)))
     hc = next(m for m in found if m.host == "hc")
     write_manifest(Layout(str(p.instances)), Manifest("hc", hc.written, False))
@@ -239,3 +241,30 @@ def test_a_cache_per_host_is_not_blocked_by_the_other_hosts_of_compute_nodes(
     code, doc, err = p.nodes["ha"].run("clean")
     assert code == 0, (err, doc.get("problems"))
     assert not (cache / Y).exists()
+
+
+def test_a_disk_a_peer_made_since_its_manifest_is_seen_in_the_directory_it_owns(
+    tmp_path: Path,
+) -> None:
+    """B rebuilds its instance on another base after its last pass: the directory it owns
+    changed since its manifest, so A scans it rather than trusting the manifest, and keeps Z."""
+    p = pool(tmp_path, "ha", "hb")
+    for name in (X, Z):
+        (p.cache / name).write_bytes(name.encode() * 4096)
+    disk = p.instance("hb", "inst-b", X)
+    os.utime(disk.parent, (time.time() - DAY,) * 2)
+    p.old(X, Z)
+    assert p.nodes["hb"].run("clean")[0] == 0
+    assert not (p.cache / Z).exists()  # nothing used it then
+    (p.cache / Z).write_bytes(Z.encode() * 4096)
+    last = p.manifests()["hb"]  # B's manifest as of a while ago: before the rebuild
+    write_manifest(Layout(str(p.instances)), Manifest(
+        "hb", time.time() - 120, True, last.entries, last.instance_dirs))  # fmt: skip
+    disk.unlink()
+    p.instance("hb", "inst-b", Z)  # the rebuild: a new disk file, the directory's mtime moves
+    p.old(X, Z)
+
+    code, doc, err = p.nodes["ha"].run("clean")
+    assert code == 0, err
+    assert (p.cache / Z).exists(), "a peer's rebuild since its manifest lost its base"
+    assert ("backing", str(p.instances / "inst-b" / "disk")) in users(doc, Z)

@@ -180,7 +180,7 @@ def cmd_verify(ctx: Context) -> int:
 def cmd_peers(ctx: Context) -> int:
     s, now = ctx.settings, ctx.clock.wall()
     if ctx.args.action == "retire":
-        if not ctx.args.peer:
+        if ctx.args.peer is None:
             raise UsageError("peers retire: name the HOST to retire")
         try:
             manager.retire_peer(s, ctx.args.peer, now=now)

@@ -747,7 +747,8 @@ def _cache_per_host(paths: Sequence[str]) -> bool:
             values = sections.get(group, {}).get(name)
             if values:
                 raw = values[-1]
-    return raw is not None and _PER_HOST.search(raw) is not None
+    # oslo.config reads ``$$`` as a literal ``$``: ``_base_$$my_ip`` is one name on every host.
+    return raw is not None and _PER_HOST.search(raw.replace("$$", "")) is not None
 
 
 def _glance(conf: cfg.ConfigOpts, os_cloud: str | None) -> GlanceSettings:

@@ -3,8 +3,9 @@
 Nova runs its image cache manager as a periodic task inside nova-compute; this is the same pass
 as its own process, with what a service needs around it:
 
-- one daemon per cache: ``<cache>/.imagecache/run.lock`` is held for the daemon's life and names
-  its pid, so a second ``run`` on the same cache exits 1 at once, saying which one runs;
+- one daemon per host and cache: ``<cache>/.imagecache/run-<host>.lock`` is held for the
+  daemon's life and names its pid, so a second ``run`` of that host on the same cache exits 1 at
+  once, saying which one runs (on shared storage every host runs its own);
 - never two passes at once (one loop), a small random delay added to each interval so a thousand
   hosts started together do not pass together on shared storage, and the first pass after
   ``[imagecache] first_pass_delay_seconds``;
@@ -35,6 +36,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
+from urllib.parse import quote
 
 from imagecache import locks, manager
 from imagecache.clock import Clock
@@ -47,7 +49,6 @@ __all__ = ["DaemonRunning", "Notifier", "publish_textfile", "run"]
 
 LOG = logging.getLogger(__name__)
 
-RUN_LOCK = "run.lock"
 TICK = 0.5  # seconds between two looks at the signals while waiting
 
 
@@ -116,7 +117,9 @@ def _run_lock(settings: Settings) -> Iterator[None]:
     os.close(fsops.open_dir(layout.instances_path))  # never made here: it may be a mount point
     os.close(fsops.open_dir(layout.cache_dir, create=True))
     os.close(fsops.open_dir(layout.state_dir, create=True))
-    path = os.path.join(layout.state_dir, RUN_LOCK)
+    # One daemon per host and cache: on shared storage every host runs its own (each writes its
+    # manifest); one cleaner at a time is the coordination lock's business.
+    path = os.path.join(layout.state_dir, run_lock_name(settings.host))
     try:
         with locks.held_lock(path, timeout=0, poll=0.05, what="imagecache run") as fd:
             os.ftruncate(fd, 0)
@@ -125,8 +128,13 @@ def _run_lock(settings: Settings) -> Iterator[None]:
     except LockTimeout:
         raise DaemonRunning(
             f"another `imagecache run` (pid {_pid_in(path)}) already manages "
-            f"{layout.cache_dir}; one daemon per cache"
+            f"{layout.cache_dir} for host {settings.host}; one daemon per host and cache"
         ) from None
+
+
+def run_lock_name(host: str) -> str:
+    """The run lock of ``host``'s daemon: its name quoted, so no host name is a path."""
+    return f"run-{quote(host, safe='', errors='surrogateescape')}.lock"
 
 
 def _pid_in(path: str) -> str:

@@ -362,9 +362,8 @@ class _Batch:
             now = self.clock.wall()
             # Observing the host again is the slow part: only when there is something to act on.
             inventory = self.observe() if len(missed) < len(names) else None
-            if inventory is not None and not inventory.complete:
-                _report_gaps(run, inventory)  # why the fresh decisions keep everything
             fresh = tuple(decide(inventory, p, now) for p in self.policies) if inventory else ()
+            _report_gaps(run, fresh)  # why the fresh decisions keep everything, if they do
             for d in work.decisions:
                 name = _lock_name(d)
                 if name in busy:
@@ -389,12 +388,12 @@ class _Batch:
         return busy
 
 
-def _report_gaps(run: Run, inventory: Inventory) -> None:
-    """The blocking problems of an act-time observation, once each, as the pass's own: a plan
-    made from a complete view may meet an incomplete one (libvirt gone since), and the report
-    must say why nothing was done."""
+def _report_gaps(run: Run, fresh: Sequence[Plan]) -> None:
+    """The blocking problems of the act-time decisions, once each, as the pass's own: a plan
+    made from a complete view may meet an incomplete one (libvirt gone since, a peer stale), and
+    the report must say why nothing was done."""
     seen = {(p.code, p.ref) for p in run.problems}
-    for p in inventory.problems:
+    for p in (p for plan in fresh for p in plan.problems):
         if p.blocking and (p.code, p.ref) not in seen:
             seen.add((p.code, p.ref))
             run.problems.append(p)

@@ -12,10 +12,11 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-from imagecache import executor, history, policy, sources, usage, verify
+from imagecache import executor, history, locks, policy, sources, usage, verify
 from imagecache.clock import Clock
 from imagecache.errors import LockTimeout
 from imagecache.history import History
+from imagecache.layout import REGISTRY_LOCK
 from imagecache.model import (
     PROBLEMS,
     Inventory,
@@ -150,6 +151,13 @@ def write_manifest(
             for d in plan.decisions
             if any(u.source is not Source.PEER for u in d.users)
         }
+        # A quarantined entry this host's disks still use (restored by its next pass): no peer
+        # may purge it meanwhile. By name: its device is not recorded.
+        | {
+            (t.entry.name, 0, 0)
+            for t in plan.trash
+            if any(u.source is not Source.PEER for u in t.users)
+        }
     )
     manifest = Manifest(settings.host, now, complete, tuple(used), inventory.owned_dirs)
     try:
@@ -189,7 +197,12 @@ def apply_plan(
 ) -> Report:
     """Register the host, then act on a saved ``plan``, re-deciding every entry under its lock."""
     registered = register(settings, now=clock.wall())
-    return _apply(settings, plan, tuple(inventory_files), clock=clock, problems=registered,
+    files = tuple(inventory_files)
+    now = clock.wall()
+    # Its peers must hear from this host whatever runs its passes: a fresh view for the manifest.
+    inventory, fresh = _observe_and_decide(settings, files, now=now)
+    registered += write_manifest(settings, inventory, fresh, now=now)
+    return _apply(settings, plan, files, clock=clock, problems=registered,
                   should_stop=should_stop)  # fmt: skip
 
 
@@ -417,37 +430,53 @@ class RetireRefused(Exception):
 
 
 def retire_peer(settings: Settings, host: str, *, now: float) -> bool:
-    """Retire a peer for good: drop it from ``compute_nodes`` under Nova's lock, replace its
-    manifest with a tombstone that claims nothing (its instance directories are then scanned by
-    the survivors), and audit it in this host's audit log. Whether it was registered.
+    """Retire a peer for good: drop it from ``compute_nodes`` and replace its manifest with a
+    tombstone that claims nothing (its instance directories are then scanned by the survivors),
+    both under Nova's registry lock, judged again under it; audited in this host's audit log.
+    Whether it was registered.
 
     Raises:
-        RetireRefused: it is this host, or no peer of this storage, or it is live (a fresh
-            manifest from a complete view: retiring it would drop what its instances use).
+        RetireRefused: it is this host, or no peer of this storage, or it shows signs of life (a
+            manifest younger than ``peer_stale_seconds``, complete or not, or a group member).
         RegistryError, LockTimeout, OSError: compute_nodes or the manifest cannot be changed.
     """
     if host == settings.host:
         raise RetireRefused(f"{host} is this host")
-    found, _ = peers_of(settings, now=now)
-    peer = next((p for p in found if p.host == host), None)
-    if peer is None:
-        raise RetireRefused(
-            f"{host} is no host of this storage (not in compute_nodes, no manifest)"
-        )
-    if peer.state == usage.LIVE:
-        assert peer.manifest is not None
-        raise RetireRefused(
-            f"{host} wrote its manifest {now - peer.manifest.written:.0f} s ago: it is alive "
-            "(stop imagecache there first, and wait peer_stale_seconds)"
-        )
     audit = AuditLog(settings.clean.audit_log, host=settings.host)
     audit.check_writable()  # nothing done that is not audited
-    was_registered = registry.drop_host(
-        settings.layout, host, lock_timeout=settings.clean.lock_timeout
-    )
-    tombstone = Manifest(host, now, complete=True, retired=True, retired_by=settings.host)
-    manifests.write_manifest(settings.layout, tombstone)
+    layout = settings.layout
+    with locks.entry_lock(layout.instances_path, REGISTRY_LOCK,
+                          timeout=settings.clean.lock_timeout):  # fmt: skip
+        # Judged under the lock: a host that came back while we waited is not retired.
+        found, _ = peers_of(settings, now=now)
+        peer = next((p for p in found if p.host == host), None)
+        _refuse_unless_gone(peer, host, settings, now=now)
+        assert peer is not None
+        was_registered = registry.drop_host(layout, host, locked=True)
+        tombstone = Manifest(host, now, complete=True, retired=True, retired_by=settings.host)
+        manifests.write_manifest(layout, tombstone)
     audit.record_event("retire-peer", now=now, peer=host, was_registered=was_registered,
                        state=peer.state)  # fmt: skip
     LOG.warning("retired peer %s (was %s)", host, peer.state)
     return was_registered
+
+
+def _refuse_unless_gone(
+    peer: usage.Peer | None, host: str, settings: Settings, *, now: float
+) -> None:
+    if peer is None:
+        raise RetireRefused(
+            f"{host} is no host of this storage (not in compute_nodes, no manifest)"
+        )
+    if peer.state == usage.RETIRED:
+        raise RetireRefused(f"{host} is retired already")
+    if peer.member:
+        raise RetireRefused(f"{host} is a member of the coordination group: it is alive")
+    m = peer.manifest
+    if m is not None and not m.retired and peer.state != usage.SKEWED:
+        age = now - m.written
+        if age <= settings.policy.peer_stale_seconds:
+            raise RetireRefused(
+                f"{host} wrote its manifest {age:.0f} s ago: it is alive (stop imagecache there "
+                f"first, and wait peer_stale_seconds, {settings.policy.peer_stale_seconds} s)"
+            )

@@ -135,6 +135,7 @@ class ProblemCode(StrEnum):
     PEER_STALE = "peer-stale"
     PEER_INCOMPLETE = "peer-incomplete"
     MANIFEST_UNWRITABLE = "manifest-unwritable"
+    MANIFESTS_UNLISTED = "manifests-unlisted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +225,7 @@ PROBLEMS: dict[ProblemCode, ProblemTraits] = {
     _C.PEER_MANIFEST_UNREADABLE: ProblemTraits(_S.PEER, blocking=True),
     _C.PEER_STALE: ProblemTraits(_S.PEER, blocking=True),
     _C.PEER_INCOMPLETE: ProblemTraits(_S.PEER, blocking=True),
+    _C.MANIFESTS_UNLISTED: ProblemTraits(_S.PEER, blocking=True),  # no host is known at all
     # This host's own manifest could not be written: its peers will stop removing (stale), and
     # the pass says so (exit 1).
     _C.MANIFEST_UNWRITABLE: ProblemTraits(_S.PEER, blocking=False, fails=True),

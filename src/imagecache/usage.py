@@ -55,8 +55,18 @@ def counted_records(inventory: Inventory) -> tuple[InstanceRecord, ...]:
     A peer counts as long as it is in the registry at all, however old its heartbeat: Nova's 24 h
     window is how a host that was down lost its base images (LP 1078594 class).
     """
-    sharing = {inventory.host} | {host for host, _ in inventory.registry}
+    sharing = sharing_hosts(inventory)
     return tuple(r for r in inventory.instances if r.host is None or r.host in sharing)
+
+
+def sharing_hosts(inventory: Inventory) -> set[str]:
+    """This host and every one that shares the storage: registered, a group member, with a
+    manifest (not retired) or an unreadable one (a host only gone from compute_nodes counts)."""
+    hosts = {inventory.host} | {host for host, _ in inventory.registry}
+    hosts |= set(inventory.members or ())
+    hosts |= {m.host for m in inventory.manifests if not m.retired}
+    hosts |= {p.ref for p in inventory.problems if p.code is ProblemCode.PEER_MANIFEST_UNREADABLE}
+    return hosts
 
 
 def record_notes(inventory: Inventory) -> tuple[Problem, ...]:
@@ -196,9 +206,12 @@ class _Users:
 
 # --- shared storage: peers and their manifests ---------------------------------------------------
 
-LIVE, STALE, MISSING, INCOMPLETE, UNREADABLE, RETIRED = (
-    "live", "stale", "missing", "incomplete", "unreadable", "retired",
+LIVE, STALE, MISSING, INCOMPLETE, UNREADABLE, RETIRED, SKEWED = (
+    "live", "stale", "missing", "incomplete", "unreadable", "retired", "skewed",
 )  # fmt: skip
+#: How far in the future a manifest may say it was written (clocks differ a little) before its
+#: host's clock is judged wrong: such a manifest would otherwise never grow stale.
+CLOCK_ALLOWANCE = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,12 +249,14 @@ def peers(inventory: Inventory, policy: Policy, now: float) -> tuple[Peer, ...]:
         at = registered.get(host)
         if host in unreadable:
             state = UNREADABLE
-        elif (
-            m is not None and m.retired and host not in members and (at is None or at <= m.written)
-        ):
-            state = RETIRED  # registered again after its retirement, or a member: it came back
+        elif m is not None and m.retired and host not in members and at is None:
+            # Retiring drops it from compute_nodes under Nova's lock: registered again (whatever
+            # its clock says), or a member, it came back.
+            state = RETIRED
         elif m is None or m.retired:
             state = MISSING
+        elif m.written > now + CLOCK_ALLOWANCE:
+            state = SKEWED
         elif now - m.written > policy.peer_stale_seconds:
             state = STALE
         elif not m.complete:
@@ -275,6 +290,14 @@ def peer_problems(found: Iterable[Peer], policy: Policy, now: float) -> tuple[Pr
                 "its instances use is unknown, nothing on this storage is removed; run "
                 f"imagecache there (a host upgraded from Nova's manager), {retire}"
             )
+        elif p.state == SKEWED:
+            assert p.manifest is not None
+            code = ProblemCode.PEER_STALE
+            why = (
+                f"host {p.host}'s manifest says it was written {p.manifest.written - now:.0f} s "
+                "from now: its clock is wrong, and its manifest would never grow stale. Nothing "
+                f"on this storage is removed until its clock is fixed, {retire}"
+            )
         elif p.state == STALE:
             assert p.manifest is not None
             code = ProblemCode.PEER_STALE
@@ -294,7 +317,13 @@ def peer_problems(found: Iterable[Peer], policy: Policy, now: float) -> tuple[Pr
     return tuple(problems)
 
 
-def claimed_by_live_peers(inventory: Inventory, policy: Policy, now: float) -> frozenset[str]:
-    """The instance directories live peers own (and scan): this host may skip them."""
+def claimed_by_live_peers(inventory: Inventory, policy: Policy, now: float) -> dict[str, float]:
+    """The instance directories live peers own (and scan), each with when its claimer last
+    looked at it (the oldest claim's manifest time): this host may skip those unchanged since."""
     live = {p.host for p in peers(inventory, policy, now) if p.state == LIVE}
-    return frozenset(d for m in inventory.manifests if m.host in live for d in m.instance_dirs)
+    claimed: dict[str, float] = {}
+    for m in inventory.manifests:
+        if m.host in live:
+            for d in m.instance_dirs:
+                claimed[d] = min(claimed.get(d, m.written), m.written)
+    return claimed

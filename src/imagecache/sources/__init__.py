@@ -99,11 +99,11 @@ def observe(
         problems=manifest_problems, manifests=manifests, members=members,
         cache_per_host=layout.cache_per_host,
     )  # fmt: skip
-    claimed: frozenset[str] = frozenset()
-    if shared is not None:
-        claimed = claimed_by_live_peers(peers_view, shared.policy, shared.now)
+    claims = {} if shared is None else claimed_by_live_peers(peers_view, shared.policy, shared.now)
+    claimed = frozenset(claims)
     own = {n for r in records if r.host == host for n in (r.uuid, r.name) if n}
-    disks, disk_problems = scan_instances(layout, skip=claimed - own)
+    skip = _unchanged_since(layout, {d: t for d, t in claims.items() if d not in own})
+    disks, disk_problems = scan_instances(layout, skip=skip)
     # An entry that names another (a golden qcow2 on a base) uses it while it exists.
     entry_users, entry_problems = scan_entry_users(layout, entries)
     domains = (
@@ -144,6 +144,26 @@ def observe(
             *extra_problems,
         ),
     )
+
+
+#: A peer's clock and the file server's may differ: a directory changed less than this before
+#: its claimer's manifest was written is scanned anyway.
+CLOCK_MARGIN = 60.0
+
+
+def _unchanged_since(layout: Layout, claims: dict[str, float]) -> frozenset[str]:
+    """The claimed directories not changed since their claimer scanned them (their mtime, which
+    a new or replaced disk moves, is older than its manifest): only those are skipped. A disk
+    a peer made since its last manifest (a rebuild on another base) is then seen here too."""
+    skip = []
+    for name, written in claims.items():
+        try:
+            st = os.stat(os.path.join(layout.instances_path, name), follow_symlinks=False)
+        except OSError:
+            continue  # gone, or cannot be stat()ed: the scan says what it is
+        if st.st_mtime < written - CLOCK_MARGIN:
+            skip.append(name)
+    return frozenset(skip)
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,15 +42,21 @@ _MAX_INT = 1 << 63
 _STALE_TEMP = 3600.0
 
 
+_PREFIX = "host-"
+
+
 def _file_name(host: str) -> str:
-    """The file of ``host``'s manifest: the name quoted, so that no host name is a path."""
-    return quote(host, safe="", errors="surrogateescape") + _SUFFIX
+    """The file of ``host``'s manifest: ``host-<name quoted>.json``, so that no host name (empty,
+    ``.hidden``, ``a/b``, undecodable bytes) is a path or a hidden file."""
+    return _PREFIX + quote(host, safe="", errors="surrogateescape") + _SUFFIX
 
 
 def _host_of(file: str) -> str | None:
-    if not file.endswith(_SUFFIX) or file.startswith("."):
+    """The host a manifest file is named after (its name need not be canonical: ``host-a%2fb``
+    names ``a/b`` too, and is then unreadable, never a host forgotten)."""
+    if not file.startswith(_PREFIX) or not file.endswith(_SUFFIX):
         return None
-    return unquote(file.removesuffix(_SUFFIX), errors="surrogateescape")
+    return unquote(file[len(_PREFIX) : -len(_SUFFIX)], errors="surrogateescape")
 
 
 def _open(layout: Layout, *, create: bool) -> int:
@@ -119,7 +125,7 @@ def read_manifests(layout: Layout) -> tuple[tuple[Manifest, ...], tuple[Problem,
     except OSError as exc:
         path = os.path.join(layout.state_dir, HOSTS_DIR)
         message = f"cannot read the hosts' manifests: {exc.strerror or exc}"
-        return (), (Problem(ProblemCode.PEER_MANIFEST_UNREADABLE, path, message),)
+        return (), (Problem(ProblemCode.MANIFESTS_UNLISTED, path, message),)
     manifests: list[Manifest] = []
     problems: list[Problem] = []
     try:
@@ -129,6 +135,8 @@ def read_manifests(layout: Layout) -> tuple[tuple[Manifest, ...], tuple[Problem,
             if host is None or naming.classify(file) is Kind.TEMP:
                 continue
             try:
+                if file != _file_name(host):
+                    raise ValueError("its file name is not the host's canonical one")
                 manifests.append(_manifest(_read_at(dir_fd, file), host))
             except (OSError, KeyError, TypeError, ValueError, OverflowError, RecursionError) as exc:
                 why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -99,20 +99,25 @@ def register_host(layout: Layout, host: str, *, now: float, lock_timeout: float)
     return None
 
 
-def drop_host(layout: Layout, host: str, *, lock_timeout: float) -> bool:
-    """Remove ``host``'s entry from ``compute_nodes`` under Nova's lock; whether it was there.
+def drop_host(
+    layout: Layout, host: str, *, lock_timeout: float = 0.0, locked: bool = False
+) -> bool:
+    """Remove ``host``'s entry from ``compute_nodes`` under Nova's lock (``locked``: the caller
+    holds it); whether it was there.
 
     Raises:
         RegistryError: the file cannot be read or is not ``{host: epoch}`` (it is left as is).
         LockTimeout: Nova's registry lock stayed busy.
         OSError: it cannot be written.
     """
-    with locks.entry_lock(layout.instances_path, REGISTRY_LOCK, timeout=lock_timeout):
-        hosts = dict(read_registry(layout))
-        if host not in hosts:
-            return False
-        del hosts[host]
-        _replace(layout, hosts)
+    if not locked:
+        with locks.entry_lock(layout.instances_path, REGISTRY_LOCK, timeout=lock_timeout):
+            return drop_host(layout, host, locked=True)
+    hosts = dict(read_registry(layout))
+    if host not in hosts:
+        return False
+    del hosts[host]
+    _replace(layout, hosts)
     return True
 
 
