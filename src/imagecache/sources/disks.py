@@ -27,7 +27,7 @@ MAX_TREE_DEPTH = 3
 
 
 def _instance_dirs(
-    layout: Layout,
+    layout: Layout, skip: Container[str] = frozenset()
 ) -> tuple[list[os.DirEntry[str]], set[tuple[int, int] | None], list[Problem]]:
     """The instance directories under ``instances_path``, by name: directories and links to them.
 
@@ -57,6 +57,8 @@ def _instance_dirs(
     seen = set(excluded)
     dirs: list[os.DirEntry[str]] = []
     for d in (e for e in others if e.is_dir(follow_symlinks=False)):
+        if d.name in skip:
+            continue  # a live peer's, unchanged since it scanned it: not even stat()ed
         found = _dir_id(d.path)  # None (cannot stat): kept, and listing it reports why
         if found is None or found not in excluded:
             seen.add(found)
@@ -127,7 +129,7 @@ def scan_instances(
     """
     instances_path = layout.instances_path
     try:
-        dirs, known, dir_problems = _instance_dirs(layout)
+        dirs, known, dir_problems = _instance_dirs(layout, skip)
     except FileNotFoundError:
         message = "instances path does not exist"
         return (), (Problem(ProblemCode.INSTANCES_MISSING, instances_path, message),)
