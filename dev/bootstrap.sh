@@ -12,10 +12,15 @@ cd "$(dirname "$0")/.."
 # libvirt-daemon, libvirt-daemon-driver-qemu, libvirt-clients, libvirt-daemon-system (the user
 # libvirt-qemu that libvirtd insists on), qemu-system-x86: the real libvirtd that
 # tests/libvirtd.py starts to run a TCG guest, and qemu:///embed.
+# redis-server, etcd-server: the real Redis and etcd that tests/services.py starts on free
+# ports of 127.0.0.1 for the coordination tests (tooz's redis:// and etcd3+http:// drivers);
+# etcd-client (etcdctl): to look at that etcd by hand. Their packages ship init scripts that
+# would start them on 6379 and 2379 at install: the policy-rc.d below keeps them stopped.
 DEBS=(qemu-utils curl dosfstools e2fsprogs util-linux procps python3-venv systemd logrotate
       gcc libc6-dev python3-dev strace
       libvirt-dev pkg-config libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-      libvirt-daemon-system qemu-system-x86)
+      libvirt-daemon-system qemu-system-x86
+      redis-server etcd-server etcd-client)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -23,7 +28,8 @@ done
 if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   # No service starts during the install: libvirt-daemon-system would start the machine's
-  # libvirtd (through invoke-rc.d, or systemd where it runs), which the tests never use. A
+  # libvirtd, redis-server a Redis on 6379 and etcd-server an etcd on 2379 (through invoke-rc.d,
+  # or systemd where it runs), which the tests never use (they start their own). A
   # policy-rc.d that says no (101) while apt runs, unless the machine has one of its own.
   policy=/usr/sbin/policy-rc.d
   if [ ! -e $policy ] || grep -q "dev/bootstrap.sh" $policy; then
@@ -43,7 +49,8 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.stamp 2>/dev/null)" != "$(stamp)
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 \
     | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c 'import imagecache, oslo_config, openstack, libvirt' # fail loudly
+  # fail loudly
+  .venv/bin/python -c 'import imagecache, oslo_config, openstack, libvirt, tooz, redis, etcd3gw'
   stamp > .venv/.stamp
 fi
 

@@ -28,7 +28,7 @@ _LAYERS = [
     ("errors", "errors _version"),
     ("core", "model plan results naming layout usage policy settings clock history integrity"),
     ("formats", "formats"),
-    ("locks", "owners locks lockfiles"),
+    ("locks", "owners locks lockfiles coordination"),
     ("store", "store"),
     ("sources", "sources"),
     ("images", "images"),

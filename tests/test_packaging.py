@@ -53,16 +53,21 @@ def test_every_imported_distribution_is_declared_and_every_declared_one_imported
     assert clouds == {"openstacksdk"}
     libvirt = _names(PROJECT["optional-dependencies"]["libvirt"])
     assert libvirt == {"libvirt-python"}  # `import libvirt` (packages_distributions maps it)
-    optional = clouds | libvirt
+    coordination = _names(PROJECT["optional-dependencies"]["coordination"])
+    assert coordination == {"tooz"}  # tooz[redis,etcd3gw]: the clients come with tooz's extras
+    optional = clouds | libvirt | coordination
     assert set(imported) - plain - optional == set(), {d: imported[d] for d in imported}
     assert plain - set(imported) == set()  # nothing declared that src/ does not use
     # openstacksdk stays optional: only the --os-cloud loader imports it (lazily).
     assert imported["openstacksdk"] == {"src/imagecache/images/glance.py"}
     # libvirt-python too: only the libvirt source imports it (lazily), if that exists yet.
     assert imported.get("libvirt-python", set()) <= {"src/imagecache/sources/libvirt.py"}
+    # tooz too: only the coordination module imports it (lazily).
+    assert imported.get("tooz", set()) <= {"src/imagecache/coordination.py"}
     assert plain & optional == set()
 
 
-def test_the_test_extra_installs_the_clouds_and_libvirt_extras() -> None:
+def test_the_test_extra_installs_the_clouds_libvirt_and_coordination_extras() -> None:
     assert "imagecache[clouds]" in PROJECT["optional-dependencies"]["test"]
     assert "imagecache[libvirt]" in PROJECT["optional-dependencies"]["test"]
+    assert "imagecache[coordination]" in PROJECT["optional-dependencies"]["test"]

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from imagecache.layout import Layout
 from imagecache.model import Manifest
 from imagecache.store.manifests import read_manifests, write_manifest
@@ -268,3 +270,61 @@ def test_a_disk_a_peer_made_since_its_manifest_is_seen_in_the_directory_it_owns(
     assert code == 0, err
     assert (p.cache / Z).exists(), "a peer's rebuild since its manifest lost its base"
     assert ("backing", str(p.instances / "inst-b" / "disk")) in users(doc, Z)
+
+
+_HOLDER = """
+import sys
+from imagecache.coordination import Coordination
+url, member, storage = sys.argv[1:4]
+with Coordination(url, member=member, storage=storage, timeout=2.0) as c:
+    assert c.lead(wait=10.0)
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_one_cleaner_at_a_time_through_the_coordination_backend(
+    tmp_path: Path, coordination_url: str
+) -> None:
+    """Host B holds the storage's cleaner lock: host A's pass touches and writes its manifest
+    but removes nothing (another-cleaner, exit 0); B SIGKILLed, its lock expires (file: at once,
+    Redis and etcd: after the URL's timeout) and A's next pass cleans."""
+    pytest.importorskip("tooz", reason="the coordination extra is not installed")
+    p = pool(tmp_path, "ha", "hb", coordination_url=coordination_url)
+    assert p.nodes["hb"].run("clean")[0] == 0  # B has a manifest: a live peer
+    (p.cache / Y).write_bytes(b"y" * 65536)
+    p.old(Y)
+    argv = [sys.executable, "-c", _HOLDER, coordination_url, "hb", str(p.cache)]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as b:
+        assert b.stdout is not None and b.stdout.readline().strip() == "held"
+        code, doc, err = p.nodes["ha"].run("clean")
+        assert code == 0, err
+        assert (p.cache / Y).exists()
+        entry = next(e for e in doc["entries"] if e["name"] == Y)
+        assert (entry["action"], entry["reason"]) == ("keep", "another-cleaner")
+        assert "ha" in p.manifests()  # the manifest is written all the same
+        b.kill()
+    deadline = time.monotonic() + 30
+    while True:
+        p.old(Y)
+        code, doc, err = p.nodes["ha"].run("clean")
+        if not (p.cache / Y).exists():
+            break
+        assert time.monotonic() < deadline, "the killed holder's lock never expired"
+        time.sleep(0.5)
+    assert code == 0, err
+
+
+def test_a_coordination_backend_that_is_down_stops_removals_not_the_pass(tmp_path: Path) -> None:
+    pytest.importorskip("tooz", reason="the coordination extra is not installed")
+    from tests.services import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}?timeout=2"  # nothing listens there
+    p = pool(tmp_path, "ha", coordination_url=url)
+    (p.cache / Y).write_bytes(b"y" * 65536)
+    p.old(Y)
+    code, doc, _ = p.nodes["ha"].run("clean")
+    assert code == 1 and (p.cache / Y).exists()
+    [problem] = [q for q in doc["problems"] if q["code"] == "coordination-unavailable"]
+    assert problem["blocking"]
+    assert "ha" in p.manifests()  # the pass went on: its manifest is written

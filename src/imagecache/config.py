@@ -35,6 +35,7 @@ from imagecache.layout import Layout
 from imagecache.plan import Policy
 from imagecache.settings import (
     CleanSettings,
+    CoordinationSettings,
     DaemonSettings,
     FetchSettings,
     GlanceSettings,
@@ -461,8 +462,33 @@ _LIBVIRT_OPTIONS: tuple[_Option, ...] = (
         ("libvirt.virt_type",),
     ),
 )
+_COORDINATION_OPTION = _Option(
+    "imagecache",
+    cfg.StrOpt(
+        "coordination_url",
+        sample_default="<file:// in _base/.imagecache/coordination>",
+        help="Shared storage: the tooz backend through which the hosts sharing the cache agree "
+        "on one cleaner at a time (file://DIR, redis://HOST:PORT, etcd3+http://HOST:PORT, "
+        "zookeeper://HOST:PORT; needs pip install 'imagecache[coordination]'); 'none' turns it "
+        "off. Unset: file:// on the shared storage, when other hosts share it and tooz is "
+        "installed. A backend that is down, or a lost lock, stops removals.",
+    ),
+    ("coordination.url",),
+)
 # Nova's default connection URI by virt_type (nova/virt/libvirt/driver.py, _uri()).
 _VIRT_TYPE_URIS = {"parallels": "parallels:///system", "lxc": "lxc:///"}
+
+
+def _coordination(url: str | None) -> CoordinationSettings:
+    if url is None or not url.strip():
+        return CoordinationSettings(url="")
+    if url.strip().lower() == "none":
+        return CoordinationSettings(url=None)
+    if not url.isprintable() or any(c.isspace() for c in url) or "://" not in url:
+        raise ConfigError(
+            f"[imagecache] coordination_url: invalid value: {url!r} is not a URL (scheme://...)"
+        )
+    return CoordinationSettings(url=url)
 
 
 def _libvirt(
@@ -568,7 +594,7 @@ _SECTIONS: dict[str, type[Any]] = {
 def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
     """Every option by group, for ``oslo-config-generator`` (entry point ``oslo.config.opts``)."""
     groups: dict[str, list[cfg.Opt]] = {}
-    for option in (*_OPTIONS, *_LIBVIRT_OPTIONS, *_GLANCE_OPTIONS):
+    for option in (*_OPTIONS, *_LIBVIRT_OPTIONS, _COORDINATION_OPTION, *_GLANCE_OPTIONS):
         groups.setdefault(option.group, []).append(option.opt)
     return list(groups.items())
 
@@ -580,7 +606,7 @@ def _default_ip() -> str:
 
 
 def _register(conf: cfg.ConfigOpts) -> None:
-    for option in (*_OPTIONS, *_LIBVIRT_OPTIONS, *_GLANCE_OPTIONS):
+    for option in (*_OPTIONS, *_LIBVIRT_OPTIONS, _COORDINATION_OPTION, *_GLANCE_OPTIONS):
         conf.register_opt(option.opt, group=None if option.group == "DEFAULT" else option.group)
 
 
@@ -630,8 +656,9 @@ def load_settings(
     if conf.my_ip is None:
         conf.set_default("my_ip", _default_ip())
 
-    fields: dict[str, dict[str, Any]] = {name: {} for name in (*_SECTIONS, "layout", "libvirt", "")}
-    for option in (*_OPTIONS, *_LIBVIRT_OPTIONS):
+    sections = (*_SECTIONS, "layout", "libvirt", "coordination", "")
+    fields: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    for option in (*_OPTIONS, *_LIBVIRT_OPTIONS, _COORDINATION_OPTION):
         section = conf if option.group == "DEFAULT" else conf[option.group]
         label = _label(option.group, option.opt)
         try:
@@ -660,6 +687,7 @@ def load_settings(
         layout=Layout(**fields["layout"]),
         glance=_glance(conf, os_cloud),
         libvirt=_libvirt(**fields["libvirt"]),
+        coordination=_coordination(fields["coordination"]["url"]),
         config_files=tuple(config_files),
         **{name: cls(**fields[name]) for name, cls in _SECTIONS.items()},
     )
@@ -713,7 +741,7 @@ def _warn_unknown(paths: Sequence[str]) -> None:
     there; ``[imagecache]`` is ours alone, and a misspelt ``lock_timeout_secs`` would otherwise be
     silently ignored, its default in force.
     """
-    options = (*_OPTIONS, *_LIBVIRT_OPTIONS)
+    options = (*_OPTIONS, *_LIBVIRT_OPTIONS, _COORDINATION_OPTION)
     known = sorted(o.opt.dest for o in options if o.group == "imagecache")
     for path in paths:
         sections: dict[str, dict[str, list[str]]] = {}

@@ -5,15 +5,19 @@ Reading order for a newcomer: this file for the flow, ``policy.py`` for every de
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import importlib.util
 import logging
 import os
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from imagecache import executor, history, locks, policy, sources, usage, verify
 from imagecache.clock import Clock
+from imagecache.coordination import Coordination, CoordinationError, default_url
 from imagecache.errors import LockTimeout
 from imagecache.history import History
 from imagecache.layout import REGISTRY_LOCK
@@ -123,10 +127,17 @@ def plan_pass(settings: Settings, *, inventory_files: Iterable[str] = (), now: f
 
 
 def _observe_and_decide(
-    settings: Settings, files: tuple[str, ...], *, now: float
+    settings: Settings,
+    files: tuple[str, ...],
+    *,
+    now: float,
+    members: tuple[str, ...] | None = None,
+    extra: tuple[Problem, ...] = (),
 ) -> tuple[Inventory, Plan]:
     with _cyclic_gc_paused():
-        inventory = observe(settings, inventory_files=files, now=now)
+        inventory = observe(settings, inventory_files=files, now=now, members=members)
+        if extra:
+            inventory = dataclasses.replace(inventory, problems=(*inventory.problems, *extra))
         return inventory, policy.decide(inventory, settings.policy, now)
 
 
@@ -247,12 +258,116 @@ def run_pass(
                                 should_stop=should_stop)  # fmt: skip
         record_verifications(settings, checked, now=clock.wall())
         registered += _verify_problems(settings, checked)
-    now = clock.wall()
-    inventory, plan = _observe_and_decide(settings, files, now=now)
-    registered += write_manifest(settings, inventory, plan, now=now)
-    done = _apply(settings, plan, files, clock=clock, problems=registered, should_stop=should_stop)
+    with _Cleaner(settings, now=clock.wall()) as cleaner:
+        now = clock.wall()
+        inventory, plan = _observe_and_decide(
+            settings, files, now=now, members=cleaner.members, extra=cleaner.problems
+        )
+        registered += write_manifest(settings, inventory, plan, now=now)
+        if not cleaner.leading:
+            plan = _touch_only(plan)  # another host cleans the storage now
+        done = _apply(settings, plan, files, clock=clock, problems=registered,
+                      should_stop=lambda: should_stop() or cleaner.lost())  # fmt: skip
     _forget_removed(settings, done, now=clock.wall())
     return plan, done
+
+
+class _Cleaner:
+    """Whether this host is the one that removes on a shared storage, for one pass.
+
+    Through :class:`~imagecache.coordination.Coordination` (``[imagecache] coordination_url``):
+    the group's members are peers, and the cleaner lock is taken without waiting; another
+    holder makes this pass touch-only. Unset, coordination is used only where other hosts share
+    the storage (``file://`` on it, when tooz is installed; without tooz, a note: Nova's entry
+    locks still serialise every removal). A backend that cannot be used is a blocking problem:
+    nothing removed, touching and the manifest go on. A lock lost during the pass stops it.
+    """
+
+    def __init__(self, settings: Settings, *, now: float) -> None:
+        self.settings = settings
+        self.now = now
+        self.members: tuple[str, ...] | None = None
+        self.problems: tuple[Problem, ...] = ()
+        self.leading = True
+        self._coord: Coordination | None = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> _Cleaner:
+        url = self._url()
+        if url is None:
+            return self
+        try:
+            coord = Coordination(url, member=self.settings.host, storage=self.settings.cache_dir)
+            self._coord = self._stack.enter_context(coord)
+            self.members = tuple(sorted(coord.members()))
+            self.leading = coord.lead(wait=0.0)
+        except CoordinationError as exc:
+            self.leading = False
+            message = f"{exc} ({exc.reason}): nothing is removed this pass"
+            self.problems = (
+                Problem(ProblemCode.COORDINATION_UNAVAILABLE, _redacted(url), message),
+            )
+            LOG.error("coordination: %s", message)
+        if not self.leading and not self.problems:
+            LOG.info(
+                "another host holds the cleaner lock of %s: touching only", self.settings.cache_dir
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _url(self) -> str | None:
+        url = self.settings.coordination.url
+        if url is None or url:
+            return url  # off, or the operator's
+        peers, _ = peers_of(self.settings, now=self.now)
+        if not peers:
+            return None  # nobody else on this storage: nothing to coordinate
+        if importlib.util.find_spec("tooz") is None:
+            message = (
+                "other hosts share this storage and tooz is not installed: more than one may "
+                "clean at once (each removal is still under Nova's entry lock); "
+                "pip install 'imagecache[coordination]'"
+            )
+            self.problems = (Problem(ProblemCode.COORDINATION_OFF, "-", message),)
+            return None
+        return default_url(self.settings.cache_dir)
+
+    def lost(self) -> bool:
+        """The cleaner lock was held and is not any more (or the backend is gone): stop."""
+        return self._coord is not None and self.leading and not self._coord.leading()
+
+
+def _redacted(url: str) -> str:
+    """A URL for reports, without its password."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
+
+
+def _touch_only(plan: Plan) -> Plan:
+    """``plan`` without removals (another host cleans): in-use entries are still touched, and a
+    quarantined entry used again is still restored."""
+    keep = Reason.ANOTHER_CLEANER
+    return dataclasses.replace(
+        plan,
+        decisions=tuple(
+            d
+            if d.action is Action.KEEP
+            else dataclasses.replace(d, action=Action.KEEP, reason=keep)
+            for d in plan.decisions
+        ),
+        trash=tuple(
+            t
+            if t.action is not Action.PURGE
+            else dataclasses.replace(t, action=Action.KEEP, reason=keep)
+            for t in plan.trash
+        ),
+    )
 
 
 _GONE = frozenset({Result.REMOVED, Result.REAPED, Result.PURGED})

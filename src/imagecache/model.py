@@ -136,6 +136,8 @@ class ProblemCode(StrEnum):
     PEER_INCOMPLETE = "peer-incomplete"
     MANIFEST_UNWRITABLE = "manifest-unwritable"
     MANIFESTS_UNLISTED = "manifests-unlisted"
+    COORDINATION_UNAVAILABLE = "coordination-unavailable"
+    COORDINATION_OFF = "coordination-off"
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +228,12 @@ PROBLEMS: dict[ProblemCode, ProblemTraits] = {
     _C.PEER_STALE: ProblemTraits(_S.PEER, blocking=True),
     _C.PEER_INCOMPLETE: ProblemTraits(_S.PEER, blocking=True),
     _C.MANIFESTS_UNLISTED: ProblemTraits(_S.PEER, blocking=True),  # no host is known at all
+    # The coordination backend configured is down (or tooz missing): no host may know it is the
+    # one cleaner, so nothing is removed; touching and manifests go on.
+    _C.COORDINATION_UNAVAILABLE: ProblemTraits(_S.PEER, blocking=True),
+    # Other hosts share the storage and no coordination is possible (tooz not installed, or
+    # turned off): Nova's entry locks still serialise each removal; said once per pass.
+    _C.COORDINATION_OFF: ProblemTraits(_S.PEER, blocking=False),
     # This host's own manifest could not be written: its peers will stop removing (stale), and
     # the pass says so (exit 1).
     _C.MANIFEST_UNWRITABLE: ProblemTraits(_S.PEER, blocking=False, fails=True),

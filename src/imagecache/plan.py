@@ -105,6 +105,8 @@ class Reason(StrEnum):
     # Integrity (at the end: codes are appended, never renumbered).
     CORRUPT = "corrupt"  # its bytes no longer match its digest record: quarantined, unused
     OPEN_FILE = "open-file"  # a process holds it open (or qemu's image lock): kept, re-checked
+    # Shared storage: another host holds the storage's cleaner lock; this one only touches.
+    ANOTHER_CLEANER = "another-cleaner"
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,8 +15,10 @@ from imagecache.layout import Layout
 from imagecache.plan import Policy
 
 __all__ = [
+    "COORDINATION_UNSET",
     "LIBVIRT_OFF",
     "CleanSettings",
+    "CoordinationSettings",
     "DaemonSettings",
     "FetchSettings",
     "GlanceSettings",
@@ -112,6 +114,20 @@ LIBVIRT_OFF = LibvirtSettings(uri=None, configured=False, timeout=30.0)
 
 
 @dataclass(frozen=True, slots=True)
+class CoordinationSettings:
+    """How hosts sharing the storage agree on one cleaner (``[imagecache] coordination_url``).
+
+    ``url`` None: off (``none``); ``""``: unset, the ``file://`` default on the shared storage
+    when other hosts share it and tooz is installed; else that URL.
+    """
+
+    url: str | None
+
+
+COORDINATION_UNSET = CoordinationSettings(url="")
+
+
+@dataclass(frozen=True, slots=True)
 class GlanceSettings:
     """How to reach Glance: nova.conf ``[glance]`` or a clouds.yaml cloud (``--os-cloud``).
 
@@ -146,6 +162,7 @@ class Settings:
     glance: GlanceSettings
     config_files: tuple[str, ...] = ()
     libvirt: LibvirtSettings = LIBVIRT_OFF
+    coordination: CoordinationSettings = COORDINATION_UNSET
 
     @property
     def nova_manager_enabled(self) -> bool:
