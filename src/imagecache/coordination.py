@@ -70,6 +70,7 @@ __all__ = [
     "Coordination",
     "CoordinationError",
     "default_url",
+    "redact",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def _detail(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """``url`` without its password (``redis://:secret@host`` -> ``redis://:***@host``)."""
     try:
         parts = urllib.parse.urlsplit(url)
@@ -283,7 +284,7 @@ class Coordination:
     def __init__(self, url: str, *, member: str, storage: str, timeout: float = 10.0) -> None:
         if not isinstance(url, str) or not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", url):
             raise CoordinationError(
-                f"not a coordination URL (scheme://...): {_redact(str(url))!r}", reason="bad-url"
+                f"not a coordination URL (scheme://...): {redact(str(url))!r}", reason="bad-url"
             )
         if not isinstance(member, str) or not member or "\0" in member:
             raise CoordinationError(f"bad member id {member!r}", reason="bad-member")
@@ -298,7 +299,7 @@ class Coordination:
         self.lock_name = f"imagecache-clean-{self.storage}"
         self.timeout = float(timeout)
         self.problem: CoordinationError | None = None  # why leading() last said False
-        self._where = _redact(url)
+        self._where = redact(url)
         self._member_id = member.encode("utf-8", "surrogateescape")
         self._group_id = self.group.encode()
         self._coord: Any = None

@@ -11,13 +11,12 @@ import gc
 import importlib.util
 import logging
 import os
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from imagecache import executor, history, locks, policy, sources, usage, verify
 from imagecache.clock import Clock
-from imagecache.coordination import Coordination, CoordinationError, default_url
+from imagecache.coordination import Coordination, CoordinationError, default_url, redact
 from imagecache.errors import LockTimeout
 from imagecache.history import History
 from imagecache.layout import REGISTRY_LOCK
@@ -304,9 +303,7 @@ class _Cleaner:
         except CoordinationError as exc:
             self.leading = False
             message = f"{exc} ({exc.reason}): nothing is removed this pass"
-            self.problems = (
-                Problem(ProblemCode.COORDINATION_UNAVAILABLE, _redacted(url), message),
-            )
+            self.problems = (Problem(ProblemCode.COORDINATION_UNAVAILABLE, redact(url), message),)
             LOG.error("coordination: %s", message)
         if not self.leading and not self.problems:
             LOG.info(
@@ -337,16 +334,6 @@ class _Cleaner:
     def lost(self) -> bool:
         """The cleaner lock was held and is not any more (or the backend is gone): stop."""
         return self._coord is not None and self.leading and not self._coord.leading()
-
-
-def _redacted(url: str) -> str:
-    """A URL for reports, without its password."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else "***@"
-    return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
 
 
 def _touch_only(plan: Plan) -> Plan:

@@ -45,11 +45,7 @@ class AuditLog:
                 synced (a full disk, a read-only filesystem, permissions).
         """
         line = {
-            "schema": SCHEMA,
-            "version": __version__,
-            "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
-            "epoch": now,
-            "host": self.host,
+            **self._head(now),
             "entry": outcome.name,
             "kind": str(outcome.kind),
             "bytes": outcome.bytes,
@@ -67,16 +63,16 @@ class AuditLog:
         Raises:
             OSError: as :meth:`record`.
         """
-        line = {
+        self._append({**self._head(now), "action": action, **fields})
+
+    def _head(self, now: float) -> dict[str, object]:
+        return {
             "schema": SCHEMA,
             "version": __version__,
             "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
             "epoch": now,
             "host": self.host,
-            "action": action,
-            **fields,
         }
-        self._append(line)
 
     def _append(self, line: dict[str, object]) -> None:
         data = (json.dumps(line, sort_keys=False) + "\n").encode("utf-8")

@@ -15,7 +15,6 @@ JSON ``{"sha1": "<hex>"}`` Folsom to Havana wrote (``checksum_base_images``), an
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
@@ -33,7 +32,7 @@ from imagecache.layout import Layout
 from imagecache.model import Kind
 from imagecache.plan import iso
 from imagecache.store import fsops
-from imagecache.store.jsonfile import JsonFileError, read_json
+from imagecache.store.jsonfile import JsonFileError, read_json, read_json_at
 
 __all__ = [
     "DIGESTS_DIR",
@@ -169,7 +168,7 @@ def read_records(layout: Layout, names: Iterable[str] | None = None) -> dict[str
             if not naming.valid_entry_name(name):
                 continue
             try:
-                record = _record(_read_at(dir_fd, name + _SUFFIX))
+                record = _record(read_json_at(dir_fd, name + _SUFFIX, max_bytes=_MAX_RECORD))
             except (OSError, KeyError, TypeError, ValueError, OverflowError, RecursionError) as exc:
                 if not isinstance(exc, FileNotFoundError):
                     LOG.debug("digest record of %r ignored: %s", name, exc)
@@ -179,22 +178,6 @@ def read_records(layout: Layout, names: Iterable[str] | None = None) -> dict[str
         return out
     finally:
         os.close(dir_fd)
-
-
-def _read_at(dir_fd: int, name: str) -> Any:
-    """The JSON of the regular file ``name`` in ``dir_fd``: stat first (a FIFO or a device is
-    never opened), then ``O_NOFOLLOW | O_NONBLOCK``, ``fstat`` again, a size cap."""
-    if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-        raise OSError(errno.EINVAL, "not a regular file", name)
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_RECORD:
-            raise OSError(errno.EINVAL, "not a regular file of a record's size", name)
-        data = os.read(fd, _MAX_RECORD + 1)
-    finally:
-        os.close(fd)
-    return json.loads(data.decode("utf-8"))
 
 
 def legacy_digest(layout: Layout, name: str) -> Digest | None:

@@ -16,7 +16,7 @@ import os
 import stat
 from typing import Any
 
-__all__ = ["MAX_BYTES", "JsonFileError", "read_json"]
+__all__ = ["MAX_BYTES", "JsonFileError", "read_json", "read_json_at"]
 
 MAX_BYTES = 16 << 20  # compute_nodes of thousands of hosts, an inventory of 100,000 instances
 
@@ -87,3 +87,31 @@ def read_json(path: str, *, max_bytes: int = MAX_BYTES, follow_symlinks: bool = 
         return json.loads(b"".join(chunks).decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise JsonFileError(f"not valid JSON: {exc}", corrupt=True) from None
+
+
+def read_json_at(dir_fd: int, name: str, *, max_bytes: int) -> Any:
+    """The JSON of the regular file ``name`` in the open directory ``dir_fd`` (this project's
+    own records and manifests): stat first (a FIFO or a device is never opened), then
+    ``O_NOFOLLOW | O_NONBLOCK``, ``fstat`` again, at most ``max_bytes``.
+
+    Raises:
+        OSError: not a regular file of at most ``max_bytes``, or it cannot be read.
+        ValueError: not UTF-8 JSON (``UnicodeDecodeError``, ``JSONDecodeError``).
+    """
+    if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", name)
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"not a regular file of at most {max_bytes} bytes", name)
+        chunks = []
+        size = 0
+        while size <= max_bytes and (data := os.read(fd, min(1 << 20, max_bytes + 1 - size))):
+            chunks.append(data)
+            size += len(data)
+    finally:
+        os.close(fd)
+    if size > max_bytes:
+        raise OSError(errno.EFBIG, f"grew past {max_bytes} bytes while read", name)
+    return json.loads(b"".join(chunks).decode("utf-8"))

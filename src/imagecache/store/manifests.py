@@ -16,7 +16,6 @@ never a host forgotten, never a traceback.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from imagecache.layout import Layout
 from imagecache.model import Kind, Manifest, Problem, ProblemCode
 from imagecache.plan import iso
 from imagecache.store import fsops
+from imagecache.store.jsonfile import read_json_at
 
 __all__ = ["HOSTS_DIR", "SCHEMA", "manifest_to_dict", "read_manifests", "write_manifest"]
 
@@ -137,7 +137,9 @@ def read_manifests(layout: Layout) -> tuple[tuple[Manifest, ...], tuple[Problem,
             try:
                 if file != _file_name(host):
                     raise ValueError("its file name is not the host's canonical one")
-                manifests.append(_manifest(_read_at(dir_fd, file), host))
+                manifests.append(
+                    _manifest(read_json_at(dir_fd, file, max_bytes=_MAX_MANIFEST), host)
+                )
             except (OSError, KeyError, TypeError, ValueError, OverflowError, RecursionError) as exc:
                 why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 message = (
@@ -149,24 +151,6 @@ def read_manifests(layout: Layout) -> tuple[tuple[Manifest, ...], tuple[Problem,
     finally:
         os.close(dir_fd)
     return tuple(manifests), tuple(problems)
-
-
-def _read_at(dir_fd: int, name: str) -> Any:
-    """The JSON of the regular file ``name``: stat first (a FIFO is never opened), no symlink
-    followed, a size cap."""
-    if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-        raise OSError(errno.EINVAL, "not a regular file", name)
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_MANIFEST:
-            raise OSError(errno.EFBIG, "not a regular file of a manifest's size", name)
-        chunks = []
-        while data := os.read(fd, 1 << 20):
-            chunks.append(data)
-    finally:
-        os.close(fd)
-    return json.loads(b"".join(chunks).decode("utf-8"))
 
 
 def _manifest(doc: Any, host: str) -> Manifest:
