@@ -328,3 +328,23 @@ def test_a_coordination_backend_that_is_down_stops_removals_not_the_pass(tmp_pat
     [problem] = [q for q in doc["problems"] if q["code"] == "coordination-unavailable"]
     assert problem["blocking"]
     assert "ha" in p.manifests()  # the pass went on: its manifest is written
+
+
+def test_every_audit_line_carries_the_time_of_its_own_action(tmp_path: Path) -> None:
+    """Lines of several hosts are compared by time: each is stamped when its action is taken,
+    not with its batch's start."""
+    from imagecache.cli import main
+
+    host = make_host(tmp_path, quarantine_seconds=0)
+    names = [c * 40 for c in "456"]
+    start = time.time()
+    for name in names:
+        (host.cache / name).write_bytes(name.encode() * 1024)
+        os.utime(host.cache / name, (start - 2 * DAY,) * 2)
+    ticks = iter(range(10**6))
+    code = main(["--config-file", str(host.config), "--json", "clean"],
+                clock=lambda: start + next(ticks))  # fmt: skip
+    assert code == 0
+    lines = [json.loads(x) for x in host.audit.read_text().splitlines()]
+    epochs = [line["epoch"] for line in lines if line["action"] == "removed"]
+    assert len(epochs) == 3 and len(set(epochs)) == 3 and epochs == sorted(epochs)

@@ -139,6 +139,9 @@ class Run:
     plan_id: str | None
     outcomes: list[Outcome] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    # The clock each audit line is stamped with when its action is taken (not its batch's time:
+    # on shared storage, lines of several hosts are compared by it).
+    wall: Callable[[], float] | None = None
 
     def path(self, name: str) -> str:
         return self.layout.entry_path(name)
@@ -157,7 +160,8 @@ class Run:
         LOG.log(level, "%s %r (%s, %d bytes)", outcome.result, outcome.name, outcome.reason,
                 outcome.bytes)  # fmt: skip
         try:
-            self.audit.record(outcome, now=now, plan_id=self.plan_id)
+            when = now if self.wall is None else self.wall()
+            self.audit.record(outcome, now=when, plan_id=self.plan_id)
         except OSError as exc:
             # The action stands (undoing it would be a second unlogged action); say so loudly.
             LOG.error("cannot write the audit log %s: %s", self.audit.path, exc)
@@ -222,7 +226,7 @@ def apply(
     """
     if lock_timeout < 0:
         raise ValueError(f"lock_timeout must be >= 0, got {lock_timeout!r}")
-    run = Run(layout=layout, audit=audit, plan_id=plan_id(plan))
+    run = Run(layout=layout, audit=audit, plan_id=plan_id(plan), wall=clock.wall)
     now = clock.wall()
     if touch_in_use and housekeeping:
         _touch_in_use(run, plan, now)
