@@ -274,7 +274,13 @@ def test_sigint_while_waiting_for_nova_is_a_clean_exit(host: sample.SampleHost) 
     with subprocess.Popen(hold, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as nova:
         assert nova.stdin is not None and nova.stdout is not None
         assert nova.stdout.readline().strip() == "held"
-        argv = [sys.executable, "-m", "imagecache", *run(host, "--json", "clean")]
+        # As from a terminal, whatever started the suite: a shell running it in the background
+        # without job control hands every child SIGINT ignored, and Python keeps it so.
+        interactive = (
+            "import signal, runpy; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "runpy.run_module('imagecache', run_name='__main__', alter_sys=True)"
+        )
+        argv = [sys.executable, "-c", interactive, *run(host, "--json", "clean")]
         with subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         ) as clean:
