@@ -104,8 +104,10 @@ def users(doc: dict[str, Any], name: str) -> list[tuple[str, str]]:
     return [(u["source"], u["ref"]) for u in entry["users"]]
 
 
-def test_a_base_used_only_by_host_b_is_kept_when_host_a_cleans(tmp_path: Path) -> None:
-    p = pool(tmp_path, "ha", "hb")
+def test_a_base_used_only_by_host_b_is_kept_when_host_a_cleans(
+    tmp_path: Path, coordination_url: str
+) -> None:
+    p = pool(tmp_path, "ha", "hb", coordination_url=coordination_url)
     (p.cache / X).write_bytes(b"x" * 65536)
     (p.cache / Y).write_bytes(b"y" * 65536)
     disk_b = p.instance("hb", "inst-b", X)
@@ -133,9 +135,10 @@ def test_a_base_used_only_by_host_b_is_kept_when_host_a_cleans(tmp_path: Path) -
 
 def test_a_registered_host_without_a_manifest_blocks_removal_until_it_runs(
     tmp_path: Path,
+    coordination_url: str,
 ) -> None:
     """The upgrade case: compute_nodes lists a host that never ran imagecache."""
-    p = pool(tmp_path, "ha", "hb")
+    p = pool(tmp_path, "ha", "hb", coordination_url=coordination_url)
     (p.instances / "compute_nodes").write_text(json.dumps({"hb": time.time() - 60}))
     (p.cache / Y).write_bytes(b"y" * 65536)
     p.old(Y)
@@ -156,8 +159,9 @@ def test_a_registered_host_without_a_manifest_blocks_removal_until_it_runs(
 
 def test_a_stale_peer_blocks_until_it_is_retired_and_its_instances_are_then_scanned(
     tmp_path: Path,
+    coordination_url: str,
 ) -> None:
-    p = pool(tmp_path, "ha", "hb", peer_stale_seconds=600)
+    p = pool(tmp_path, "ha", "hb", peer_stale_seconds=600, coordination_url=coordination_url)
     (p.cache / X).write_bytes(b"x" * 65536)
     (p.cache / Y).write_bytes(b"y" * 65536)
     p.instance("hb", "inst-b", X)
