@@ -352,3 +352,52 @@ def test_every_audit_line_carries_the_time_of_its_own_action(tmp_path: Path) -> 
     lines = [json.loads(x) for x in host.audit.read_text().splitlines()]
     epochs = [line["epoch"] for line in lines if line["action"] == "removed"]
     assert len(epochs) == 3 and len(set(epochs)) == 3 and epochs == sorted(epochs)
+
+
+def test_a_cleaner_killed_mid_pass_is_taken_over_and_nothing_is_half_done(
+    tmp_path: Path, coordination_url: str
+) -> None:
+    """Host B cleans, holds the cleaner lock and waits for an entry Nova holds, half-way through
+    its removals; B is SIGKILLed. After the lock's TTL host A cleans: the rest goes, what B did
+    stays done, nothing is left half-way (no temp file, no trash entry, no second removal)."""
+    pytest.importorskip("tooz", reason="the coordination extra is not installed")
+    p = pool(tmp_path, "ha", "hb", coordination_url=coordination_url, lock_timeout_seconds=60)
+    for node in ("ha", "hb"):
+        assert p.nodes[node].run("clean")[0] == 0  # both live peers
+    names = [c * 40 for c in "56789"]
+    for name in names:
+        (p.cache / name).write_bytes(name.encode() * 1024)
+    p.old(*names)
+    child = [sys.executable, str(Path(__file__).with_name("_lock_child.py"))]
+    hold = [*child, "hold", str(p.instances / "locks"), names[-1]]
+    with subprocess.Popen(hold, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as nova:
+        assert nova.stdin is not None and nova.stdout is not None
+        assert nova.stdout.readline().strip() == "held"
+        b = p.nodes["hb"]
+        argv = [sys.executable, "-m", "imagecache", "--config-file", str(b.config),
+                "--inventory", str(b.inventory), "--json", "clean"]  # fmt: skip
+        with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as cb:
+            deadline = time.monotonic() + 60
+            while sum((p.cache / n).exists() for n in names) > 1:  # B is waiting for Nova
+                assert cb.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            cb.kill()
+        nova.stdin.write("\n")
+        nova.stdin.flush()
+    removed_by_b = [json.loads(x)["entry"] for x in b.audit.read_text().splitlines()
+                    if json.loads(x)["action"] == "removed"]  # fmt: skip
+    assert sorted(removed_by_b) == names[:-1]
+    deadline = time.monotonic() + 30
+    while (p.cache / names[-1]).exists():  # the killed cleaner's lock expires after its TTL
+        assert time.monotonic() < deadline, "host A never took over"
+        p.old(names[-1])
+        code, _, err = p.nodes["ha"].run("clean")
+        assert code == 0, err
+        time.sleep(0.3)
+    left = {q.name for q in p.cache.iterdir()} - {".imagecache"}
+    assert left == set(), left  # no temp file, nothing of B's half-way
+    trash = p.cache / ".imagecache" / "trash"
+    assert not trash.exists() or not list(trash.iterdir())
+    by_a = [json.loads(x)["entry"] for x in p.nodes["ha"].audit.read_text().splitlines()
+            if json.loads(x)["action"] == "removed"]  # fmt: skip
+    assert by_a == [names[-1]]  # nothing B did is done again
