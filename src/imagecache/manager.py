@@ -208,12 +208,19 @@ def apply_plan(
     """Register the host, then act on a saved ``plan``, re-deciding every entry under its lock."""
     registered = register(settings, now=clock.wall())
     files = tuple(inventory_files)
-    now = clock.wall()
-    # Its peers must hear from this host whatever runs its passes: a fresh view for the manifest.
-    inventory, fresh = _observe_and_decide(settings, files, now=now)
-    registered += write_manifest(settings, inventory, fresh, now=now)
-    return _apply(settings, plan, files, clock=clock, problems=registered,
-                  should_stop=should_stop)  # fmt: skip
+    with _Cleaner(settings, now=clock.wall()) as cleaner:
+        now = clock.wall()
+        # Its peers must hear from this host whatever runs its passes: a fresh view for the
+        # manifest; and a saved plan removes only while this host is the storage's cleaner.
+        inventory, fresh = _observe_and_decide(
+            settings, files, now=now, members=cleaner.members, extra=cleaner.problems
+        )
+        registered += write_manifest(settings, inventory, fresh, now=now)
+        if not cleaner.leading:
+            plan = _touch_only(plan)
+        return _apply(settings, plan, files, clock=clock,
+                      problems=(*registered, *cleaner.problems),
+                      should_stop=lambda: should_stop() or cleaner.lost())  # fmt: skip
 
 
 def _apply(
@@ -407,8 +414,11 @@ def verify_entries(
             d, action=Action.KEEP) for d in plan.decisions),
         trash=tuple(dataclasses.replace(t, action=Action.KEEP) for t in plan.trash),
     )  # fmt: skip
-    done = _apply(settings, only, files, clock=clock, problems=(), should_stop=lambda: False,
-                  housekeeping=False)  # fmt: skip
+    with _Cleaner(settings, now=clock.wall()) as cleaner:  # a quarantine is a removal too
+        if not cleaner.leading:
+            only = _touch_only(only)
+        done = _apply(settings, only, files, clock=clock, problems=cleaner.problems,
+                      should_stop=cleaner.lost, housekeeping=False)  # fmt: skip
     return checked, plan, done
 
 
