@@ -210,6 +210,7 @@ def apply(
     touch_in_use: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
     housekeeping: bool = True,
+    collect_lock_files: bool = True,
 ) -> Report:
     """Carry out ``plan`` safely and return what was done, entry by entry.
 
@@ -235,7 +236,9 @@ def apply(
     policies = (policy,) if plan.policy == policy else (policy, plan.policy)
     _apply_locked(run, plan, observe=observe, policies=policies, clock=clock,
                   lock_timeout=lock_timeout, should_stop=should_stop)  # fmt: skip
-    if housekeeping and _may_collect_lock_files(plan, policy) and not should_stop():
+    # Unlinking in the shared locks/ is a removal too: only the storage's cleaner does it.
+    collect = housekeeping and collect_lock_files
+    if collect and _may_collect_lock_files(plan, policy) and not should_stop():
         _collect_lock_files(run, plan, now=now)
     return run.report(now)
 

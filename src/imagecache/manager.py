@@ -220,7 +220,8 @@ def apply_plan(
             plan = _touch_only(plan)
         return _apply(settings, plan, files, clock=clock,
                       problems=(*registered, *cleaner.problems),
-                      should_stop=lambda: should_stop() or cleaner.lost())  # fmt: skip
+                      should_stop=lambda: should_stop() or cleaner.lost(),
+                      collect_lock_files=cleaner.leading)  # fmt: skip
 
 
 def _apply(
@@ -232,6 +233,7 @@ def _apply(
     problems: tuple[Problem, ...],
     should_stop: Callable[[], bool],
     housekeeping: bool = True,
+    collect_lock_files: bool = True,
 ) -> Report:
     done = executor.apply(
         plan,
@@ -244,6 +246,7 @@ def _apply(
         touch_in_use=settings.clean.touch_in_use,
         should_stop=should_stop,
         housekeeping=housekeeping,
+        collect_lock_files=collect_lock_files,
     )
     return dataclasses.replace(done, problems=(*problems, *done.problems))
 
@@ -273,7 +276,8 @@ def run_pass(
         if not cleaner.leading:
             plan = _touch_only(plan)  # another host cleans the storage now
         done = _apply(settings, plan, files, clock=clock, problems=registered,
-                      should_stop=lambda: should_stop() or cleaner.lost())  # fmt: skip
+                      should_stop=lambda: should_stop() or cleaner.lost(),
+                      collect_lock_files=cleaner.leading)  # fmt: skip
     _forget_removed(settings, done, now=clock.wall())
     return plan, done
 
