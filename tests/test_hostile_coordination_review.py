@@ -81,7 +81,8 @@ def _stale_lock_file(p: Pool) -> Path:
 def test_a_non_leader_collects_stale_lock_files_in_the_shared_locks_dir(
     tmp_path: Path, coordination_url: str, saved: bool
 ) -> None:
-    """Was a bug (fixed: executor.apply(collect_lock_files=cleaner.leading)): _touch_only drops the plan's removals but leaves ``plan.complete`` true, and the
+    """Was a bug (fixed: executor.apply(collect_lock_files=cleaner.leading)): _touch_only drops the
+    plan's removals but leaves ``plan.complete`` true, and the
     executor's housekeeping (_collect_lock_files) is gated on plan.complete and remove_unused
     only: a host told "another host cleans the storage now" still unlinks files in the shared
     ``locks/``, concurrently with the cleaner (``clean`` and ``clean --plan`` alike)."""
@@ -103,7 +104,8 @@ def test_a_non_leader_collects_stale_lock_files_in_the_shared_locks_dir(
 def test_clean_with_a_saved_plan_collects_lock_files_when_coordination_is_down(
     tmp_path: Path,
 ) -> None:
-    """Was a bug (fixed likewise): in apply_plan, coordination-unavailable is only a problem of the report: the saved
+    """Was a bug (fixed likewise): in apply_plan, coordination-unavailable is only a problem of the
+    report: the saved
     plan stays ``complete`` (run_pass puts it in the plan, so there it blocks), and the executor
     collects lock files in the shared ``locks/`` with no cleaner lock at all."""
     from tests.services import free_port
