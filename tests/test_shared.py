@@ -401,3 +401,46 @@ def test_a_cleaner_killed_mid_pass_is_taken_over_and_nothing_is_half_done(
     by_a = [json.loads(x)["entry"] for x in p.nodes["ha"].audit.read_text().splitlines()
             if json.loads(x)["action"] == "removed"]  # fmt: skip
     assert by_a == [names[-1]]  # nothing B did is done again
+
+
+def test_while_one_host_cleans_another_hosts_pass_removes_nothing(
+    tmp_path: Path, coordination_url: str
+) -> None:
+    """Two real passes at once: B's clean is half-way (waiting for an entry Nova holds, its
+    cleaner lock held) when A's clean runs from start to end: A removes nothing (another-cleaner)
+    and B, let go, removes the rest; no entry is removed by both and none by A."""
+    pytest.importorskip("tooz", reason="the coordination extra is not installed")
+    p = pool(tmp_path, "ha", "hb", coordination_url=coordination_url, lock_timeout_seconds=60)
+    for node in ("ha", "hb"):
+        assert p.nodes[node].run("clean")[0] == 0
+    names = [c * 40 for c in "56789"]
+    for name in names:
+        (p.cache / name).write_bytes(name.encode() * 1024)
+    p.old(*names)
+    child = [sys.executable, str(Path(__file__).with_name("_lock_child.py"))]
+    hold = [*child, "hold", str(p.instances / "locks"), names[0]]  # B waits for it
+    b = p.nodes["hb"]
+    argv = [sys.executable, "-m", "imagecache", "--config-file", str(b.config),
+            "--inventory", str(b.inventory), "--json", "clean"]  # fmt: skip
+    with subprocess.Popen(hold, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as nova:
+        assert nova.stdin is not None and nova.stdout is not None
+        assert nova.stdout.readline().strip() == "held"
+        with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as cb:
+            time.sleep(3.0)  # B: started, the cleaner lock taken, waiting for names[0]
+            assert cb.poll() is None
+            code, doc, err = p.nodes["ha"].run("clean")  # A's whole pass, during B's
+            assert code == 0, err
+            kept = {e["name"]: e["reason"] for e in doc["entries"] if e["name"] in names}
+            # What B has not removed yet (at least the entry Nova holds) A keeps for B.
+            assert names[0] in kept and set(kept.values()) == {"another-cleaner"}, kept
+            nova.stdin.write("\n")
+            nova.stdin.flush()
+            assert cb.wait(timeout=60) == 0
+    assert not any((p.cache / n).exists() for n in names)
+
+    def removed(node: Node) -> list[str]:
+        text = node.audit.read_text() if node.audit.exists() else ""  # none: it did nothing
+        lines = map(json.loads, text.splitlines())
+        return sorted(x["entry"] for x in lines if x["action"] == "removed")
+
+    assert removed(p.nodes["ha"]) == [] and removed(b) == names
