@@ -217,7 +217,7 @@ def apply_plan(
         )
         registered += write_manifest(settings, inventory, fresh, now=now)
         if not cleaner.leading:
-            plan = _touch_only(plan)
+            plan = policy.touch_only(plan)
         return _apply(settings, plan, files, clock=clock,
                       problems=(*registered, *cleaner.problems),
                       should_stop=lambda: should_stop() or cleaner.lost(),
@@ -274,7 +274,7 @@ def run_pass(
         )
         registered += write_manifest(settings, inventory, plan, now=now)
         if not cleaner.leading:
-            plan = _touch_only(plan)  # another host cleans the storage now
+            plan = policy.touch_only(plan)  # another host cleans the storage now
         done = _apply(settings, plan, files, clock=clock, problems=registered,
                       should_stop=lambda: should_stop() or cleaner.lost(),
                       collect_lock_files=cleaner.leading)  # fmt: skip
@@ -347,27 +347,6 @@ class _Cleaner:
         return self._coord is not None and self.leading and not self._coord.leading()
 
 
-def _touch_only(plan: Plan) -> Plan:
-    """``plan`` without removals (another host cleans): in-use entries are still touched, and a
-    quarantined entry used again is still restored."""
-    keep = Reason.ANOTHER_CLEANER
-    return dataclasses.replace(
-        plan,
-        decisions=tuple(
-            d
-            if d.action is Action.KEEP
-            else dataclasses.replace(d, action=Action.KEEP, reason=keep)
-            for d in plan.decisions
-        ),
-        trash=tuple(
-            t
-            if t.action is not Action.PURGE
-            else dataclasses.replace(t, action=Action.KEEP, reason=keep)
-            for t in plan.trash
-        ),
-    )
-
-
 _GONE = frozenset({Result.REMOVED, Result.REAPED, Result.PURGED})
 
 
@@ -420,7 +399,7 @@ def verify_entries(
     )  # fmt: skip
     with _Cleaner(settings, now=clock.wall()) as cleaner:  # a quarantine is a removal too
         if not cleaner.leading:
-            only = _touch_only(only)
+            only = policy.touch_only(only)
         done = _apply(settings, only, files, clock=clock, problems=cleaner.problems,
                       should_stop=cleaner.lost, housekeeping=False)  # fmt: skip
     return checked, plan, done

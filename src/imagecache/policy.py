@@ -28,7 +28,7 @@ from imagecache.naming import Threshold
 from imagecache.plan import Action, Decision, Plan, Policy, Reason, TrashDecision
 from imagecache.usage import peer_problems, peers, record_notes, users_by_entry
 
-__all__ = ["decide", "threshold_seconds"]
+__all__ = ["decide", "threshold_seconds", "touch_only"]
 
 
 def threshold_seconds(kind: Kind, policy: Policy) -> int | None:
@@ -214,4 +214,25 @@ def decide(inventory: Inventory, policy: Policy, now: float) -> Plan:
         problems=inventory.problems + record_notes(inventory) + _corrupt_in_use(decisions),
         policy=policy,
         trash=_decide_trash(inventory, policy, users, now),
+    )
+
+
+def touch_only(plan: Plan) -> Plan:
+    """``plan`` without removals (another host cleans): in-use entries are still touched, and a
+    quarantined entry used again is still restored."""
+    keep = Reason.ANOTHER_CLEANER
+    return dataclasses.replace(
+        plan,
+        decisions=tuple(
+            d
+            if d.action is Action.KEEP
+            else dataclasses.replace(d, action=Action.KEEP, reason=keep)
+            for d in plan.decisions
+        ),
+        trash=tuple(
+            t
+            if t.action is not Action.PURGE
+            else dataclasses.replace(t, action=Action.KEEP, reason=keep)
+            for t in plan.trash
+        ),
     )
