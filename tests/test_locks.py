@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,6 +55,28 @@ def nova_tries(instances: Path, name: str) -> str:
     args = [sys.executable, str(CHILD), "try", str(instances / "locks"), name]
     done = subprocess.run(args, check=True, capture_output=True, text=True, timeout=30)
     return done.stdout.strip()
+
+
+def test_take_entry_locks_never_waits_while_holding_one(instances: Path) -> None:
+    """Two callers that each took half of the same names and then waited for the other half
+    would wait each other out until their deadlines: a caller that took some returns at once
+    with the rest busy; one that took none waits until one comes free."""
+    other = naming.fingerprint("image-2")
+    slept: list[float] = []
+    with nova_holds(instances, SHA) as release, ExitStack() as held:
+        missed = locks.take_entry_locks(held, instances, [SHA, other], wait=30, sleep=slept.append)
+        assert set(missed) == {SHA} and isinstance(missed[SHA], LockTimeout)
+        assert slept == []  # holding ``other``: no wait at all
+        assert nova_tries(instances, other) == "busy"
+        held.close()
+        with ExitStack() as second:
+            timer = threading.Timer(0.3, release)
+            timer.start()
+            try:  # holding nothing: it waits, and takes the lock that comes free
+                assert locks.take_entry_locks(second, instances, [SHA], wait=30) == {}
+                assert nova_tries(instances, SHA) == "busy"
+            finally:
+                timer.join()
 
 
 def test_lock_path_is_novas(instances: Path) -> None:

@@ -8,21 +8,24 @@
 2. check that the audit log can be appended to: if not, nothing is removed, quarantined, purged,
    restored or reaped and no lock file collected (every action must leave its line);
 3. for every entry to quarantine, remove or reap and every quarantined entry to purge or restore,
-   in at most two batches: take the entry locks that are free right now, without waiting; while
-   holding them, observe the host once more and decide again; act; release. Then the same for the
-   removals whose lock was busy, waiting for those locks within what is left of *one* deadline of
-   ``lock_timeout`` seconds for the whole pass (a temp whose lock is busy is being written: it is
-   skipped, never waited for). An entry is acted on only if the fresh decision still says so
+   in batches: take the entry locks that are free right now, without waiting; while holding
+   them, observe the host once more and decide again; act; release. Then the same for the
+   removals whose lock was busy: wait, holding nothing, until some of them are free, within what
+   is left of *one* deadline of ``lock_timeout`` seconds for the whole pass; take those, act,
+   release; again for the rest (a temp whose lock is busy is being written: it is skipped, never
+   waited for). An entry is acted on only if the fresh decision still says so
    *and* it is the very file planned (inode, size, mtime). A re-check of the file alone is not
    enough: a spawn may have created an overlay on it since the plan without changing it. Holding
    the lock, a well-behaved writer (nova-compute, our own create-disk) has either finished, and
    the fresh observation sees its overlay, or starts after we release, and then finds the base
    missing and fetches it again under the lock.
 
-   Why two batches and one deadline: every lock we hold blocks nova-compute's spawns on that
+   Why batches and one deadline: every lock we hold blocks nova-compute's spawns on that
    base. Waiting for the locks one by one, each for ``lock_timeout``, while holding those already
    taken, let one long Nova download block spawns on every other planned entry for N times the
-   timeout. Now a free entry's lock is held only for one observation and its action;
+   timeout; and two passes that each held half of the same entries while waiting for the other
+   half waited each other out for the whole timeout. Now a lock is held only for one
+   observation and its action, never while waiting for another;
 4. collect lock files of names gone for long, only where a removal pass could have removed those
    names: the plan is complete, removal is enabled, and the cache directory was fully listed.
 
@@ -338,11 +341,22 @@ def _apply_locked(
     retry = retry.only(set(busy))
     if not retry.decisions and not retry.trash:
         return
-    still = batch.apply(retry, wait=max(0.0, deadline - clock.monotonic()))
+    # Each batch waits only while it holds nothing, acts on the locks that came free, releases
+    # them and asks again for the rest: never holding one lock while waiting for another.
+    while True:
+        still = batch.apply(retry, wait=max(0.0, deadline - clock.monotonic()))
+        if not still or len(still) == len(retry.lock_names) or should_stop():
+            break
+        retry = retry.only(set(still))
     message = f"(one wait of at most {lock_timeout:g} s for the whole pass)"
+    stopped = should_stop()
     for name in sorted(retry.lock_names & set(still)):
-        run.note(Outcome(name, naming.classify(name), Result.SKIPPED, Reason.LOCK_TIMEOUT,
-                         message=f"{still[name]} {message}"))  # fmt: skip
+        kind = naming.classify(name)
+        if stopped:  # not waited for any more: the pass was asked to stop
+            run.note(Outcome(name, kind, Result.SKIPPED, Reason.STOPPED))
+        else:
+            run.note(Outcome(name, kind, Result.SKIPPED, Reason.LOCK_TIMEOUT,
+                             message=f"{still[name]} {message}"))  # fmt: skip
 
 
 @dataclass

@@ -306,17 +306,22 @@ def take_entry_locks(
     monotonic: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Exception]:
-    """Take as many of the entry locks of ``names`` as possible, never blocking on one of them.
+    """Take as many of the entry locks of ``names`` as possible, never blocking on one of them,
+    and never waiting while holding one.
 
-    Every lock is tried once without waiting, in sorted order; the busy ones are tried again, in
-    turn, every ``poll`` seconds until ``wait`` seconds have passed (``wait=0``: one try each),
-    measured with ``monotonic`` and waited with ``sleep`` (a test passes a clock of its own).
-    The locks taken are entered into ``stack`` and held until it closes. Holding some while
-    trying others cannot deadlock: no attempt ever blocks.
+    Every lock is tried once without waiting, in sorted order. If none could be taken, the busy
+    ones are tried again, in turn, every ``poll`` seconds until at least one is taken or
+    ``wait`` seconds have passed (``wait=0``: one try each), measured with ``monotonic`` and
+    waited with ``sleep`` (a test passes a clock of its own). The locks taken are entered into
+    ``stack`` and held until it closes; the caller acts on them, releases them and asks again
+    for the rest. Waiting while holding some is how two callers that each took half of the same
+    names would wait each other out until their deadlines (hold-and-wait: two cleaners of one
+    storage without coordination did, for the whole ``lock_timeout``).
 
     Returns:
-        The names not locked, each with why: :class:`LockTimeout` (still busy when the wait
-        ended) or the ``OSError`` of a lock file that cannot be created, opened or locked.
+        The names not locked, each with why: :class:`LockTimeout` (busy: still busy when the
+        wait ended, or not waited for because others were taken) or the ``OSError`` of a lock
+        file that cannot be created, opened or locked.
 
     Raises:
         ValueError: a name is not a valid entry name, or ``wait < 0`` or ``poll <= 0``.
@@ -327,18 +332,20 @@ def take_entry_locks(
     deadline = start + wait
     pending = sorted(set(names))
     failed: dict[str, Exception] = {}
+    taken = False
     while True:
         busy = []
         for name in pending:
             try:
                 stack.enter_context(entry_lock(instances_path, name, timeout=0, poll=poll))
+                taken = True
             except LockTimeout:
                 busy.append(name)
             except OSError as exc:
                 failed[name] = exc
         pending = busy
         left = deadline - monotonic()
-        if not pending or left <= 0:
+        if not pending or taken or left <= 0:
             break
         sleep(min(poll, left))
     waited = monotonic() - start
