@@ -3,8 +3,9 @@
 Many compute hosts may share one ``_base`` on NFS or CephFS. Each of them touches the entries
 its guests use and writes its own manifest, every pass; that needs no coordination. Removing
 entries does: one host at a time per storage, the *cleaner*, holds a distributed lock while it
-removes, and every host is a member of that storage's group, kept alive by heartbeats, so a
-cleaner knows which hosts are alive. :class:`Coordination` is that membership and that lock, over
+removes, and every host is a member of that storage's group while its pass runs, kept alive by
+heartbeats (between passes a host's manifest, younger than ``peer_stale_seconds``, says it is
+alive: :mod:`imagecache.usage`). :class:`Coordination` is that membership and that lock, over
 any tooz backend (``[imagecache] coordination_url``):
 
 - ``file://DIR`` (the default, :func:`default_url`: ``<cache_dir>/.imagecache/coordination`` on
