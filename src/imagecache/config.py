@@ -22,7 +22,7 @@ import os
 import re
 import socket
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -367,6 +367,91 @@ _OPTIONS: tuple[_Option, ...] = (
     _Option(
         "imagecache",
         cfg.IntOpt(
+            "max_cache_bytes",
+            default=0,
+            min=0,
+            help="Capacity: the most the cache may hold, in allocated bytes (entries and "
+            "quarantined entries); over it, a pass removes unused entries, least recently used "
+            "first, until it is under. 0: no limit.",
+        ),
+        ("policy.max_cache_bytes",),
+    ),
+    _Option(
+        "imagecache",
+        cfg.FloatOpt(
+            "high_watermark_percent",
+            default=0.0,
+            min=0,
+            max=100,
+            help="Capacity: when the cache's filesystem is this full or fuller (Use% as df "
+            "shows it: used / (used + available)), a pass removes unused entries, least "
+            "recently used first, until it is at or under low_watermark_percent. 0: off.",
+        ),
+        ("policy.high_watermark_percent",),
+        lambda v: _finite(v, "percent"),
+    ),
+    _Option(
+        "imagecache",
+        cfg.FloatOpt(
+            "low_watermark_percent",
+            default=0.0,
+            min=0,
+            max=100,
+            help="Capacity: the Use% a pass over high_watermark_percent frees down to; must be "
+            "below it.",
+        ),
+        ("policy.low_watermark_percent",),
+        lambda v: _finite(v, "percent"),
+    ),
+    _Option(
+        "imagecache",
+        cfg.IntOpt(
+            "min_unused_seconds",
+            default=600,
+            min=0,
+            help="Capacity: an entry unused for less than this is never removed to get under a "
+            "limit (it may be about to be used: a spawn between its download and its disk).",
+        ),
+        ("policy.min_unused_seconds",),
+    ),
+    _Option(
+        "imagecache",
+        cfg.ListOpt(
+            "pinned_images",
+            default=[],
+            help="Image ids or URLs whose cache entries (and their _sm and resized copies) are "
+            "never removed, by age or capacity; `imagecache pin IMAGE` adds more at run time.",
+        ),
+        ("policy.pinned_images",),
+        _tuple,
+    ),
+    _Option(
+        "imagecache",
+        cfg.BoolOpt(
+            "evict_deleted_images_first",
+            default=False,
+            help="Capacity: among the entries that may go, those whose image the image service "
+            "reports deactivated, or no longer lists, go first (needs [glance] or --os-cloud). "
+            "An image service that does not answer only turns the preference off.",
+        ),
+        ("policy.evict_deleted_first",),
+    ),
+    _Option(
+        "imagecache",
+        cfg.FloatOpt(
+            "remove_max_bytes_per_second",
+            default=0.0,
+            min=0,
+            help="Bytes per second a pass frees at most (removals and purges), pausing between "
+            "them with no lock held, so that large unlinks on XFS, ext4 or NFS do not stall "
+            "the guests' I/O. 0: no limit.",
+        ),
+        ("clean.remove_max_bytes_per_second",),
+        lambda v: _finite(v, "bytes per second"),
+    ),
+    _Option(
+        "imagecache",
+        cfg.IntOpt(
             "stale_temp_seconds",
             default=86400,
             min=0,
@@ -672,6 +757,7 @@ def load_settings(
     if daemon["manager_interval"] is None:
         nova = daemon["nova_manager_interval"]
         daemon["manager_interval"] = nova if nova >= 0 else DEFAULT_MANAGER_INTERVAL
+    _check_watermarks(fields["policy"])
     if fields["policy"]["peer_stale_seconds"] is None:
         # Three passes missed (an interval of 0 means a pass a minute).
         fields["policy"]["peer_stale_seconds"] = 3 * (daemon["manager_interval"] or 60)
@@ -691,6 +777,23 @@ def load_settings(
         config_files=tuple(config_files),
         **{name: cls(**fields[name]) for name, cls in _SECTIONS.items()},
     )
+
+
+def _check_watermarks(policy: Mapping[str, Any]) -> None:
+    """Raises ConfigError unless the watermarks are off, or 0 < low < high."""
+    high, low = policy["high_watermark_percent"], policy["low_watermark_percent"]
+    if high == 0 and low == 0:
+        return
+    if high == 0:
+        raise ConfigError(
+            "[imagecache] low_watermark_percent: set without high_watermark_percent "
+            "(the mark a pass frees down to once the filesystem is that full)"
+        )
+    if not 0 < low < high:
+        raise ConfigError(
+            f"[imagecache] low_watermark_percent: must be above 0 and below "
+            f"high_watermark_percent ({high:g}), got {low:g}"
+        )
 
 
 def _parse(conf: cfg.ConfigOpts, config_files: Sequence[str], config_dirs: Sequence[str]) -> None:

@@ -81,6 +81,19 @@ def observe(
         shared=shared,
     )
     warnings = config_problems(settings)
+    policy = settings.policy
+    if policy.high_watermark_percent > 0 and inventory.filesystem is None:
+        message = (
+            "cannot measure the cache's filesystem (statvfs failed): the watermark rule does "
+            "not run this pass"
+        )
+        warnings += (Problem(ProblemCode.FILESYSTEM_UNSTATABLE, settings.cache_dir, message),)
+    if policy.evict_deleted_first and policy.capacity_limited:
+        from imagecache.images.upstream import observe_upstream  # plan alone needs no client
+
+        upstream, noted = observe_upstream(settings.glance)
+        inventory = dataclasses.replace(inventory, upstream=upstream)
+        warnings += noted
     if not warnings:
         return inventory
     return dataclasses.replace(inventory, problems=(*inventory.problems, *warnings))

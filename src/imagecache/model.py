@@ -18,17 +18,20 @@ __all__ = [
     "Domain",
     "DomainFile",
     "FileType",
+    "FsUsage",
     "InstanceRecord",
     "Integrity",
     "Inventory",
     "Kind",
     "Manifest",
+    "Pin",
     "Problem",
     "ProblemCode",
     "ProblemSource",
     "ProblemTraits",
     "Source",
     "TrashEntry",
+    "Upstream",
     "User",
 ]
 
@@ -138,6 +141,11 @@ class ProblemCode(StrEnum):
     MANIFESTS_UNLISTED = "manifests-unlisted"
     COORDINATION_UNAVAILABLE = "coordination-unavailable"
     COORDINATION_OFF = "coordination-off"
+    # Capacity (issue 13).
+    PINS_UNREADABLE = "pins-unreadable"
+    FILESYSTEM_UNSTATABLE = "filesystem-unstatable"
+    CAPACITY_SHORTFALL = "capacity-shortfall"
+    UPSTREAM_UNAVAILABLE = "upstream-unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +245,18 @@ PROBLEMS: dict[ProblemCode, ProblemTraits] = {
     # This host's own manifest could not be written: its peers will stop removing (stale), and
     # the pass says so (exit 1).
     _C.MANIFEST_UNWRITABLE: ProblemTraits(_S.PEER, blocking=False, fails=True),
+    # The pins file (``imagecache pin``) exists and cannot be read: which entries are pinned is
+    # unknown, so nothing is removed.
+    _C.PINS_UNREADABLE: ProblemTraits(_S.CACHE, blocking=True),
+    # Watermarks configured and the cache's filesystem cannot be measured (statvfs failed): the
+    # watermark rule cannot run; age removals go on, and the pass says so (exit 1).
+    _C.FILESYSTEM_UNSTATABLE: ProblemTraits(_S.CACHE, blocking=False, fails=True),
+    # Over a capacity limit and everything left is protected (in use, pinned, too young, unknown,
+    # or the view incomplete): what was freed, what was needed, why the rest stays (exit 1).
+    _C.CAPACITY_SHORTFALL: ProblemTraits(_S.CACHE, blocking=False, fails=True),
+    # evict_deleted_images_first and the image service cannot be listed (whole): the preference
+    # is off for this pass, nothing else changes; a note.
+    _C.UPSTREAM_UNAVAILABLE: ProblemTraits(_S.CACHE, blocking=False),
 }
 del _S, _C
 
@@ -404,6 +424,50 @@ class InstanceRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class FsUsage:
+    """The space of the cache's filesystem, by ``statvfs``, counted as ``df`` does.
+
+    ``used_bytes`` is ``(f_blocks - f_bfree) * f_frsize``; ``available_bytes`` is ``f_bavail *
+    f_frsize`` (what an unprivileged writer may still use: root's reserve is neither).
+    """
+
+    used_bytes: int
+    available_bytes: int
+
+    @property
+    def used_percent(self) -> float:
+        """``df``'s Use%: used / (used + available), in percent (0 on an empty filesystem)."""
+        total = self.used_bytes + self.available_bytes
+        return 100.0 * self.used_bytes / total if total > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """An image pinned by an operator (``imagecache pin``): its entries are never removed.
+
+    ``image`` is a Glance image id or a URL, as given; it protects the entry named by its
+    fingerprint and that entry's ``_sm`` and resized copies, and a legacy entry of its raw id.
+    """
+
+    image: str
+    pinned_at: float  # epoch seconds
+    by: str  # the host whose ``imagecache pin`` wrote it
+    comment: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """What the image service says of its images: a listing's (image id, status) pairs.
+
+    ``complete``: every page was read, so an entry whose fingerprint matches no listed id names
+    an image that was deleted. Only ``evict_deleted_images_first`` reads it, for an order.
+    """
+
+    statuses: tuple[tuple[str, str], ...]
+    complete: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Inventory:
     """Everything one observation saw; the only input of ``decide()`` besides policy and now.
 
@@ -429,6 +493,12 @@ class Inventory:
     members: tuple[str, ...] | None = None
     owned_dirs: tuple[str, ...] = ()  # the instance directories this host owns (its manifest's)
     cache_per_host: bool = False  # ``_base_$my_ip``: compute_nodes' hosts are no cache peers
+    # Capacity: the cache filesystem's space (None: not measured, or no watermark configured),
+    # the operator's pins (``imagecache pin``), and the image service's listing (None: not asked
+    # or not answering).
+    filesystem: FsUsage | None = None
+    pins: tuple[Pin, ...] = ()
+    upstream: Upstream | None = None
 
     @property
     def complete(self) -> bool:

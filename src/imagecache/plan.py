@@ -35,6 +35,7 @@ __all__ = [
     "MAX_SECONDS",
     "SCHEMA",
     "Action",
+    "Capacity",
     "Decision",
     "Plan",
     "Policy",
@@ -107,6 +108,9 @@ class Reason(StrEnum):
     OPEN_FILE = "open-file"  # a process holds it open (or qemu's image lock): kept, re-checked
     # Shared storage: another host holds the storage's cleaner lock; this one only touches.
     ANOTHER_CLEANER = "another-cleaner"
+    # Capacity (issue 13): removed, or purged early, to get under a limit (the rule's name).
+    OVER_SIZE = "over-size"
+    OVER_WATERMARK = "over-watermark"
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +130,20 @@ class Policy:
     default_ephemeral_format: str | None
     # A peer sharing the storage whose manifest is older than this makes the view incomplete.
     peer_stale_seconds: int
+    # Capacity: the size limit of the cache in allocated bytes (0: none), the watermarks of its
+    # filesystem's Use% (high 0: off), the least unused age of an eviction, the configuration's
+    # pins (image ids or URLs), and whether images deleted or deactivated upstream go first.
+    max_cache_bytes: int
+    high_watermark_percent: float
+    low_watermark_percent: float
+    min_unused_seconds: int
+    pinned_images: tuple[str, ...]
+    evict_deleted_first: bool
+
+    @property
+    def capacity_limited(self) -> bool:
+        """A size limit or a watermark is set: the capacity rules run."""
+        return self.max_cache_bytes > 0 or self.high_watermark_percent > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +184,40 @@ class TrashDecision:
 
 
 @dataclass(frozen=True, slots=True)
+class Capacity:
+    """Where the cache stands against its capacity limits, and what this plan does about it.
+
+    ``cache_bytes``: allocated bytes of the entries and the quarantined entries. ``fs_used_bytes``
+    and ``fs_available_bytes``: the filesystem's, by statvfs (None: not measured). ``over``: the
+    rules in force this pass (``over-size``, ``over-watermark``). ``need_bytes``: what must be
+    freed to be at or under the size limit and the low watermark; ``freeing_bytes``: what this
+    plan frees (age removals, reaps, purges and evictions); ``shortfall_bytes``: what it cannot,
+    because the rest is protected (``protected``: bytes by why). ``next``: the entries that
+    would go next, least recently used first.
+    """
+
+    cache_bytes: int
+    max_cache_bytes: int
+    fs_used_bytes: int | None
+    fs_available_bytes: int | None
+    high_watermark_percent: float
+    low_watermark_percent: float
+    over: tuple[Reason, ...]
+    need_bytes: int
+    freeing_bytes: int
+    shortfall_bytes: int
+    protected: tuple[tuple[str, int], ...] = ()
+    next: tuple[str, ...] = ()
+
+    @property
+    def used_percent(self) -> float | None:
+        if self.fs_used_bytes is None or self.fs_available_bytes is None:
+            return None
+        total = self.fs_used_bytes + self.fs_available_bytes
+        return 100.0 * self.fs_used_bytes / total if total > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """The decisions of one pass over one cache directory (and its trash)."""
 
@@ -177,6 +229,7 @@ class Plan:
     policy: Policy
     problems: tuple[Problem, ...] = ()
     trash: tuple[TrashDecision, ...] = ()
+    capacity: Capacity | None = None  # None: no capacity limit is configured
 
     @property
     def ok(self) -> bool:
@@ -272,6 +325,12 @@ def _policy(policy: Policy) -> dict[str, Any]:
         "quarantine_seconds": policy.quarantine_seconds,
         "peer_stale_seconds": policy.peer_stale_seconds,
         "default_ephemeral_format": policy.default_ephemeral_format,
+        "max_cache_bytes": policy.max_cache_bytes,
+        "high_watermark_percent": policy.high_watermark_percent,
+        "low_watermark_percent": policy.low_watermark_percent,
+        "min_unused_seconds": policy.min_unused_seconds,
+        "pinned_images": list(policy.pinned_images),
+        "evict_deleted_images_first": policy.evict_deleted_first,
     }
 
 
@@ -336,7 +395,56 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "summary": summary(plan.decisions, plan.trash),
         "entries": [_entry(d) for d in plan.decisions],
         "trash": [_trash(t) for t in plan.trash],
+        "capacity": None if plan.capacity is None else _capacity(plan.capacity),
     }
+
+
+def _capacity(c: Capacity) -> dict[str, Any]:
+    return {
+        "cache_bytes": c.cache_bytes,
+        "max_cache_bytes": c.max_cache_bytes,
+        "fs_used_bytes": c.fs_used_bytes,
+        "fs_available_bytes": c.fs_available_bytes,
+        "used_percent": c.used_percent,
+        "high_watermark_percent": c.high_watermark_percent,
+        "low_watermark_percent": c.low_watermark_percent,
+        "over": [str(r) for r in c.over],
+        "need_bytes": c.need_bytes,
+        "freeing_bytes": c.freeing_bytes,
+        "shortfall_bytes": c.shortfall_bytes,
+        "protected_bytes": dict(c.protected),
+        "next": list(c.next),
+    }
+
+
+def _capacity_from(r: _Reader) -> Capacity:
+    protected = r.child("protected_bytes")
+    return Capacity(
+        cache_bytes=r.integer("cache_bytes"),
+        max_cache_bytes=r.integer("max_cache_bytes"),
+        fs_used_bytes=r.optional_integer("fs_used_bytes"),
+        fs_available_bytes=r.optional_integer("fs_available_bytes"),
+        high_watermark_percent=r.percent("high_watermark_percent"),
+        low_watermark_percent=r.percent("low_watermark_percent"),
+        over=tuple(_capacity_reason(r, x) for x in r.texts("over")),
+        need_bytes=r.integer("need_bytes"),
+        freeing_bytes=r.integer("freeing_bytes"),
+        shortfall_bytes=r.integer("shortfall_bytes"),
+        protected=tuple((k, protected.integer(k)) for k in protected.doc),
+        next=tuple(_entry_name_of(r, n) for n in r.texts("next")),
+    )
+
+
+def _capacity_reason(r: _Reader, value: str) -> Reason:
+    if value not in (Reason.OVER_SIZE, Reason.OVER_WATERMARK):
+        raise UsageError(f"{r.where}: 'over' holds {value!r}, not a capacity rule")
+    return Reason(value)
+
+
+def _entry_name_of(r: _Reader, name: str) -> str:
+    if not naming.valid_entry_name(name):
+        raise UsageError(f"{r.where}: 'next' holds {name!r}, not a plain entry name")
+    return name
 
 
 class _Reader:
@@ -376,11 +484,28 @@ class _Reader:
             raise self._bad(key, "text (it holds a lone surrogate)")
         return value
 
-    def flag(self, key: str) -> bool:
-        value = self._get(key)
+    def flag(self, key: str, default: bool | None = None) -> bool:
+        value = self._get(key) if default is None or key in self.doc else default
         if not isinstance(value, bool):
             raise self._bad(key, "true or false")
         return value
+
+    def percent(self, key: str) -> float:
+        """A percentage from 0 to 100; 0 when absent."""
+        value = self.doc.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._bad(key, "a number from 0 to 100")
+        number = float(value) if isinstance(value, float) or abs(value) < 1000 else math.inf
+        if not 0 <= number <= 100:
+            raise self._bad(key, "a number from 0 to 100")
+        return number
+
+    def texts(self, key: str) -> list[str]:
+        """A list of strings; empty when absent."""
+        value = self.doc.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self._bad(key, "a list of strings")
+        return [self._checked(key, v) for v in value]
 
     def integer(self, key: str, default: int | None = None) -> int:
         value = self._get(key) if default is None or key in self.doc else default
@@ -511,6 +636,13 @@ def _policy_from(r: _Reader) -> Policy:
         # Plans saved before manifests existed: three default intervals, as the option says.
         peer_stale_seconds=r.integer("peer_stale_seconds", 3 * 2400),
         default_ephemeral_format=_ephemeral_format(r),
+        # Plans saved before capacity rules existed: none of them.
+        max_cache_bytes=r.integer("max_cache_bytes", 0),
+        high_watermark_percent=r.percent("high_watermark_percent"),
+        low_watermark_percent=r.percent("low_watermark_percent"),
+        min_unused_seconds=r.integer("min_unused_seconds", 600),
+        pinned_images=tuple(r.texts("pinned_images")),
+        evict_deleted_first=r.flag("evict_deleted_images_first", False),
     )
 
 
@@ -550,4 +682,5 @@ def plan_from_dict(doc: Any) -> Plan:
             for p in r.items("problems")
         ),
         trash=tuple(_trash_from(t) for t in r.items("trash")) if "trash" in r.doc else (),
+        capacity=None if r.doc.get("capacity") is None else _capacity_from(r.child("capacity")),
     )

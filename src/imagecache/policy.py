@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from imagecache import naming
+from imagecache import capacity, naming
 from imagecache.model import (
     CacheEntry,
     FileType,
@@ -25,7 +25,7 @@ from imagecache.model import (
     User,
 )
 from imagecache.naming import Threshold
-from imagecache.plan import Action, Decision, Plan, Policy, Reason, TrashDecision
+from imagecache.plan import Action, Capacity, Decision, Plan, Policy, Reason, TrashDecision
 from imagecache.usage import peer_problems, peers, record_notes, users_by_entry
 
 __all__ = ["decide", "threshold_seconds", "touch_only"]
@@ -205,15 +205,21 @@ def decide(inventory: Inventory, policy: Policy, now: float) -> Plan:
         )
         for entry in inventory.entries
     )
+    trash = _decide_trash(inventory, policy, users, now)
+    state: Capacity | None = None
+    short: tuple[Problem, ...] = ()
+    if policy.capacity_limited:  # a size limit or a watermark: make room (capacity.py)
+        decisions, trash, state, short = capacity.apply(inventory, policy, decisions, trash)
     return Plan(
         host=inventory.host,
         cache_dir=inventory.cache_dir,
         now=now,
         complete=complete,
         decisions=decisions,
-        problems=inventory.problems + record_notes(inventory) + _corrupt_in_use(decisions),
+        problems=inventory.problems + record_notes(inventory) + _corrupt_in_use(decisions) + short,
         policy=policy,
-        trash=_decide_trash(inventory, policy, users, now),
+        trash=trash,
+        capacity=state,
     )
 
 

@@ -37,6 +37,7 @@ class CleanSettings:
     touch_in_use: bool
     audit_log: str
     inventory_files: tuple[str, ...]
+    remove_max_bytes_per_second: float  # 0: no limit
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,13 +27,14 @@ from imagecache.model import (
     FileType,
     InstanceRecord,
     Inventory,
+    Kind,
     Manifest,
     Problem,
     ProblemCode,
     Source,
     User,
 )
-from imagecache.plan import Policy
+from imagecache.plan import Policy, iso
 
 __all__ = [
     "Peer",
@@ -41,6 +42,7 @@ __all__ = [
     "counted_records",
     "peer_problems",
     "peers",
+    "pin_claims",
     "record_claims",
     "record_notes",
     "users_by_entry",
@@ -152,7 +154,36 @@ def users_by_entry(inventory: Inventory, policy: Policy) -> Mapping[str, tuple[U
     for name, holder in inventory.open_files:  # a running qemu, qemu-nbd, anything
         if name in wanted:
             users[name].append(User(Source.OPEN_FILE, holder, "holds it open"))
+    for image, detail, names in pin_claims(inventory, policy, wanted):
+        for name in names:
+            users[name].append(User(Source.PIN, image, detail))
     return {name: tuple(dict.fromkeys(claims)) for name, claims in users.items()}
+
+
+_FAMILY = frozenset({Kind.ORIGINAL, Kind.SMALL, Kind.RESIZED})
+
+
+def pin_claims(
+    inventory: Inventory, policy: Policy, wanted: set[str]
+) -> Iterator[tuple[str, str, list[str]]]:
+    """(image, detail, entry names) of every pin: the configuration's (``pinned_images``) and
+    the operator's (``imagecache pin``). A pin protects the entry of the image's fingerprint,
+    its ``_sm`` and resized copies, and a legacy entry of its raw id."""
+    family: defaultdict[str, list[str]] = defaultdict(list)
+    for name in wanted:
+        prefix = naming.image_prefix(name)
+        if prefix is not None and naming.classify(name) in _FAMILY:
+            family[prefix].append(name)
+    pins = [(image, "pinned ([imagecache] pinned_images)") for image in policy.pinned_images]
+    for p in inventory.pins:
+        note = f": {p.comment}" if p.comment else ""
+        pins.append((p.image, f"pinned by `imagecache pin` on {p.by} at {iso(p.pinned_at)}{note}"))
+    for image, detail in pins:
+        names = sorted(family.get(naming.fingerprint(image), ()))
+        if image in wanted and naming.classify(image) is Kind.LEGACY_ID:
+            names.append(image)
+        if names:
+            yield image, detail, names
 
 
 class _Users:

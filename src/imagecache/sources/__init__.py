@@ -20,6 +20,7 @@ from imagecache.model import (
     CacheEntry,
     Domain,
     FileType,
+    FsUsage,
     InstanceRecord,
     Integrity,
     Inventory,
@@ -36,6 +37,7 @@ from imagecache.sources.records import load_instance_records
 from imagecache.sources.registry import observe_registry
 from imagecache.store.digests import read_records
 from imagecache.store.manifests import read_manifests
+from imagecache.store.pins import read_pins
 from imagecache.usage import claimed_by_live_peers
 
 __all__ = [
@@ -116,6 +118,7 @@ def observe(
     held = openfiles.holders(by_file)  # one walk of /proc for the whole cache
     open_files = tuple(sorted((by_file[k], h) for k, hs in held.items() for h in hs))
     trash, trash_problems = scan_trash(layout.cache_dir)
+    pins, pin_problems = read_pins(layout)
     previous = next((m.instance_dirs for m in manifests if m.host == host), ())
     return Inventory(
         host=host,
@@ -132,8 +135,11 @@ def observe(
         members=members,
         cache_per_host=layout.cache_per_host,
         owned_dirs=_owned_dirs(layout, own, domains.domains, previous=previous, claimed=claimed),
+        filesystem=filesystem_usage(layout.cache_dir),
+        pins=pins,
         problems=(
             *cache_problems,
+            *pin_problems,
             *trash_problems,
             *disk_problems,
             *entry_problems,
@@ -143,6 +149,18 @@ def observe(
             *manifest_problems,
             *extra_problems,
         ),
+    )
+
+
+def filesystem_usage(path: str) -> FsUsage | None:
+    """The space of the filesystem ``path`` is on, as ``df`` counts it; None if statvfs fails."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return FsUsage(
+        used_bytes=max(0, st.f_blocks - st.f_bfree) * st.f_frsize,
+        available_bytes=st.f_bavail * st.f_frsize,
     )
 
 
