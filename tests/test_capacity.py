@@ -21,6 +21,7 @@ from imagecache.model import (
     FsUsage,
     InstanceRecord,
     Inventory,
+    Kind,
     Pin,
     Problem,
     ProblemCode,
@@ -308,7 +309,7 @@ _entries = st.lists(
     min_unused=st.sampled_from([0, 600, DAY]),
     blocked=st.booleans(),
 )
-def test_capacity_never_evicts_a_protected_entry(
+def test_capacity_never_evicts_a_protected_entry(  # noqa: PLR0917 (hypothesis's arguments)
     entries: list[CacheEntry],
     used: set[str],
     pinned: set[str],
@@ -338,12 +339,12 @@ def test_capacity_never_evicts_a_protected_entry(
         e = d.entry
         assert d.action is Action.REMOVE and not d.users and not blocked
         assert e.file_type is FileType.FILE and e.kind not in (
-            naming.Kind.UNKNOWN,
-            naming.Kind.TEMP,
+            Kind.UNKNOWN,
+            Kind.TEMP,
         )
         assert d.age_seconds >= min_unused and d.age_seconds >= 0
         assert base.reason in (Reason.TOO_YOUNG, Reason.UNUSED_EXPIRED)
-        if e.kind in (naming.Kind.ORIGINAL, naming.Kind.SMALL, naming.Kind.RESIZED):
+        if e.kind in (Kind.ORIGINAL, Kind.SMALL, Kind.RESIZED):
             assert naming.image_prefix(e.name) not in families  # no member of its unit is used
     cap = plan.capacity
     assert (cap is None) == (not policy.capacity_limited)
