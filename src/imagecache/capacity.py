@@ -63,9 +63,10 @@ def _protection(d: Decision, min_unused: int) -> str | None:
 _FAMILY = frozenset({Kind.ORIGINAL, Kind.SMALL, Kind.RESIZED})
 
 
-def _unit_of(name: str, kind: Kind) -> str:
-    """An original and its copies share their fingerprint; anything else is a unit alone."""
-    prefix = naming.image_prefix(name) if kind in _FAMILY else None
+def _unit_of(name: str) -> str:
+    """An original and its copies share their fingerprint; anything else is a unit alone. By
+    the name only: a symlink or directory named like a copy joins (and so protects) its unit."""
+    prefix = naming.image_prefix(name) if naming.classify(name) in _FAMILY else None
     return prefix or name
 
 
@@ -79,9 +80,9 @@ def _upstream_first(inventory: Inventory, policy: Policy) -> frozenset[str]:
     by_unit.update(dict(up.statuses))  # legacy entries, named by the raw image id
     first = set()
     for e in inventory.entries:
-        unit = _unit_of(e.name, e.kind)
+        unit = _unit_of(e.name)
         status = by_unit.get(unit)
-        deleted = up.complete and status is None and e.kind in _FAMILY
+        deleted = up.complete and status is None and naming.classify(e.name) in _FAMILY
         if deleted or status == "deactivated":
             first.add(unit)
     return frozenset(first)
@@ -134,7 +135,7 @@ def apply(
 
     units: defaultdict[str, list[int]] = defaultdict(list)
     for i, d in enumerate(decisions):
-        units[_unit_of(d.entry.name, d.entry.kind)].append(i)
+        units[_unit_of(d.entry.name)].append(i)
     why = {i: _protection(d, policy.min_unused_seconds) for i, d in enumerate(decisions)}
     first = _upstream_first(inventory, policy)
     eligible = [u for u, members in units.items() if all(why[i] is None for i in members)]
