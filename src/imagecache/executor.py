@@ -214,6 +214,7 @@ def apply(
     should_stop: Callable[[], bool] = lambda: False,
     housekeeping: bool = True,
     collect_lock_files: bool = True,
+    max_bytes_per_second: float = 0.0,
 ) -> Report:
     """Carry out ``plan`` safely and return what was done, entry by entry.
 
@@ -223,7 +224,9 @@ def apply(
     between entries, and a true answer leaves every entry not yet acted on as it is
     (``stopped``). ``housekeeping`` false skips what only a pass does besides the plan's
     actions: touching in-use entries and collecting stale lock files (``verify`` acting on what
-    it found corrupt).
+    it found corrupt). ``max_bytes_per_second`` > 0 (``remove_max_bytes_per_second``) frees
+    one entry per batch and pauses after each, holding no lock, for as long as its bytes take
+    at that rate: large unlinks on XFS, ext4 or NFS are I/O storms otherwise.
 
     Raises:
         ValueError: ``lock_timeout`` is negative.
@@ -238,7 +241,8 @@ def apply(
         return run.report(now)
     policies = (policy,) if plan.policy == policy else (policy, plan.policy)
     _apply_locked(run, plan, observe=observe, policies=policies, clock=clock,
-                  lock_timeout=lock_timeout, should_stop=should_stop)  # fmt: skip
+                  lock_timeout=lock_timeout, should_stop=should_stop,
+                  rate=max_bytes_per_second)  # fmt: skip
     # Unlinking in the shared locks/ is a removal too: only the storage's cleaner does it.
     collect = housekeeping and collect_lock_files
     if collect and _may_collect_lock_files(plan, policy) and not should_stop():
@@ -313,6 +317,20 @@ class _Work:
             tuple(t for t in self.trash if t.entry.name in names),
         )
 
+    def parts(self, *, throttled: bool) -> list[_Work]:
+        """The batches to act in: all at once; throttled, what frees bytes one entry at a time
+        (after what frees none, together: quarantines and restores are renames)."""
+        if not throttled:
+            return [self]
+        frees = [d for d in self.decisions if d.action is not Action.QUARANTINE]
+        purges = [t for t in self.trash if t.action is Action.PURGE]
+        rest = _Work(
+            tuple(d for d in self.decisions if d.action is Action.QUARANTINE),
+            tuple(t for t in self.trash if t.action is not Action.PURGE),
+        )
+        singles = [_Work((d,), ()) for d in frees] + [_Work((), (t,)) for t in purges]
+        return [rest, *singles] if rest.decisions or rest.trash else singles
+
 
 def _apply_locked(
     run: Run,
@@ -323,6 +341,7 @@ def _apply_locked(
     clock: Clock,
     lock_timeout: float,
     should_stop: Callable[[], bool],
+    rate: float = 0.0,
 ) -> None:
     work = _Work(
         tuple(d for d in plan.decisions if d.action in _ACTIONS),
@@ -333,7 +352,18 @@ def _apply_locked(
     # One deadline for the whole pass, on the monotonic clock (a wait, not an age).
     deadline = clock.monotonic() + lock_timeout
     batch = _Batch(run, observe=observe, policies=policies, clock=clock, should_stop=should_stop)
-    busy = batch.apply(work, wait=0)
+
+    def apply(part: _Work, wait: float) -> dict[str, LockTimeout]:
+        done = len(run.outcomes)
+        busy = batch.apply(part, wait=wait)
+        if rate > 0:  # released: a pause holds no lock
+            freed = sum(o.bytes_freed for o in run.outcomes[done:])
+            _pause(freed / rate, clock, should_stop)
+        return busy
+
+    busy: dict[str, LockTimeout] = {}
+    for part in work.parts(throttled=rate > 0):
+        busy |= apply(part, 0)
     for d in work.decisions:  # a temp whose lock is busy is being written: never waited for
         if d.action is Action.REAP and _lock_name(d) in busy:
             run.note(_outcome(d.entry, Result.SKIPPED, Reason.TEMP_LOCKED))
@@ -344,7 +374,9 @@ def _apply_locked(
     # Each batch waits only while it holds nothing, acts on the locks that came free, releases
     # them and asks again for the rest: never holding one lock while waiting for another.
     while True:
-        still = batch.apply(retry, wait=max(0.0, deadline - clock.monotonic()))
+        still: dict[str, LockTimeout] = {}
+        for part in retry.parts(throttled=rate > 0):
+            still |= apply(part, max(0.0, deadline - clock.monotonic()))
         if not still or len(still) == len(retry.lock_names) or should_stop():
             break
         retry = retry.only(set(still))
@@ -357,6 +389,13 @@ def _apply_locked(
         else:
             run.note(Outcome(name, kind, Result.SKIPPED, Reason.LOCK_TIMEOUT,
                              message=f"{still[name]} {message}"))  # fmt: skip
+
+
+def _pause(seconds: float, clock: Clock, should_stop: Callable[[], bool]) -> None:
+    """Sleep ``seconds`` in slices of at most one, so that a stop is heard within a second."""
+    end = clock.monotonic() + seconds
+    while (left := end - clock.monotonic()) > 0 and not should_stop():
+        clock.sleep(min(1.0, left))
 
 
 @dataclass

@@ -260,6 +260,7 @@ def _apply(
         should_stop=should_stop,
         housekeeping=housekeeping,
         collect_lock_files=collect_lock_files,
+        max_bytes_per_second=settings.clean.remove_max_bytes_per_second,
     )
     return dataclasses.replace(done, problems=(*problems, *done.problems))
 

@@ -12,11 +12,22 @@ from collections import Counter
 
 from imagecache import naming
 from imagecache.model import User
-from imagecache.plan import Action, Decision, Plan, Reason, TrashDecision, iso, plan_id, summary
+from imagecache.plan import (
+    Action,
+    Capacity,
+    Decision,
+    Plan,
+    Reason,
+    TrashDecision,
+    iso,
+    plan_id,
+    summary,
+)
 from imagecache.render.text import human_bytes, human_seconds, printable, render_table
 
 __all__ = [
     "REASON_TEXT",
+    "capacity_text",
     "find_decisions",
     "find_trash",
     "problems_text",
@@ -41,6 +52,10 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.IN_QUARANTINE: "quarantined, waiting for its purge",
     Reason.QUARANTINE_EXPIRED: "quarantine expired",
     Reason.REFERENCED_AGAIN: "quarantined, but referenced again: restored",
+    Reason.ANOTHER_CLEANER: "another host cleans this storage now: this one only touches",
+    Reason.OVER_SIZE: "unused, least recently used, and the cache is over max_cache_bytes",
+    Reason.OVER_WATERMARK: "unused, least recently used, and the filesystem is over its "
+    "high watermark",
 }
 
 
@@ -98,6 +113,34 @@ def _footer(plan: Plan) -> list[str]:
     ]
 
 
+def capacity_text(c: Capacity | None) -> list[str]:
+    """The capacity state of a plan, in a line or two (none without a capacity limit)."""
+    if c is None:
+        return []
+    parts = []
+    if c.max_cache_bytes:
+        parts.append(f"cache {human_bytes(c.cache_bytes)} of max {human_bytes(c.max_cache_bytes)}")
+    if c.high_watermark_percent:
+        used = "unknown" if c.used_percent is None else f"{c.used_percent:.1f}%"
+        parts.append(
+            f"filesystem {used} used (high {c.high_watermark_percent:g}%, "
+            f"low {c.low_watermark_percent:g}%)"
+        )
+    state = (
+        f"over: {', '.join(str(r) for r in c.over)}; {human_bytes(c.need_bytes)} must go, "
+        f"this plan frees {human_bytes(c.freeing_bytes)}"
+        if c.over
+        else "under every limit"
+    )
+    lines = [f"capacity: {'; '.join(parts)}; {state}"]
+    if c.shortfall_bytes:
+        why = ", ".join(f"{w} {human_bytes(b)}" for w, b in c.protected)
+        lines.append(f"  {human_bytes(c.shortfall_bytes)} short; protected: {why}")
+    if c.next:
+        lines.append(f"  next to go (least recently used first): {', '.join(c.next)}")
+    return lines
+
+
 def trash_rows(plan: Plan) -> list[list[str]]:
     """Rows (action, ``trash/<trash name>``, kind, size, reason) for the quarantined entries."""
     return [
@@ -141,7 +184,8 @@ def render_status(plan: Plan) -> str:
     ]
     head = [printable(f"cache {plan.cache_dir} on {plan.host} at {iso(plan.now)}")]
     table = render_table(rows, ["NAME", "KIND", "SIZE", "AGE", "USED BY", "ACTION"])
-    return "\n".join([*head, table, *_footer(plan), *problems_text(plan)])
+    footer = [*_footer(plan), *capacity_text(plan.capacity)]
+    return "\n".join([*head, table, *footer, *problems_text(plan)])
 
 
 def render_plan(plan: Plan) -> str:
@@ -159,7 +203,8 @@ def render_plan(plan: Plan) -> str:
         printable(f"plan {plan_id(plan)} for {plan.cache_dir} on {plan.host} at {iso(plan.now)}")
     ]
     table = render_table(rows, ["ACTION", "NAME", "KIND", "SIZE", "REASON"])
-    return "\n".join([*head, table, *_footer(plan), *problems_text(plan)])
+    footer = [*_footer(plan), *capacity_text(plan.capacity)]
+    return "\n".join([*head, table, *footer, *problems_text(plan)])
 
 
 def _reason_line(d: Decision, now: float) -> str:
@@ -224,13 +269,21 @@ def render_explain(plan: Plan, query: str) -> str:
             f"{e.name}: {e.kind}, {human_bytes(e.bytes_allocated)} on disk, "
             f"last used {iso(d.last_used)} ({human_seconds(d.age_seconds)} ago)"
         )
-        out.append(f"  decision: {d.action} ({d.reason}: {REASON_TEXT[d.reason]})")
+        out.append(f"  decision: {d.action} ({d.reason}: {REASON_TEXT.get(d.reason, '')})")
         out.extend(_used_by(d.users))
+        c = plan.capacity
+        if c is not None and e.name in c.next:
+            out.append(
+                f"  capacity: next to go when over a limit (#{c.next.index(e.name) + 1}, "
+                "least recently used first)"
+            )
         if d.threshold is not None and not d.users:
             out.append(f"  threshold: unused for {human_seconds(d.threshold)}")
         if d.removable_at is not None:
             out.append(f"  becomes removable at {iso(d.removable_at)} if still unused")
         if d.reason is Reason.INCOMPLETE_VIEW:
             out.extend(problems_text(plan))
+    if found:
+        out.extend(capacity_text(plan.capacity))
     # Names, refs and details came from outside: escaped, so none can forge a line.
     return "\n".join(printable(line) for line in out)
