@@ -152,7 +152,9 @@ def apply(
             continue
         reason = rule()
         for i in pending:
-            new[i] = dataclasses.replace(decisions[i], action=Action.REMOVE, reason=reason)
+            new[i] = dataclasses.replace(
+                decisions[i], action=Action.REMOVE, reason=reason, removable_at=None
+            )
             freeing += decisions[i].entry.bytes_allocated
 
     shortfall = max(0, left()) if over else 0
