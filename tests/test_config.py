@@ -140,6 +140,23 @@ def test_command_line_overrides_take_part_in_interpolation(tmp_path: Path) -> No
         ("[image_cache]\nremove_unused_base_images = maybe\n", "remove_unused_base_images"),
         ("[imagecache]\nquarantine_seconds = -1\n", "[imagecache] quarantine_seconds"),
         ("[image_cache]\nsubdirectory_name = a/b\n", "subdirectory_name"),
+        # Capacity (issue 13): the watermarks are checked together.
+        (
+            "[imagecache]\nhigh_watermark_percent = 80\nlow_watermark_percent = 80\n",
+            "[imagecache] low_watermark_percent",
+        ),
+        (
+            "[imagecache]\nhigh_watermark_percent = 80\nlow_watermark_percent = 0\n",
+            "[imagecache] low_watermark_percent",
+        ),
+        ("[imagecache]\nlow_watermark_percent = 50\n", "[imagecache] low_watermark_percent"),
+        ("[imagecache]\nhigh_watermark_percent = 101\n", "high_watermark_percent"),
+        ("[imagecache]\nhigh_watermark_percent = nan\n", "high_watermark_percent"),
+        ("[imagecache]\nmax_cache_bytes = 500G\n", "[imagecache] max_cache_bytes"),
+        ("[imagecache]\nmax_cache_bytes = -1\n", "[imagecache] max_cache_bytes"),
+        ("[imagecache]\nmin_unused_seconds = -1\n", "[imagecache] min_unused_seconds"),
+        ("[imagecache]\nremove_max_bytes_per_second = -1\n", "remove_max_bytes_per_second"),
+        ("[imagecache]\nremove_max_bytes_per_second = inf\n", "remove_max_bytes_per_second"),
     ],
 )
 def test_bad_values_name_the_option(tmp_path: Path, text: str, names: str) -> None:
