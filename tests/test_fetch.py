@@ -550,29 +550,63 @@ def test_cli_startup_does_not_import_the_image_service_clients() -> None:
     assert done.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("wrong", ["md5", "sha512"])
-def test_both_published_digests_are_verified(tmp_path: Path, wrong: str) -> None:
-    # Bytes that match one of Glance's digests but not the other are refused: a store rewritten
-    # by a tool that updated only one of them.
+@pytest.mark.parametrize(
+    ("published", "wrong", "refused"),
+    [
+        (("md5", "sha512"), "sha512", True),  # the multihash is what is verified
+        (("md5", "sha512"), "md5", False),  # ... and MD5 is not, beside it (as the clients)
+        (("md5",), "md5", True),  # no multihash: MD5 is verified
+        (("sha512",), "sha512", True),
+    ],
+)
+def test_the_strongest_published_digest_is_verified(
+    tmp_path: Path, published: tuple[str, ...], wrong: str, refused: bool
+) -> None:
     from imagecache.errors import ChecksumMismatch
     from imagecache.images.base import ImageMeta
     from imagecache.images.fetch import _copy_verified
 
     data = b"image bytes " * 1000
-    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-    sha512 = hashlib.sha512(data).hexdigest()
+    digests = {
+        "md5": hashlib.md5(data, usedforsecurity=False).hexdigest(),
+        "sha512": hashlib.sha512(data).hexdigest(),
+    }
+    digests[wrong] = "0" * len(digests[wrong])
+    multihash = "sha512" in published
+    meta = ImageMeta(
+        id="i1", status="active", size=len(data),
+        checksum=digests["md5"] if "md5" in published else None,
+        hash_algo="sha512" if multihash else None,
+        hash_value=digests["sha512"] if multihash else None,
+    )  # fmt: skip
+    with (tmp_path / "out").open("wb") as out:
+        if refused:
+            with pytest.raises(ChecksumMismatch, match=wrong):
+                _copy_verified([data[:5000], data[5000:]], out, meta, on_bytes=None)
+        else:
+            _copy_verified([data[:5000], data[5000:]], out, meta, on_bytes=None)
+            assert (tmp_path / "out").read_bytes() == data
 
-    def meta(*, md5: str, sha512: str) -> ImageMeta:
-        return ImageMeta(
-            id="i1", status="active", size=len(data), checksum=md5, hash_algo="sha512",
-            hash_value=sha512,
-        )  # fmt: skip
 
-    with (tmp_path / "ok").open("wb") as out:
-        _copy_verified([data[:5000], data[5000:]], out, meta(md5=md5, sha512=sha512), on_bytes=None)
-    bad = meta(md5="0" * 32, sha512=sha512) if wrong == "md5" else meta(md5=md5, sha512="0" * 128)
-    with (tmp_path / "bad").open("wb") as out, pytest.raises(ChecksumMismatch, match=wrong):
-        _copy_verified([data], out, bad, on_bytes=None)
+def test_writeback_runs_while_writing_and_gives_up_quietly_where_refused(tmp_path: Path) -> None:
+    from imagecache.store import fsops
+
+    path = tmp_path / "f"
+    with path.open("wb", buffering=0) as out:
+        wb = fsops.Writeback(out.fileno(), window=1 << 16)
+        for i in range(10):
+            out.write(bytes([i]) * 50_000)
+            wb.wrote(50_000)
+        assert wb.enabled and wb.started == (500_000 // (1 << 16)) * (1 << 16)
+    assert path.read_bytes() == b"".join(bytes([i]) * 50_000 for i in range(10))
+    read, write = os.pipe()  # sync_file_range on a pipe: ESPIPE, and the final fsync does it
+    try:
+        wb = fsops.Writeback(write, window=10)
+        wb.wrote(100)
+        assert not wb.enabled
+    finally:
+        os.close(read)
+        os.close(write)
 
 
 @pytest.mark.parametrize(
