@@ -26,7 +26,10 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 _LAYERS = [
     ("errors", "errors _version"),
-    ("core", "model plan results naming layout usage policy settings clock history integrity capacity"),
+    (
+        "core",
+        "model plan results naming layout usage policy settings clock history integrity capacity",
+    ),
     ("formats", "formats"),
     ("locks", "owners locks lockfiles coordination"),
     ("store", "store"),

@@ -15,20 +15,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from imagecache import manager
+from imagecache import manager, naming
 from imagecache._version import __version__
 from imagecache.clock import Clock
 from imagecache.config import load_settings, logging_configured, setup_logging
 from imagecache.errors import ImageCacheError, UsageError
-from imagecache.plan import plan_to_dict
+from imagecache.plan import iso, plan_to_dict, problem_to_dict
 from imagecache.render import clean as outcome
 from imagecache.render import health, peers
 from imagecache.render import plan as report
 from imagecache.render import verify as verified
-from imagecache.render.text import document, dumps, human_seconds, printable
+from imagecache.render.text import document, dumps, human_seconds, printable, render_table
 from imagecache.results import Result
 from imagecache.settings import Settings
-from imagecache.store import plans
+from imagecache.store import pins, plans
+from imagecache.store.audit import AuditLog
 
 __all__ = ["main"]
 
@@ -200,6 +201,98 @@ def cmd_restore(ctx: Context) -> int:
     done = manager.restore(ctx.settings, ctx.args.name, clock=ctx.clock)
     _emit(ctx, document(outcome.report_to_dict(done)), outcome.render_restore(done))
     return 0 if done.ok else 1
+
+
+def cmd_pin(ctx: Context) -> int:
+    a, s, now = ctx.args, ctx.settings, ctx.clock.wall()
+    audit = _pin_audit(ctx, "pin")
+    changed = pins.pin(s.layout, a.image, host=s.host, now=now, comment=a.comment,
+                       timeout=s.clean.lock_timeout)  # fmt: skip
+    entry = naming.fingerprint(a.image)
+    if changed:
+        _record_pin(audit, "pin", a.image, entry=entry, comment=a.comment, now=now)
+    doc = {"action": "pin", "image": a.image, "entry": entry, "changed": changed,
+           "configured": a.image in s.policy.pinned_images}  # fmt: skip
+    done = "pinned" if changed else "was pinned already:"
+    _emit(ctx, document(doc), f"{done} {printable(a.image)} (entry {entry} and its copies)")
+    return 0
+
+
+def cmd_unpin(ctx: Context) -> int:
+    a, s, now = ctx.args, ctx.settings, ctx.clock.wall()
+    audit = _pin_audit(ctx, "unpin")
+    changed = pins.unpin(s.layout, a.image, timeout=s.clean.lock_timeout)
+    entry = naming.fingerprint(a.image)
+    if changed:
+        _record_pin(audit, "unpin", a.image, entry=entry, comment=a.comment, now=now)
+    configured = a.image in s.policy.pinned_images
+    if configured:  # what the operator asked for is not so: say it, and exit 1
+        LOG.error("%s is still pinned by [imagecache] pinned_images: remove it there", a.image)
+    doc = {"action": "unpin", "image": a.image, "entry": entry, "changed": changed,
+           "configured": configured}  # fmt: skip
+    done = "unpinned" if changed else "not pinned by `imagecache pin`:"
+    _emit(ctx, document(doc), f"{done} {printable(a.image)} (entry {entry})")
+    return 1 if configured else 0
+
+
+def _pin_audit(ctx: Context, action: str) -> AuditLog:
+    """The audit log, checked writable before anything changes; the arguments, checked."""
+    a, s = ctx.args, ctx.settings
+    try:
+        pins.check_image(a.image)
+    except ValueError as exc:
+        raise UsageError(f"{action}: {exc}") from None
+    if len(a.comment) > pins.MAX_COMMENT:
+        raise UsageError(f"{action}: --comment has at most {pins.MAX_COMMENT} characters")
+    audit = AuditLog(s.clean.audit_log, host=s.host)
+    try:
+        audit.check_writable()  # nothing changed that is not audited
+    except OSError as exc:
+        raise pins.PinsError(
+            f"not {action}ned: the audit log {s.clean.audit_log} cannot be written: "
+            f"{exc.strerror or exc}"
+        ) from exc
+    return audit
+
+
+def _record_pin(
+    audit: AuditLog, action: str, image: str, *, entry: str, comment: str, now: float
+) -> None:
+    try:
+        audit.record_event(action, now=now, image=image, entry=entry, comment=comment)
+    except OSError as exc:
+        raise pins.PinsError(
+            f"{action}ned {image}, but its audit line could not be written to {audit.path}: "
+            f"{exc.strerror or exc}"
+        ) from exc
+
+
+def cmd_pins(ctx: Context) -> int:
+    s = ctx.settings
+    found, problems = pins.read_pins(s.layout)
+    rows: list[dict[str, Any]] = [
+        {"image": p.image, "entry": naming.fingerprint(p.image), "source": "pin", "by": p.by,
+         "pinned_at": iso(p.pinned_at), "pinned_at_epoch": p.pinned_at, "comment": p.comment}
+        for p in found
+    ]  # fmt: skip
+    rows += [
+        {"image": i, "entry": naming.fingerprint(i), "source": "config", "by": None,
+         "pinned_at": None, "pinned_at_epoch": None, "comment": "[imagecache] pinned_images"}
+        for i in s.policy.pinned_images
+    ]  # fmt: skip
+
+    def text() -> str:
+        table = [[r["image"], r["entry"], r["source"], r["by"] or "-", r["pinned_at"] or "-",
+                  r["comment"]] for r in rows]  # fmt: skip
+        out = [render_table(table, ["IMAGE", "ENTRY", "SOURCE", "BY", "PINNED", "COMMENT"])]
+        if not rows:
+            out = ["no pins"]
+        notes = [f"  ! {p.code} {printable(p.ref)}: {printable(p.message)}" for p in problems]
+        return "\n".join([*out, *notes])
+
+    doc = {"pins": rows, "problems": [problem_to_dict(p) for p in problems]}
+    _emit(ctx, document(doc), text)
+    return 1 if problems else 0
 
 
 def cmd_precache(ctx: Context) -> int:
@@ -409,8 +502,16 @@ storage. `peers retire HOST` (a host gone for good, not live) drops it from comp
 Nova's lock, leaves a tombstone manifest, and is audited; its instance directories are then
 scanned by the other hosts. A retired host that runs imagecache again is a peer again."""
 
+_PIN = """A pinned image's entry (_base/<sha1 of IMAGE>), its _sm and resized copies and a legacy
+entry of its raw id are in use (user source `pin`): never removed by age or capacity, and
+touched each pass. Pins are kept in _base/.imagecache/pins.json, on the cache's storage (shared
+by every host of a shared cache), changed under _base/.imagecache/pins.lock, and every change is
+a line in [imagecache] audit_log. [imagecache] pinned_images pins images by configuration. A
+pins file that cannot be read stops every removal (pins-unreadable) and is never overwritten:
+`pin` and `unpin` refuse (exit 1). Pinning needs no image service."""
+
 # Commands that change nothing: they log to stderr only, never to the configured log files.
-_READ_ONLY = frozenset({"status", "plan", "explain", "health"})
+_READ_ONLY = frozenset({"status", "plan", "explain", "health", "pins"})
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
@@ -457,6 +558,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     p.add_argument("peer", nargs="?", metavar="HOST", help="the host to retire")
     p = add("restore", cmd_restore, "bring a quarantined entry back from the trash")
     p.add_argument("name", metavar="NAME", help="entry name (or its trash name NAME@EPOCH)")
+    p = add("pin", cmd_pin, "keep an image's entries in the cache until it is unpinned", _PIN)
+    p.add_argument("image", metavar="IMAGE", help="Glance image id or URL (need not be cached)")
+    p.add_argument("--comment", default="", metavar="TEXT", help="why, for `pins` and the audit")
+    p = add("unpin", cmd_unpin, "undo `imagecache pin IMAGE`", _PIN)
+    p.add_argument("image", metavar="IMAGE", help="the image id or URL, as pinned")
+    p.add_argument("--comment", default="", metavar="TEXT", help="why, for the audit log")
+    add("pins", cmd_pins, "the pinned images: by `imagecache pin` and by the configuration", _PIN)
     p = add("precache", cmd_precache, "fetch images (and their kernels, ramdisks) into the cache")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="Glance image id or http(s)/file URL")
     p = add("create-disk", cmd_create_disk, "create an instance's disks as overlays on the cache")
