@@ -9,7 +9,8 @@ give a URL as the image reference; its cache name is the SHA-1 of the URL.
 
 openstacksdk's ``Connection``/``image`` proxy is not used for requests: 4.22 warns about its own
 internal calls on every resource and request, and its ``download_image`` fetches the metadata a
-second time. Two plain GETs (metadata, then ``/file``) are all this needs.
+second time. Two plain GETs (metadata, then ``/file``) are all this needs, and a paged
+``GET /v2/images`` for ``evict_deleted_images_first`` (:meth:`GlanceClient.list_images`).
 
 Every foreign exception (keystoneauth1, requests, ``OSError``; openstacksdk's while loading a
 cloud) is translated at the boundary, through :mod:`imagecache.images.base`'s one table, into
@@ -19,10 +20,11 @@ cloud) is translated at the boundary, through :mod:`imagecache.images.base`'s on
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 from keystoneauth1 import adapter, loading, session
 from keystoneauth1 import exceptions as ks_exc
@@ -41,11 +43,25 @@ from imagecache.settings import GlanceSettings
 
 __all__ = [
     "CHUNK_SIZE",
+    "LIST_PAGE_SIZE",
+    "MAX_LIST_IMAGES",
+    "MAX_LIST_PAGES",
     "GlanceClient",
     "GlanceSettings",
     "ImageMeta",
     "ImageSource",
 ]
+
+# Listing every image (``list_images``): Glance's page cap is its ``api_limit_max``, 1000 by
+# default (a larger limit gets that many). The caps bound what a hostile or broken service can
+# make a pass do: requests, images kept in memory, bytes read per page.
+LIST_PAGE_SIZE = 1000
+MAX_LIST_PAGES = 10_000
+MAX_LIST_IMAGES = 1_000_000
+_MAX_PAGE_BYTES = 64 << 20
+_LIST_TIMEOUT = 30.0  # seconds per read when [glance] timeout is not set: a listing never hangs
+_STATUS = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+_LIST = "glance image list"
 
 # A Glance image id goes into a URL path: refuse anything that could leave /images/<id>.
 _IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]*")
@@ -202,6 +218,80 @@ class GlanceClient:
         finally:
             resp.close()
 
+    def list_images(
+        self,
+        *,
+        page_size: int = LIST_PAGE_SIZE,
+        max_pages: int = MAX_LIST_PAGES,
+        max_images: int = MAX_LIST_IMAGES,
+    ) -> tuple[tuple[str, str], ...]:
+        """Every image's (id, status) these credentials can list, sorted by id, all pages read.
+
+        Every visibility (``visibility=all``: community images are otherwise left out), every
+        shared image whatever its member status, hidden images (``os_hidden``) as well as the
+        others; deactivated ones are listed like any. Each page's ``next`` link gives only the
+        marker: the request is always this client's own, to this endpoint.
+
+        Raises ImageServiceUnreachable, or ImageServiceError: an HTTP error or redirect, a
+        malformed page, a ``next`` link to another host or path, a marker seen before, more than
+        ``max_pages`` pages or ``max_images`` images.
+        """
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, not {page_size}")
+        found: dict[str, str] = {}
+        pages = received = 0
+        # Glance lists hidden images only when asked for them, and then only them.
+        for hidden in ("false", "true"):
+            marker: str | None = None
+            markers: set[str] = set()
+            while True:
+                pages += 1
+                if pages > max_pages:
+                    raise ImageServiceError(f"{_LIST}: more than {max_pages} pages")
+                images, marker = self._list_page(page_size, hidden, marker)
+                received += len(images)
+                if received > max_images:
+                    raise ImageServiceError(f"{_LIST}: more than {max_images} images")
+                found.update(images)
+                if marker is None:
+                    break
+                if marker in markers:
+                    raise ImageServiceError(f"{_LIST}: the marker {marker} came back (a loop)")
+                markers.add(marker)
+        return tuple(sorted(found.items()))
+
+    def _list_page(
+        self, page_size: int, hidden: str, marker: str | None
+    ) -> tuple[list[tuple[str, str]], str | None]:
+        """One page's (id, status) pairs and the marker of the next page (None: the last)."""
+        params = {
+            "limit": str(page_size),
+            "visibility": "all",
+            "member_status": "all",
+            "os_hidden": hidden,
+            # Oldest first: an image created while the listing runs lands after the marker.
+            "sort_key": "created_at",
+            "sort_dir": "asc",
+        }
+        if marker is not None:
+            params["marker"] = marker
+        timeout = self._session.timeout or _LIST_TIMEOUT
+        with mapped(_LIST):
+            resp = self._adapter.get(
+                "/images", params=params, stream=True, redirect=False, timeout=timeout
+            )
+        try:
+            check_status(resp, _LIST)
+            body = _bounded_body(resp)
+            url = resp.url
+        finally:
+            resp.close()
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise ImageServiceError(f"{_LIST}: not JSON ({type(exc).__name__})") from exc
+        return _page(doc, page_size, url)
+
     def close(self) -> None:
         self._session.session.close()
 
@@ -210,3 +300,72 @@ class GlanceClient:
         if not _IMAGE_ID.fullmatch(image_ref):
             raise ImageNotFound(f"{image_ref!r} is not a Glance image id")
         return f"/images/{quote(image_ref)}"
+
+
+def _bounded_body(resp: Any) -> bytes:
+    """The answer's body, decoded (a JSON API may gzip it), refused beyond _MAX_PAGE_BYTES."""
+    parts: list[bytes] = []
+    size = 0
+    with mapped(_LIST):
+        for chunk in resp.iter_content(CHUNK_SIZE):
+            size += len(chunk)
+            if size > _MAX_PAGE_BYTES:
+                raise ImageServiceError(f"{_LIST}: a page larger than {_MAX_PAGE_BYTES} bytes")
+            parts.append(chunk)
+    return b"".join(parts)
+
+
+def _page(doc: Any, page_size: int, url: str) -> tuple[list[tuple[str, str]], str | None]:
+    """A listing page's (id, status) pairs and next marker; raises ImageServiceError."""
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list):
+        raise ImageServiceError(f"{_LIST}: not a Glance image list")
+    if len(images) > page_size:
+        raise ImageServiceError(f"{_LIST}: {len(images)} images on a page of {page_size}")
+    pairs = []
+    for image in images:
+        image_id = image.get("id") if isinstance(image, dict) else None
+        status = image.get("status") if isinstance(image, dict) else None
+        if not isinstance(image_id, str) or not _is_image_id(image_id):
+            raise ImageServiceError(f"{_LIST}: an image without a valid id")
+        if not isinstance(status, str) or not _STATUS.fullmatch(status):
+            raise ImageServiceError(f"{_LIST}: image {image_id} without a valid status")
+        pairs.append((image_id, status))
+    link = doc.get("next")
+    if link is None:
+        return pairs, None
+    if not isinstance(link, str):
+        raise ImageServiceError(f"{_LIST}: a next link that is not a string")
+    if not pairs:
+        # Glance links a next page only after a full one: an empty page with a link is a loop.
+        raise ImageServiceError(f"{_LIST}: an empty page with a next link")
+    return pairs, _next_marker(link, url)
+
+
+def _next_marker(link: str, url: str) -> str:
+    """The marker of a ``next`` link, which must name this endpoint's image list.
+
+    Glance writes it as ``/v2/images?...``, without the path prefix of an endpoint such as
+    ``https://cloud/image/v2``; a scheme and host, if given, must be the request's.
+    """
+    try:
+        given, asked = urlsplit(link), urlsplit(url)
+    except ValueError as exc:
+        raise ImageServiceError(f"{_LIST}: a malformed next link") from exc
+    if given.scheme and given.scheme.lower() != asked.scheme.lower():
+        raise ImageServiceError(f"{_LIST}: a next link to another endpoint, refused")
+    if given.netloc and given.netloc.lower() != asked.netloc.lower():
+        raise ImageServiceError(f"{_LIST}: a next link to another endpoint, refused")
+    if given.scheme and not given.netloc:
+        raise ImageServiceError(f"{_LIST}: a malformed next link")
+    path = given.path
+    if not path.startswith("/") or not path.endswith("/v2/images") or not asked.path.endswith(path):
+        raise ImageServiceError(f"{_LIST}: a next link to another path than the image list")
+    markers = parse_qs(given.query).get("marker", [])
+    if len(markers) != 1 or not _is_image_id(markers[0]):
+        raise ImageServiceError(f"{_LIST}: a next link without one valid marker")
+    return markers[0]
+
+
+def _is_image_id(text: str) -> bool:
+    return len(text) <= 255 and _IMAGE_ID.fullmatch(text) is not None
