@@ -33,7 +33,11 @@ X, Y = "1" * 40, "2" * 40
 @contextmanager
 def cleaner_held_by(url: str, member: str, cache: Path) -> Iterator[None]:
     """Another host (a real process) holds the storage's cleaner lock meanwhile."""
-    argv = [sys.executable, "-c", _HOLDER, url, member, str(cache)]
+    from imagecache.layout import Layout
+    from imagecache.store.identity import storage_id
+
+    storage = storage_id(Layout(str(cache.parent), cache.name))  # what every pass names it by
+    argv = [sys.executable, "-c", _HOLDER, url, member, storage]
     with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as b:
         assert b.stdout is not None and b.stdin is not None
         assert b.stdout.readline().strip() == "held"

@@ -22,6 +22,7 @@ import pytest
 
 from imagecache.layout import Layout
 from imagecache.model import Manifest
+from imagecache.store.identity import storage_id
 from imagecache.store.manifests import read_manifests, write_manifest
 from tests.opens import OpenWatch
 from tests.qemu import make_overlay
@@ -298,7 +299,8 @@ def test_one_cleaner_at_a_time_through_the_coordination_backend(
     assert p.nodes["hb"].run("clean")[0] == 0  # B has a manifest: a live peer
     (p.cache / Y).write_bytes(b"y" * 65536)
     p.old(Y)
-    argv = [sys.executable, "-c", _HOLDER, coordination_url, "hb", str(p.cache)]
+    storage = storage_id(Layout(str(p.instances)))  # what every pass names the storage by
+    argv = [sys.executable, "-c", _HOLDER, coordination_url, "hb", storage]
     with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as b:
         assert b.stdout is not None and b.stdout.readline().strip() == "held"
         code, doc, err = p.nodes["ha"].run("clean")

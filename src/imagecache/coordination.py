@@ -149,15 +149,25 @@ def _detail(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+# Query parameters that carry a secret (tooz's redis ``sentinel_password``, a ``password=``).
+_SECRET_KEY = re.compile(r"(?i)pass|secret|token|key|auth|cred")
+
+
 def redact(url: str) -> str:
-    """``url`` without its password (``redis://:secret@host`` -> ``redis://:***@host``)."""
+    """``url`` without its secrets: the password of its user part (``redis://:secret@host`` ->
+    ``redis://:***@host``) and every query value whose name says it is one
+    (``?sentinel_password=x`` -> ``?sentinel_password=***``)."""
     try:
         parts = urllib.parse.urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rpartition("@")
-        user = netloc[0].partition(":")[0]
-        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+        if parts.password is not None:
+            netloc = parts.netloc.rpartition("@")
+            user = netloc[0].partition(":")[0]
+            parts = parts._replace(netloc=f"{user}:***@{netloc[2]}")
+        if parts.query:
+            pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+            hidden = [(k, "***" if _SECRET_KEY.search(k) else v) for k, v in pairs]
+            parts = parts._replace(query=urllib.parse.urlencode(hidden, safe="*"))
+        return urllib.parse.urlunsplit(parts)
     except ValueError:
         return "<unparsable URL>"
 
@@ -240,14 +250,22 @@ def _without_client_retries(coord: Any) -> None:
     if make is None or not callable(make):
         return
 
-    def make_client(*args: Any, **kwargs: Any) -> Any:
-        client = make(*args, **kwargs)
+    def no_retries(client: Any) -> None:
         get_retry = getattr(client, "get_retry", None)
         retry = get_retry() if callable(get_retry) else None
         if retry is not None and callable(getattr(retry, "update_retries", None)):
             retry = copy.deepcopy(retry)
             retry.update_retries(0)
             client.set_retry(retry)
+
+    def make_client(*args: Any, **kwargs: Any) -> Any:
+        client = make(*args, **kwargs)
+        no_retries(client)
+        # With ?sentinel=: the Sentinels' own clients retry too, and each answer "no master"
+        # is a connection error that tooz tries 15 times (a minute to a Sentinel that is down).
+        pool = getattr(client, "connection_pool", None)
+        for sentinel in getattr(getattr(pool, "sentinel_manager", None), "sentinels", ()) or ():
+            no_retries(sentinel)
         return client
 
     coord._make_client = make_client
@@ -264,6 +282,25 @@ def _clients_of(coord: Any) -> list[Any]:
         if client is not None and callable(getattr(client, "close", None)):
             found.append(client)
     return found
+
+
+_URL_TIMEOUTS = ("timeout", "lock_timeout", "membership_timeout", "heartbeat_timeout")
+
+
+def _check_url_timeouts(url: str) -> None:
+    """The URL's timeouts are whole seconds from 1 to a day: tooz's drivers take them as TTLs,
+    and a zero or negative one made the heart beat in a busy loop (or never expire)."""
+    try:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query, keep_blank_values=True)
+    except ValueError as exc:
+        raise CoordinationError(f"not a URL: {redact(url)!r}", reason="bad-url") from exc
+    for key in _URL_TIMEOUTS:
+        for value in query.get(key, ()):
+            if not (value.isdigit() and 1 <= int(value) <= 86400):
+                raise CoordinationError(
+                    f"{key}={value!r} in {redact(url)!r}: must be whole seconds from 1 to 86400",
+                    reason="bad-url",
+                )
 
 
 class Coordination:
@@ -336,6 +373,7 @@ class Coordination:
             ) from exc
         self.problem = None
         self._stopping.clear()
+        _check_url_timeouts(self.url)
         try:
             self._load_driver()
             self._prepare_file_backend()
@@ -497,7 +535,8 @@ class Coordination:
             if self._beat_failing:
                 LOG.info("heartbeat to %s works again", self._where)
             self._beat_failing = False
-            wait = float(every) / 2 if every else self.timeout
+            # A driver's answer is whole seconds; anything else (0, negative) is no answer.
+            wait = max(0.1, float(every) / 2) if every and every > 0 else self.timeout
 
     def _connected(self) -> Any:
         if self._coord is None:

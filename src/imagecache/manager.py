@@ -35,6 +35,7 @@ from imagecache.results import Report, Result
 from imagecache.settings import Settings
 from imagecache.store import digests, manifests, registry, state
 from imagecache.store.audit import AuditLog
+from imagecache.store.identity import storage_id
 
 __all__ = [
     "RetireRefused",
@@ -231,10 +232,11 @@ def apply_plan(
         registered += write_manifest(settings, inventory, fresh, now=now)
         if not cleaner.leading:
             plan = policy.touch_only(plan)
-        return _apply(settings, plan, files, clock=clock,
+        done = _apply(settings, plan, files, clock=clock,
                       problems=(*registered, *cleaner.problems),
                       should_stop=lambda: should_stop() or cleaner.lost(),
                       collect_lock_files=cleaner.leading)  # fmt: skip
+        return _after(settings, done, inventory, fresh, cleaner, now=clock.wall(), since=now)
 
 
 def _apply(
@@ -292,8 +294,31 @@ def run_pass(
         done = _apply(settings, plan, files, clock=clock, problems=registered,
                       should_stop=lambda: should_stop() or cleaner.lost(),
                       collect_lock_files=cleaner.leading)  # fmt: skip
+        done = _after(settings, done, inventory, plan, cleaner, now=clock.wall(), since=now)
     _forget_removed(settings, done, now=clock.wall())
     return plan, done
+
+
+def _after(
+    settings: Settings,
+    done: Report,
+    inventory: Inventory,
+    plan: Plan,
+    cleaner: _Cleaner,
+    *,
+    now: float,
+    since: float,
+) -> Report:
+    """The report with the lock lost on the way, if it was; and the manifest written again if
+    the pass outlived a peer's patience (a pass that waited for locks longer than
+    ``peer_stale_seconds`` would look dead, and a tombstone written meanwhile must not stand).
+    """
+    extra = cleaner.lost_problems
+    if now - since >= settings.policy.peer_stale_seconds / 3:
+        extra += write_manifest(settings, inventory, plan, now=now)
+    if not extra:
+        return done
+    return dataclasses.replace(done, problems=(*done.problems, *extra))
 
 
 class _Cleaner:
@@ -307,30 +332,45 @@ class _Cleaner:
     nothing removed, touching and the manifest go on. A lock lost during the pass stops it.
     """
 
-    def __init__(self, settings: Settings, *, now: float) -> None:
+    def __init__(self, settings: Settings, *, now: float, lead: bool = True) -> None:
         self.settings = settings
         self.now = now
         self.members: tuple[str, ...] | None = None
         self.problems: tuple[Problem, ...] = ()
         self.leading = True
+        self._lead = lead  # False: membership only (``peers retire`` asks who is there)
         self._coord: Coordination | None = None
+        self._where = "coordination"
+        self._lost: Problem | None = None
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> _Cleaner:
-        url = self._url()
-        if url is None:
-            return self
         try:
-            coord = Coordination(url, member=self.settings.host, storage=self.settings.cache_dir)
+            url = self._url()
+            if url is None:
+                return self
+            self._where = redact(url)
+            # Named after the storage's own id, not this host's path to it: hosts that mount
+            # the share at different paths must still join one group and share one lock.
+            try:
+                storage = storage_id(self.settings.layout)
+            except OSError as exc:
+                raise CoordinationError(
+                    f"cannot read or make the storage id in {self.settings.layout.state_dir}: "
+                    f"{exc.strerror or exc}",
+                    reason="bad-storage",
+                ) from exc
+            coord = Coordination(url, member=self.settings.host, storage=storage)
             self._coord = self._stack.enter_context(coord)
             self.members = tuple(sorted(coord.members()))
-            self.leading = coord.lead(wait=0.0)
+            self.leading = coord.lead(wait=0.0) if self._lead else False
         except CoordinationError as exc:
             self.leading = False
             message = f"{exc} ({exc.reason}): nothing is removed this pass"
-            self.problems = (Problem(ProblemCode.COORDINATION_UNAVAILABLE, redact(url), message),)
+            code = ProblemCode.COORDINATION_UNAVAILABLE
+            self.problems = (*self.problems, Problem(code, self._where, message))
             LOG.error("coordination: %s", message)
-        if not self.leading and not self.problems:
+        if self._lead and not self.leading and not self.problems:
             LOG.info(
                 "another host holds the cleaner lock of %s: touching only", self.settings.cache_dir
             )
@@ -357,8 +397,22 @@ class _Cleaner:
         return default_url(self.settings.cache_dir)
 
     def lost(self) -> bool:
-        """The cleaner lock was held and is not any more (or the backend is gone): stop."""
-        return self._coord is not None and self.leading and not self._coord.leading()
+        """The cleaner lock was held and is not any more (or the backend is gone): stop, and
+        say why in :attr:`lost_problems`."""
+        if self._lost is not None:
+            return True
+        if self._coord is None or not self.leading or self._coord.leading():
+            return False
+        why = self._coord.problem or "the cleaner lock is no longer held"
+        message = f"{why}: removals stopped half-way; the next pass goes on"
+        self._lost = Problem(ProblemCode.COORDINATION_UNAVAILABLE, self._where, message)
+        LOG.error("coordination: %s", message)
+        return True
+
+    @property
+    def lost_problems(self) -> tuple[Problem, ...]:
+        """The lock lost during the pass, as a problem of its report (exit 1), if it was."""
+        return () if self._lost is None else (self._lost,)
 
 
 _GONE = frozenset({Result.REMOVED, Result.REAPED, Result.PURGED})
@@ -416,6 +470,8 @@ def verify_entries(
             only = policy.touch_only(only)
         done = _apply(settings, only, files, clock=clock, problems=cleaner.problems,
                       should_stop=cleaner.lost, housekeeping=False)  # fmt: skip
+        if cleaner.lost_problems:
+            done = dataclasses.replace(done, problems=(*done.problems, *cleaner.lost_problems))
     return checked, plan, done
 
 
@@ -518,16 +574,17 @@ def restore(settings: Settings, name: str, *, clock: Clock) -> Report:
 
 
 def peers_of(
-    settings: Settings, *, now: float
+    settings: Settings, *, now: float, members: tuple[str, ...] | None = None
 ) -> tuple[tuple[usage.Peer, ...], tuple[Problem, ...]]:
-    """The other hosts sharing this storage and their state, from ``compute_nodes`` and the
-    manifests alone (no scan); with the problems a pass would report about them."""
+    """The other hosts sharing this storage and their state, from ``compute_nodes``, the
+    manifests and ``members`` (the coordination group's, when it was asked; no scan); with the
+    problems a pass would report about them."""
     found, problems = manifests.read_manifests(settings.layout)
     hosts, registry_problems = sources.observe_registry(settings.layout)
     layout = settings.layout
     view = Inventory(
         settings.host, layout.instances_path, layout.cache_dir, registry=hosts,
-        problems=(*problems, *registry_problems), manifests=found,
+        problems=(*problems, *registry_problems), manifests=found, members=members,
         cache_per_host=layout.cache_per_host,
     )  # fmt: skip
     peers = usage.peers(view, settings.policy, now)
@@ -554,10 +611,19 @@ def retire_peer(settings: Settings, host: str, *, now: float) -> bool:
     audit = AuditLog(settings.clean.audit_log, host=settings.host)
     audit.check_writable()  # nothing done that is not audited
     layout = settings.layout
-    with locks.entry_lock(layout.instances_path, REGISTRY_LOCK,
-                          timeout=settings.clean.lock_timeout):  # fmt: skip
-        # Judged under the lock: a host that came back while we waited is not retired.
-        found, _ = peers_of(settings, now=now)
+    with (
+        locks.entry_lock(layout.instances_path, REGISTRY_LOCK,
+                         timeout=settings.clean.lock_timeout),
+        _Cleaner(settings, now=now, lead=False) as group,
+    ):  # fmt: skip
+        # Judged under the lock, with the group's members: a host that came back while we
+        # waited, or whose pass is still running, is not retired.
+        if group.problems and any(p.blocking for p in group.problems):
+            raise RetireRefused(
+                "cannot ask the coordination group who is alive: "
+                + "; ".join(p.message for p in group.problems)
+            )
+        found, _ = peers_of(settings, now=now, members=group.members)
         peer = next((p for p in found if p.host == host), None)
         _refuse_unless_gone(peer, host, settings, now=now)
         assert peer is not None
