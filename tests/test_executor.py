@@ -76,8 +76,10 @@ def make_host(tmp_path: Path, **options: object) -> Host:
     # suite must not become every test host's hypervisor.
     imagecache = {"audit_log": root / "log" / "audit.jsonl", "lock_timeout_seconds": 5,
                   "libvirt_uri": "none", **options}  # fmt: skip
+    # Each of Nova's options in its own group: one written in another would be silently unread.
+    libvirt_keys = ("checksum_", "remove_unused_kernels")
+    libvirt = {k: imagecache.pop(k) for k in list(imagecache) if k.startswith(libvirt_keys)}
     image_cache = {k: imagecache.pop(k) for k in list(imagecache) if k.startswith("remove_unused")}
-    libvirt = {k: imagecache.pop(k) for k in list(imagecache) if k.startswith("checksum_")}
     # Nova's own manager off, as beside imagecache it must be (nova_manager_interval=N: on).
     image_cache["manager_interval"] = imagecache.pop("nova_manager_interval", -1)
     config = root / "nova.conf"

@@ -79,7 +79,7 @@ def test_should_stop_leaves_every_remaining_entry_as_it_is(tmp_path: Path) -> No
 
     def should_stop() -> bool:
         asked.append(True)
-        return len(asked) > 1  # let the first entry through, then stop
+        return any(not host.path(n).exists() for n in (A, B, C))  # one through, then stop
 
     report = _clean(host, FakeClock(wall=NOW), should_stop=should_stop)
     got = _results(report)

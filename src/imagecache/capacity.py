@@ -70,6 +70,38 @@ def _unit_of(name: str) -> str:
     return prefix or name
 
 
+def _file_of(i: int, d: Decision) -> tuple[int, int]:
+    """The file a decision's entry is: (device, inode) for a regular file; a key of its own
+    (negative, no inode is) for anything else."""
+    e = d.entry
+    return (e.device, e.inode) if e.file_type is FileType.FILE else (-1, -1 - i)
+
+
+def _units(
+    decisions: Sequence[Decision], files: Mapping[tuple[int, int], list[int]]
+) -> dict[str, list[int]]:
+    """Decision indices by unit: a name's family (:func:`_unit_of`), merged with every family
+    a hard link of one of its files belongs to (a small union-find over unit keys)."""
+    parent: dict[str, str] = {}
+
+    def root(u: str) -> str:
+        while parent.setdefault(u, u) != u:
+            parent[u] = parent[parent[u]]
+            u = parent[u]
+        return u
+
+    for names in files.values():
+        first = root(_unit_of(decisions[names[0]].entry.name))
+        for i in names[1:]:
+            other = root(_unit_of(decisions[i].entry.name))
+            if other != first:
+                parent[other] = first
+    units: defaultdict[str, list[int]] = defaultdict(list)
+    for i, d in enumerate(decisions):
+        units[root(_unit_of(d.entry.name))].append(i)
+    return units
+
+
 def _upstream_first(inventory: Inventory, policy: Policy) -> frozenset[str]:
     """Units whose image the image service reports deactivated, or (complete listing) not at
     all: deleted."""
@@ -108,12 +140,19 @@ def apply(
 ) -> tuple[tuple[Decision, ...], tuple[TrashDecision, ...], Capacity, tuple[Problem, ...]]:
     """The decisions and trash decisions with the capacity evictions made, the capacity state,
     and the shortfall problem if the limits cannot be met."""
-    cache_bytes = sum(e.bytes_allocated for e in inventory.entries)
+    # A file with several names in the cache (hard links) holds its bytes once, and frees them
+    # only when its last name goes: bytes are counted by file, and its names are one unit.
+    files: defaultdict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, d in enumerate(decisions):
+        files[_file_of(i, d)].append(i)
+    cache_bytes = sum(decisions[names[0]].entry.bytes_allocated for names in files.values())
     cache_bytes += sum(t.bytes_allocated for t in inventory.trash)
     need_size, need_wm = _needs(inventory, policy, cache_bytes)
     over = tuple(r for r, n in ((Reason.OVER_SIZE, need_size), (Reason.OVER_WATERMARK, need_wm))
                  if n > 0)  # fmt: skip
-    freeing = sum(d.entry.bytes_allocated for d in decisions if d.action in _FREEING)
+    freed_files = {k for k, names in files.items()
+                   if all(decisions[i].action in _FREEING for i in names)}  # fmt: skip
+    freeing = sum(decisions[files[k][0]].entry.bytes_allocated for k in freed_files)
     freeing += sum(t.entry.bytes_allocated for t in trash if t.action is Action.PURGE)
     may_evict = inventory.complete and policy.remove_unused
 
@@ -133,13 +172,16 @@ def apply(
                 new_trash[i] = dataclasses.replace(t, action=Action.PURGE, reason=rule())
                 freeing += t.entry.bytes_allocated
 
-    units: defaultdict[str, list[int]] = defaultdict(list)
-    for i, d in enumerate(decisions):
-        units[_unit_of(d.entry.name)].append(i)
+    units = _units(decisions, files)
     why = {i: _protection(d, policy.min_unused_seconds) for i, d in enumerate(decisions)}
     first = _upstream_first(inventory, policy)
     eligible = [u for u, members in units.items() if all(why[i] is None for i in members)]
-    eligible.sort(key=lambda u: (u not in first, max(decisions[i].last_used for i in units[u]), u))
+
+    def order(u: str) -> tuple[bool, float, str]:
+        preferred = any(_unit_of(decisions[i].entry.name) in first for i in units[u])
+        return (not preferred, max(decisions[i].last_used for i in units[u]), u)
+
+    eligible.sort(key=order)
 
     new = list(decisions)
     upcoming: list[str] = []
@@ -155,7 +197,9 @@ def apply(
             new[i] = dataclasses.replace(
                 decisions[i], action=Action.REMOVE, reason=reason, removable_at=None
             )
-            freeing += decisions[i].entry.bytes_allocated
+        for k in {_file_of(i, decisions[i]) for i in pending} - freed_files:
+            freed_files.add(k)  # every name of a file is in its unit: it goes whole
+            freeing += decisions[files[k][0]].entry.bytes_allocated
 
     shortfall = max(0, left()) if over else 0
     protected = _protected(new, new_trash, why, units, may_evict=may_evict, shortfall=shortfall)

@@ -58,6 +58,8 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_FILES = ("/etc/nova/nova.conf", "/etc/imagecache/imagecache.conf")
 _MAX_CONFIG_BYTES = 16 << 20
+# What a plan document holds (an off_t, an ino_t): a policy value past it could not be saved.
+_MAX_COUNT = (1 << 63) - 1
 DEFAULT_MANAGER_INTERVAL = 2400  # Nova's default, when Nova's own manager is turned off
 
 
@@ -200,6 +202,7 @@ _OPTIONS: tuple[_Option, ...] = (
             "remove_unused_original_minimum_age_seconds",
             default=86400,
             min=0,
+            max=_MAX_COUNT,
             deprecated_opts=_old("remove_unused_original_minimum_age_seconds", "DEFAULT"),
             help="Seconds an original image (and swap, ephemeral and legacy-id entries) must be "
             "unused before it is removed.",
@@ -212,6 +215,7 @@ _OPTIONS: tuple[_Option, ...] = (
             "remove_unused_resized_minimum_age_seconds",
             default=3600,
             min=0,
+            max=_MAX_COUNT,
             deprecated_opts=_old("remove_unused_resized_minimum_age_seconds", "libvirt"),
             help="Seconds a resized (<sha1>_<size>) or small (_sm) copy must be unused before it "
             "is removed.",
@@ -347,6 +351,7 @@ _OPTIONS: tuple[_Option, ...] = (
             "quarantine_seconds",
             default=86400,
             min=0,
+            max=_MAX_COUNT,
             help="Seconds an expired entry waits in _base/.imagecache/trash before it is purged; "
             "0 removes at once, as Nova does.",
         ),
@@ -357,6 +362,7 @@ _OPTIONS: tuple[_Option, ...] = (
         cfg.IntOpt(
             "peer_stale_seconds",
             min=1,
+            max=_MAX_COUNT,
             sample_default="<3 x manager_interval>",
             help="Shared storage: a host sharing the cache (in compute_nodes, in the "
             "coordination group, or with a manifest) whose manifest is older than this stops "
@@ -370,6 +376,7 @@ _OPTIONS: tuple[_Option, ...] = (
             "max_cache_bytes",
             default=0,
             min=0,
+            max=_MAX_COUNT,
             help="Capacity: the most the cache may hold, in allocated bytes (entries and "
             "quarantined entries); over it, a pass removes unused entries, least recently used "
             "first, until it is under. 0: no limit.",
@@ -409,6 +416,7 @@ _OPTIONS: tuple[_Option, ...] = (
             "min_unused_seconds",
             default=600,
             min=0,
+            max=_MAX_COUNT,
             help="Capacity: an entry unused for less than this is never removed to get under a "
             "limit (it may be about to be used: a spawn between its download and its disk).",
         ),
@@ -455,6 +463,7 @@ _OPTIONS: tuple[_Option, ...] = (
             "stale_temp_seconds",
             default=86400,
             min=0,
+            max=_MAX_COUNT,
             help="Seconds after which a partial download or conversion (*.part, *.converted) "
             "whose entry lock is free is reaped.",
         ),

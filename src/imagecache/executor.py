@@ -353,12 +353,23 @@ def _apply_locked(
     deadline = clock.monotonic() + lock_timeout
     batch = _Batch(run, observe=observe, policies=policies, clock=clock, should_stop=should_stop)
 
+    owed = 0.0  # seconds of pause the bytes freed so far still owe (the throttle)
+
     def apply(part: _Work, wait: float) -> dict[str, LockTimeout]:
+        nonlocal owed
+        if owed > 0:  # paid before the next batch, holding no lock; never after the last
+            _pause(owed, clock, should_stop)
+            owed = 0.0
+        if should_stop():  # no lock, no observation of the host: only what was not done
+            for d in part.decisions:
+                run.note(_outcome(d.entry, Result.SKIPPED, Reason.STOPPED))
+            for t in part.trash:
+                run.note(_trash_outcome(t.entry, Result.SKIPPED, Reason.STOPPED))
+            return {}
         done = len(run.outcomes)
         busy = batch.apply(part, wait=wait)
-        if rate > 0:  # released: a pause holds no lock
-            freed = sum(o.bytes_freed for o in run.outcomes[done:])
-            _pause(freed / rate, clock, should_stop)
+        if rate > 0:
+            owed = sum(o.bytes_freed for o in run.outcomes[done:]) / rate
         return busy
 
     busy: dict[str, LockTimeout] = {}
