@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-from imagecache import executor, history, locks, policy, sources, usage, verify
+from imagecache import history, locks, policy, sources, usage, verify
 from imagecache.clock import Clock
 from imagecache.coordination import Coordination, CoordinationError, default_url, redact
 from imagecache.errors import LockTimeout
@@ -30,7 +30,6 @@ from imagecache.model import (
     Source,
 )
 from imagecache.plan import Action, Plan, Reason
-from imagecache.restore import restore_entry
 from imagecache.results import Report, Result
 from imagecache.settings import Settings
 from imagecache.store import digests, manifests, registry, state
@@ -250,6 +249,8 @@ def _apply(
     housekeeping: bool = True,
     collect_lock_files: bool = True,
 ) -> Report:
+    from imagecache import executor  # only what acts loads it: plan and status never do
+
     done = executor.apply(
         plan,
         layout=settings.layout,
@@ -564,6 +565,8 @@ def log_pass(plan: Plan, report: Report) -> None:
 
 def restore(settings: Settings, name: str, *, clock: Clock) -> Report:
     """Bring a quarantined entry back (``imagecache restore NAME``)."""
+    from imagecache.restore import restore_entry  # acts: not loaded by plan and status
+
     return restore_entry(
         name,
         layout=settings.layout,

@@ -16,7 +16,6 @@ extents. And an instance file that *is* an entry (a raw disk or ISO symlinked or
 
 from __future__ import annotations
 
-import posixpath
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -131,7 +130,7 @@ def users_by_entry(inventory: Inventory, policy: Policy) -> Mapping[str, tuple[U
         if e.file_type is FileType.FILE:
             same_file[(e.device, e.inode)].append(e.name)
     found = _Users(wanted, same_file)
-    users = found.by_name
+    users = found.by_name  # (source, ref, detail) of each user: deduplicated before it is built
     for disk in inventory.disks:
         found.disk(disk, Source.BACKING, disk.path)
     for domain in inventory.domains:  # what the hypervisor says each domain uses
@@ -143,7 +142,7 @@ def users_by_entry(inventory: Inventory, policy: Policy) -> Mapping[str, tuple[U
     for record in counted_records(inventory):
         for name, detail in record_claims(record, policy):
             if name in wanted:
-                users[name].append(User(Source.INSTANCE, record.uuid, detail))
+                users[name][Source.INSTANCE, record.uuid, detail] = None
     for m in inventory.manifests:  # what every other host says it uses, fresh or not
         if m.host == inventory.host or m.retired:
             continue
@@ -153,11 +152,11 @@ def users_by_entry(inventory: Inventory, policy: Policy) -> Mapping[str, tuple[U
                         Source.PEER)  # fmt: skip
     for name, holder in inventory.open_files:  # a running qemu, qemu-nbd, anything
         if name in wanted:
-            users[name].append(User(Source.OPEN_FILE, holder, "holds it open"))
+            users[name][Source.OPEN_FILE, holder, "holds it open"] = None
     for image, detail, names in pin_claims(inventory, policy, wanted):
         for name in names:
-            users[name].append(User(Source.PIN, image, detail))
-    return {name: tuple(dict.fromkeys(claims)) for name, claims in users.items()}
+            users[name][Source.PIN, image, detail] = None
+    return {name: tuple([User(*c) for c in claims]) for name, claims in users.items()}
 
 
 _FAMILY = frozenset({Kind.ORIGINAL, Kind.SMALL, Kind.RESIZED})
@@ -194,13 +193,15 @@ class _Users:
     def __init__(self, wanted: set[str], same_file: Mapping[tuple[int, int], list[str]]) -> None:
         self.wanted = wanted
         self.same_file = same_file
-        self.by_name: defaultdict[str, list[User]] = defaultdict(list)
+        # Users as plain tuples, in the order found, each once: a large host has tens of
+        # thousands, and hashing a tuple is cheaper than hashing the User made of it.
+        self.by_name: defaultdict[str, dict[tuple[Source, str, str], None]] = defaultdict(dict)
 
     def disk(self, disk: Disk, source: Source, ref: str, *, of: str = "") -> None:
         """Everything one disk uses: the entry it is, its chain, its data files and extents."""
         if disk.file_id is not None:
             for name in self.same_file.get(disk.file_id, ()):
-                self.by_name[name].append(User(source, ref, f"the disk file itself{of}"))
+                self.by_name[name][source, ref, f"the disk file itself{of}"] = None
         ids = disk.chain_ids
         for depth, link in enumerate(disk.chain, start=1):
             detail = "direct backing file" if depth == 1 else f"backing chain depth {depth}"
@@ -225,14 +226,14 @@ class _Users:
         source: Source = Source.BACKING,
     ) -> None:
         """``ref`` uses the file at ``path``: the entry of its basename, and the entry it is."""
-        name = posixpath.basename(path)
+        name = path[path.rfind("/") + 1 :]  # posixpath.basename, without the call
         if name in self.wanted:
-            self.by_name[name].append(User(source, ref, detail))
+            self.by_name[name][source, ref, detail] = None
         if file_id is None:
             return
         for other in self.same_file.get(file_id, ()):
             if other != name:
-                self.by_name[other].append(User(source, ref, f"{detail} via {path}"))
+                self.by_name[other][source, ref, f"{detail} via {path}"] = None
 
 
 # --- shared storage: peers and their manifests ---------------------------------------------------

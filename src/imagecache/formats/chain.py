@@ -38,6 +38,18 @@ _Outcome = tuple[ImageHeader, os.stat_result] | OSError | ImageFormatError
 
 
 @dataclass(frozen=True, slots=True)
+class _Walk:
+    """What following a chain found below its top image: the fields of :class:`BackingChain`."""
+
+    links: tuple[str, ...]
+    link_ids: tuple[tuple[int, int], ...]
+    attached: tuple[AttachedFile, ...]
+    missing: str | None
+    error: str | None
+    too_deep: bool
+
+
+@dataclass(frozen=True, slots=True)
 class BackingChain:
     """An image and the backing files it depends on, nearest first.
 
@@ -79,11 +91,15 @@ class HeaderCache:
     then (a snapshot, which is all one scan is anyway). Not for keeping across scans.
     """
 
-    __slots__ = ("_reads", "_unparsed")
+    __slots__ = ("_reads", "_unparsed", "tails")
 
     def __init__(self) -> None:
         self._reads: dict[str, tuple[str, _Outcome]] = {}
         self._unparsed: set[str] = set()  # found by stat alone so far, header not read
+        # What follows a top image's header, by what that depends on (see follow_chain): the
+        # overlays of one base all walk the same backing files. Only what was read through this
+        # cache is replayed, and a header read again (see read) empties it.
+        self.tails: dict[tuple[str, str, str | None, int], _Walk] = {}
 
     def __len__(self) -> int:
         return len(self._reads)
@@ -97,8 +113,9 @@ class HeaderCache:
         found = self._reads.get(opened)
         if found is None or (parse and opened in self._unparsed):
             outcome = _read_backing(opened, parse=parse)
-            if parse:
+            if parse and opened in self._unparsed:
                 self._unparsed.discard(opened)
+                self.tails.clear()  # some may have seen the file found by stat alone
             elif isinstance(outcome, tuple):
                 self._unparsed.add(opened)
             found = self._reads[opened] = (report_path(opened), outcome)
@@ -164,18 +181,59 @@ def follow_chain(
     """
     # Opened (and relative names resolved) as given, like qemu; only the reported path is normal.
     # (pathlib's form, which keeps ``..`` components, which is what qemu does too.)
-    opened = top_path = _absolute(path)
-    seen = {(st.st_dev, st.st_ino)}
-    reads = HeaderCache() if headers is None else headers
+    top_path = _absolute(path)
+    top_id = (st.st_dev, st.st_ino)
+    name = header.backing_file
+    walk = None
+    if headers is not None and name is not None and not _attaches(header):
+        # Nearly every disk of a scan: its walk depends only on the name (and, for a relative
+        # one, the directory it is resolved in) and the format declared, and on what the
+        # backing files say, read through the scan's cache anyway. Not if it leads back to
+        # this very disk (a loop): that one is walked afresh.
+        where = "" if name.startswith("/") else os.path.dirname(top_path)
+        key = (name, where, header.backing_format, max_depth)
+        walk = headers.tails.get(key)
+        if walk is None:
+            walk = headers.tails[key] = _walk(top_path, header, headers, max_depth, set())
+        if top_id in walk.link_ids:
+            walk = None
+    if walk is None:
+        reads = HeaderCache() if headers is None else headers
+        walk = _walk(top_path, header, reads, max_depth, {top_id})
+    return BackingChain(
+        lexically_normal(top_path),
+        header,
+        walk.links,
+        walk.missing,
+        walk.error,
+        walk.link_ids,
+        walk.too_deep,
+        top_id,
+        st.st_nlink,
+        walk.attached,
+    )
+
+
+def _attaches(header: ImageHeader) -> bool:
+    return header.data_file is not None or header.external_data or bool(header.extents)
+
+
+def _walk(
+    opened: str,
+    header: ImageHeader,
+    reads: HeaderCache,
+    max_depth: int,
+    seen: set[tuple[int, int]],
+) -> _Walk:
+    """Follow the chain below the image opened as ``opened`` (see :func:`follow_chain`);
+    ``seen``: the files met so far (a loop ends at one of them)."""
     links: list[str] = []
     ids: list[tuple[int, int]] = []
     attached: list[AttachedFile] = []
     missing = error = None
     too_deep = False
-    top = header
-    top_st = st
     while True:
-        if header.data_file is not None or header.external_data or header.extents:
+        if _attaches(header):
             found, why = attached_files(opened, header, len(links), reads, follow=True)
             attached += found
             error = error or why
@@ -212,18 +270,7 @@ def follow_chain(
         if declared_raw:
             break
         opened = target
-    return BackingChain(
-        path=lexically_normal(top_path),
-        header=top,
-        links=tuple(links),
-        missing=missing,
-        error=error,
-        link_ids=tuple(ids),
-        too_deep=too_deep,
-        file_id=(top_st.st_dev, top_st.st_ino),
-        nlink=top_st.st_nlink,
-        attached=tuple(attached),
-    )
+    return _Walk(tuple(links), tuple(ids), tuple(attached), missing, error, too_deep)
 
 
 def stat_names(

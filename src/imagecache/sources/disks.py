@@ -469,6 +469,9 @@ def _raw_disk(
 
 def disk_of(path: str, instance: str, chain: BackingChain) -> Disk:
     """The :class:`Disk` value of what ``chain`` found for the file at ``path``."""
+    if not chain.attached:  # nearly every disk: no data file, no extent
+        fmt, links, ids = chain.header.format, chain.links, chain.link_ids
+        return Disk(path, instance, fmt, links, chain.missing, ids, chain.file_id)
     data = [a for a in chain.attached if a.role == DATA_FILE]
     extents = [a for a in chain.attached if a.role != DATA_FILE]
     return Disk(
