@@ -448,6 +448,27 @@ def test_while_one_host_cleans_another_hosts_pass_removes_nothing(
     assert removed(p.nodes["ha"]) == [] and removed(b) == names
 
 
+def _rounds_of_cleans_at_once(p: Pool, *, rounds: int, entries: int, refuse: str = "") -> list[str]:
+    """``rounds`` times: ``entries`` new old entries, then every host's clean started at once
+    (separate processes); each must exit 0 (and not say ``refuse``). The names made."""
+    made: list[str] = []
+    for _ in range(rounds):
+        for _ in range(entries):
+            name = f"{len(made):040x}"
+            (p.cache / name).write_bytes(b"x" * 4096)
+            made.append(name)
+        p.old(*made[-entries:])
+        argvs = [[sys.executable, "-m", "imagecache", "--config-file", str(n.config),
+                  "--inventory", str(n.inventory), "--json", "clean"]
+                 for n in p.nodes.values()]  # fmt: skip
+        procs = [subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for a in argvs]  # fmt: skip
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0 and not (refuse and refuse in err), err[-3000:]
+    return made
+
+
 def test_no_two_hosts_passes_overlap_over_many_rounds(
     tmp_path: Path, coordination_url: str
 ) -> None:
@@ -461,21 +482,7 @@ def test_no_two_hosts_passes_overlap_over_many_rounds(
     p = pool(tmp_path, *hosts, coordination_url=coordination_url, lock_timeout_seconds=60)
     for node in hosts:
         assert p.nodes[node].run("clean")[0] == 0  # every host a live peer
-    made: list[str] = []
-    for _ in range(3):
-        for _ in range(300):
-            name = f"{len(made):040x}"
-            (p.cache / name).write_bytes(b"x" * 4096)
-            made.append(name)
-        p.old(*made[-300:])
-        argvs = [[sys.executable, "-m", "imagecache", "--config-file", str(n.config),
-                  "--inventory", str(n.inventory), "--json", "clean"]
-                 for n in p.nodes.values()]  # fmt: skip
-        procs = [subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                 for a in argvs]  # fmt: skip
-        for proc in procs:
-            _, err = proc.communicate(timeout=120)
-            assert proc.returncode == 0, err
+    made = _rounds_of_cleans_at_once(p, rounds=3, entries=300)
     spans: dict[tuple[str, str], list[float]] = {}
     removed: list[str] = []
     for node in hosts:
@@ -503,21 +510,7 @@ def test_cleaners_without_coordination_never_wait_each_other_out(tmp_path: Path)
     p = pool(tmp_path, "ha", "hb", "hc", coordination_url="none", lock_timeout_seconds=20)
     for node in p.nodes:
         assert p.nodes[node].run("clean")[0] == 0
-    made: list[str] = []
-    for _ in range(3):
-        for _ in range(300):
-            name = f"{len(made):040x}"
-            (p.cache / name).write_bytes(b"x" * 4096)
-            made.append(name)
-        p.old(*made[-300:])
-        argvs = [[sys.executable, "-m", "imagecache", "--config-file", str(n.config),
-                  "--inventory", str(n.inventory), "--json", "clean"]
-                 for n in p.nodes.values()]  # fmt: skip
-        procs = [subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                 for a in argvs]  # fmt: skip
-        for proc in procs:
-            _, err = proc.communicate(timeout=120)
-            assert proc.returncode == 0 and "lock-timeout" not in err, err[-3000:]
+    made = _rounds_of_cleans_at_once(p, rounds=3, entries=300, refuse="lock-timeout")
     removed: list[str] = []
     for peer in p.nodes.values():
         for line in map(json.loads, peer.audit.read_text().splitlines()):
