@@ -75,9 +75,9 @@ def _size(path: Path) -> int:
     return path.lstat().st_blocks * 512
 
 
-def _host(tmp_path: Path) -> Host:
+def _host(tmp_path: Path, **options: object) -> Host:
     """A in use by a real overlay, B unused for two days, C unused for an hour (too young)."""
-    host = make_host(tmp_path, quarantine_seconds=0)
+    host = make_host(tmp_path, quarantine_seconds=0, **options)
     for name, age in ((A, 2 * DAY), (B, 2 * DAY), (C, HOUR)):
         put(host, name, age)
     use(host, A)
@@ -159,7 +159,8 @@ def test_a_real_pass_renders_as_its_figures(tmp_path: Path) -> None:
 
 
 def test_every_metric_follows_the_conventions_and_is_in_the_readme(tmp_path: Path) -> None:
-    history = record_fetches(_pass(_host(tmp_path), History(), now=NOW), [(Result.CACHED, 9)])
+    host = _host(tmp_path, max_cache_bytes=1)  # a capacity limit: its gauges are there too
+    history = record_fetches(_pass(host, History(), now=NOW), [(Result.CACHED, 9)])
     metrics = list(families(history, fs=FsUsage(10, 5, 4), host="h1", cache_dir="/c"))
     names = {m.name + ("_total" if m.type == "counter" else "") for m in metrics}
     for m in metrics:
@@ -173,6 +174,23 @@ def test_every_metric_follows_the_conventions_and_is_in_the_readme(tmp_path: Pat
     assert section, "README.md has no Metrics section"
     documented = set(re.findall(r"^\| `(imagecache_\w+)`", section, re.MULTILINE))
     assert documented == names
+
+
+def test_the_capacity_gauges_say_how_far_over_its_limit_the_cache_stays(tmp_path: Path) -> None:
+    # B goes by age, C (unused for an hour, past min_unused_seconds) by capacity; A is in use:
+    # a 1-byte limit leaves the cache over it by A's bytes, and the state file carries the
+    # figures to the metrics of another process.
+    host = _host(tmp_path, max_cache_bytes=1)
+    sizes = {name: _size(host.path(name)) for name in (A, B, C)}
+    samples, _ = _parse(_text(_stored_pass(host, now=NOW)))
+    assert samples[_key("imagecache_capacity_cache_bytes")] == sum(sizes.values())
+    assert samples[_key("imagecache_capacity_need_bytes")] == sum(sizes.values()) - 1
+    assert samples[_key("imagecache_capacity_shortfall_bytes")] == sizes[A] - 1
+    assert host.path(A).exists() and not host.path(C).exists()
+    assert samples[_key("imagecache_problems", code="capacity-shortfall")] == 1
+    # No limit configured: no capacity gauges at all (not a misleading zero).
+    plain, _ = _parse(_text(_stored_pass(_host(tmp_path / "plain"), now=NOW)))
+    assert not [k for k in plain if k.startswith("imagecache_capacity_")]
 
 
 def test_before_any_pass_only_the_totals_and_the_info_are_there() -> None:

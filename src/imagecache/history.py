@@ -67,6 +67,8 @@ class PassRecord:
     actions: Figures = field(default_factory=lambda: _frozen({}))
     problems: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     bytes_freed: int = 0
+    # Capacity (None: no limit configured): the cache's bytes, what had to go, what could not.
+    capacity: tuple[int, int, int] | None = None  # (cache_bytes, need_bytes, shortfall_bytes)
 
     @property
     def duration(self) -> float:
@@ -166,6 +168,9 @@ def summarize(
         actions=_frozen(actions),
         problems=MappingProxyType(dict(sorted(problems.items()))),
         bytes_freed=sum(freed for _, freed in actions.values()),
+        capacity=None
+        if plan.capacity is None
+        else (plan.capacity.cache_bytes, plan.capacity.need_bytes, plan.capacity.shortfall_bytes),
     )
 
 

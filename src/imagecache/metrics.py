@@ -233,6 +233,24 @@ def _last_pass(record: PassRecord) -> Iterator[Metric]:
     yield _gauge(
         "imagecache_last_pass_duration_seconds", "How long the last pass took.", record.duration
     )
+    if record.capacity is not None:  # a size limit or a watermark is configured
+        cache, need, short = record.capacity
+        yield _gauge(
+            "imagecache_capacity_cache_bytes",
+            "Allocated bytes of the cache (entries and quarantined entries) at the last pass.",
+            cache,
+        )
+        yield _gauge(
+            "imagecache_capacity_need_bytes",
+            "Bytes the last pass had to free to be under max_cache_bytes and the low watermark.",
+            need,
+        )
+        yield _gauge(
+            "imagecache_capacity_shortfall_bytes",
+            "Bytes the last pass could not free, everything left being protected (in use, "
+            "pinned, too young, unknown); > 0 means the cache stays over its limit.",
+            short,
+        )
 
 
 def _filesystem(fs: FsUsage) -> Iterator[Metric]:

@@ -144,6 +144,9 @@ def _pass_to_dict(p: PassRecord) -> dict[str, Any]:
         "entries": _rows(p.entries, "kind", "state", "entries", "bytes"),
         "actions": _rows(p.actions, "result", "reason", "count", "bytes_freed"),
         "problems": dict(p.problems),
+        "capacity": None
+        if p.capacity is None
+        else dict(zip(("cache_bytes", "need_bytes", "shortfall_bytes"), p.capacity, strict=True)),
     }
 
 
@@ -236,7 +239,16 @@ def _pass(doc: Any) -> PassRecord:
         actions=_figures(doc["actions"], "result", "reason", "count", "bytes_freed"),
         problems=_counts(doc["problems"]),
         bytes_freed=_int(doc["bytes_freed"]),
+        capacity=_capacity(doc.get("capacity")),
     )
+
+
+def _capacity(doc: Any) -> tuple[int, int, int] | None:
+    if doc is None:  # no limit, or a state file from before capacity
+        return None
+    if not isinstance(doc, dict):
+        raise ValueError("capacity: expected an object")
+    return _int(doc["cache_bytes"]), _int(doc["need_bytes"]), _int(doc["shortfall_bytes"])
 
 
 def _history(doc: Any) -> History:
