@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from imagecache import naming
 from imagecache.layout import Layout
 from imagecache.model import Manifest
 from imagecache.store.identity import storage_id
@@ -519,3 +520,31 @@ def test_cleaners_without_coordination_never_wait_each_other_out(tmp_path: Path)
     # What neither removed is still there (both hosts' processes run on this one machine: the
     # other's header read of an entry is an open file, so in use and touched, now and then).
     assert all((p.cache / n).exists() for n in set(made) - set(removed))
+
+
+def test_two_machines_given_one_host_name_stop_removing(tmp_path: Path) -> None:
+    """Two machines both configured as host ``ha``: each would take the other's manifest for
+    its own, and remove what only the other's instance records protect. Their manifests carry
+    their machine ids ([imagecache] machine_id_file): nothing is removed, and the problem says
+    why, until they are renamed."""
+    p = pool(tmp_path, "ha", "hb", coordination_url="none")
+    twin = p.nodes["hb"]
+    for node, machine in ((p.nodes["ha"], "a" * 32), (twin, "b" * 32)):
+        ids = tmp_path / f"{node.name}.machine-id"
+        ids.write_text(machine + "\n")
+        option = f"[imagecache]\nmachine_id_file = {ids}\n"
+        text = node.config.read_text().replace("[imagecache]\n", option, 1)
+        node.config.write_text(text.replace("host = hb\n", "host = ha\n"))
+    base = naming.fingerprint("img-only-in-a-record")
+    (p.cache / base).write_bytes(b"b" * 65536)
+    p.old(base)
+    doc = json.loads(p.nodes["ha"].inventory.read_text())
+    doc["instances"].append({"uuid": "u-a", "host": "ha", "image_ref": "img-only-in-a-record"})
+    p.nodes["ha"].inventory.write_text(json.dumps(doc))
+    assert p.nodes["ha"].run("clean")[0] == 0  # the first machine: its record keeps the base
+    code, doc, err = twin.run("clean")  # the second one, under the same name, has no record
+    assert code == 1 and (p.cache / base).exists(), err
+    assert ("host-name-shared", "ha") in codes(doc)
+    code, doc, _ = p.nodes["ha"].run("clean")  # and the first one now sees the second's
+    assert code == 1 and ("host-name-shared", "ha") in codes(doc)
+    assert (p.cache / base).exists()

@@ -459,6 +459,18 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option(
         "imagecache",
+        cfg.StrOpt(
+            "machine_id_file",
+            default="/etc/machine-id",
+            help="Shared storage: the file holding this machine's id (32 hex digits), written "
+            "into its manifest, so that two machines given one [DEFAULT] host are told apart "
+            "(nothing is then removed until they are renamed). Empty: no check.",
+        ),
+        (".machine_id_file",),
+        lambda v: v or "",
+    ),
+    _Option(
+        "imagecache",
         cfg.IntOpt(
             "stale_temp_seconds",
             default=86400,
@@ -779,6 +791,7 @@ def load_settings(
         )
     return Settings(
         host=fields[""]["host"],
+        machine_id_file=fields[""]["machine_id_file"],
         layout=Layout(**fields["layout"]),
         glance=_glance(conf, os_cloud),
         libvirt=_libvirt(**fields["libvirt"]),

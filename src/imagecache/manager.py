@@ -34,7 +34,7 @@ from imagecache.results import Report, Result
 from imagecache.settings import Settings
 from imagecache.store import digests, manifests, registry, state
 from imagecache.store.audit import AuditLog
-from imagecache.store.identity import storage_id
+from imagecache.store.identity import machine_id, storage_id
 
 __all__ = [
     "RetireRefused",
@@ -80,6 +80,7 @@ def observe(
         libvirt=settings.libvirt,
         shared=shared,
     )
+    inventory = dataclasses.replace(inventory, machine=machine_id(settings.machine_id_file))
     warnings = config_problems(settings)
     policy = settings.policy
     if policy.high_watermark_percent > 0 and inventory.filesystem is None:
@@ -182,7 +183,8 @@ def write_manifest(
             if any(u.source is not Source.PEER for u in t.users)
         }
     )
-    manifest = Manifest(settings.host, now, complete, tuple(used), inventory.owned_dirs)
+    manifest = Manifest(settings.host, now, complete, tuple(used), inventory.owned_dirs,
+                        machine=inventory.machine)  # fmt: skip
     try:
         manifests.write_manifest(settings.layout, manifest)
     except OSError as exc:

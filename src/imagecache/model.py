@@ -139,6 +139,7 @@ class ProblemCode(StrEnum):
     PEER_INCOMPLETE = "peer-incomplete"
     MANIFEST_UNWRITABLE = "manifest-unwritable"
     MANIFESTS_UNLISTED = "manifests-unlisted"
+    HOST_NAME_SHARED = "host-name-shared"
     COORDINATION_UNAVAILABLE = "coordination-unavailable"
     COORDINATION_OFF = "coordination-off"
     # Capacity (issue 13).
@@ -236,6 +237,9 @@ PROBLEMS: dict[ProblemCode, ProblemTraits] = {
     _C.PEER_STALE: ProblemTraits(_S.PEER, blocking=True),
     _C.PEER_INCOMPLETE: ProblemTraits(_S.PEER, blocking=True),
     _C.MANIFESTS_UNLISTED: ProblemTraits(_S.PEER, blocking=True),  # no host is known at all
+    # Another machine writes this host's manifest: two hosts share one name, and each would
+    # take the other's manifest for its own (and the other's users for nobody's).
+    _C.HOST_NAME_SHARED: ProblemTraits(_S.PEER, blocking=True),
     # The coordination backend configured is down (or tooz missing): no host may know it is the
     # one cleaner, so nothing is removed; touching and manifests go on.
     _C.COORDINATION_UNAVAILABLE: ProblemTraits(_S.PEER, blocking=True),
@@ -394,7 +398,8 @@ class Manifest:
     ``entries``: (name, st_dev, st_ino) of every entry its own sources use (never what it learnt
     from other manifests); ``instance_dirs``: the instance directories it owns and scans, which
     its peers may then skip; ``complete``: whether its own view was. A retired host's manifest
-    says ``retired`` (by whom, when) and claims nothing.
+    says ``retired`` (by whom, when) and claims nothing. ``machine``: the machine id of the host
+    that wrote it ("" unknown), so that two machines given one host name are told apart.
     """
 
     host: str
@@ -404,6 +409,7 @@ class Manifest:
     instance_dirs: tuple[str, ...] = ()
     retired: bool = False
     retired_by: str | None = None
+    machine: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,6 +505,7 @@ class Inventory:
     filesystem: FsUsage | None = None
     pins: tuple[Pin, ...] = ()
     upstream: Upstream | None = None
+    machine: str = ""  # this machine's id (/etc/machine-id); "" unknown
 
     @property
     def complete(self) -> bool:

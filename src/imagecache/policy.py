@@ -26,7 +26,7 @@ from imagecache.model import (
 )
 from imagecache.naming import Threshold
 from imagecache.plan import Action, Capacity, Decision, Plan, Policy, Reason, TrashDecision
-from imagecache.usage import peer_problems, peers, record_notes, users_by_entry
+from imagecache.usage import name_shared, peer_problems, peers, record_notes, users_by_entry
 
 __all__ = ["decide", "threshold_seconds", "touch_only"]
 
@@ -186,6 +186,7 @@ def decide(inventory: Inventory, policy: Policy, now: float) -> Plan:
     """
     # Shared storage: a peer whose manifest is missing, stale or incomplete is a gap in the view.
     gaps = peer_problems(peers(inventory, policy, now), policy, now)
+    gaps += name_shared(inventory, policy, now)
     if gaps:
         inventory = dataclasses.replace(inventory, problems=(*inventory.problems, *gaps))
     users = users_by_entry(inventory, policy)

@@ -164,6 +164,7 @@ class Settings:
     config_files: tuple[str, ...] = ()
     libvirt: LibvirtSettings = LIBVIRT_OFF
     coordination: CoordinationSettings = COORDINATION_UNSET
+    machine_id_file: str = ""  # where this machine's id is read; "": none
 
     @property
     def nova_manager_enabled(self) -> bool:

@@ -39,6 +39,7 @@ __all__ = [
     "Peer",
     "claimed_by_live_peers",
     "counted_records",
+    "name_shared",
     "peer_problems",
     "peers",
     "pin_claims",
@@ -297,6 +298,27 @@ def peers(inventory: Inventory, policy: Policy, now: float) -> tuple[Peer, ...]:
             state = LIVE
         found.append(Peer(host, state, at, host in members, m))
     return tuple(found)
+
+
+def name_shared(inventory: Inventory, policy: Policy, now: float) -> tuple[Problem, ...]:
+    """A blocking problem if another machine wrote this host's manifest lately: two hosts share
+    one name (``[DEFAULT] host``), and each takes the other's manifest for its own, so that
+    neither counts what the other uses."""
+    if not inventory.machine:
+        return ()
+    for m in inventory.manifests:
+        if m.host != inventory.host or not m.machine or m.machine == inventory.machine:
+            continue
+        if now - m.written > policy.peer_stale_seconds:
+            continue  # an old one (this host reinstalled, say): overwritten by this pass
+        message = (
+            f"the manifest of host {m.host} was written {max(0.0, now - m.written):.0f} s ago by "
+            f"another machine (machine id {m.machine}, this one is {inventory.machine}): two "
+            "hosts share one name, and neither would count what the other uses; nothing is "
+            "removed until each has its own [DEFAULT] host"
+        )
+        return (Problem(ProblemCode.HOST_NAME_SHARED, m.host, message),)
+    return ()
 
 
 def peer_problems(found: Iterable[Peer], policy: Policy, now: float) -> tuple[Problem, ...]:

@@ -18,7 +18,7 @@ import stat
 from imagecache.layout import Layout
 from imagecache.store import fsops
 
-__all__ = ["STORAGE_ID_FILE", "storage_id"]
+__all__ = ["STORAGE_ID_FILE", "machine_id", "storage_id"]
 
 STORAGE_ID_FILE = "storage-id"
 _ID = re.compile(r"[0-9a-f]{32}")
@@ -66,3 +66,26 @@ def _read(dir_fd: int) -> str:
     if not _ID.fullmatch(text):
         raise OSError(22, f"{STORAGE_ID_FILE} holds no storage id ({data[:40]!r})")
     return text
+
+
+_MACHINE = re.compile(r"[0-9a-f]{32}")
+
+
+def machine_id(path: str) -> str:
+    """This machine's id, from ``path`` (systemd's ``/etc/machine-id``: 32 hex digits); "" when
+    there is none or it is not one (a container without it, an empty file): unknown, and then
+    no two machines are told apart by it."""
+    if not path:
+        return ""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return ""
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 128)
+        finally:
+            os.close(fd)
+    except OSError:
+        return ""
+    text = data.decode("ascii", "replace").strip()
+    return text if _MACHINE.fullmatch(text) else ""

@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
 import stat
 from typing import Any
@@ -82,6 +83,8 @@ def manifest_to_dict(m: Manifest) -> dict[str, Any]:
     if m.retired:
         doc["retired"] = True
         doc["retired_by"] = m.retired_by
+    if m.machine:
+        doc["machine"] = m.machine
     return doc
 
 
@@ -173,7 +176,10 @@ def _manifest(doc: Any, host: str) -> Manifest:
         raise TypeError("retired_by is not text")
     if retired and (entries or dirs):
         raise ValueError("a retired host's manifest claims nothing")
-    return Manifest(host, float(written), complete, entries, dirs, retired, by)
+    machine = doc.get("machine", "")
+    if not isinstance(machine, str) or not re.fullmatch(r"[0-9a-f]{0,64}", machine):
+        raise ValueError("machine is not a machine id")
+    return Manifest(host, float(written), complete, entries, dirs, retired, by, machine)
 
 
 def _list(value: Any) -> list[Any]:
