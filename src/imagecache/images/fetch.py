@@ -7,10 +7,11 @@
 2. under it, look for the entry: present → touch it (it is in use again) → ``existing``;
 3. absent → stream the bytes into a temp file unique to this writer
    (``<name>.<pid>.<token>.part``, never Nova's ``<name>.part``) while hashing them (Glance's
-   ``os_hash_algo`` and its MD5 ``checksum``); compare size and digest; inspect the format
-   with our own header parser and ``qemu-img info`` (:mod:`imagecache.images.admission`); convert to
-   raw when ``force_raw_images`` and check the result still reads as raw to both; fsync; rename
-   into place without replacing → ``cached``.
+   ``os_hash_algo``; its MD5 ``checksum`` only without one); compare size and digest; inspect
+   the format with our own header parser and ``qemu-img info``
+   (:mod:`imagecache.images.admission`); convert to raw when ``force_raw_images`` and check
+   the result still reads as raw to both; fsync; rename into place without replacing →
+   ``cached``.
 
 Any failure removes the temp files and publishes nothing. A process killed mid-download leaves
 its temp file for the reaper (a ``temp`` entry, removed after ``stale_temp_seconds`` when its lock
