@@ -24,14 +24,15 @@ fi
 # with no my_ip), keystoneauth1, requests and urllib3 (the error table, URL sources, fetches
 # from the real Glance), oslo.concurrency's lock (Nova's, at Debian 12's version), libvirt-python
 # (the libvirt source, a real libvirtd running a guest), tooz and its redis and etcd3gw clients
-# (coordination against a real Redis and etcd), and the pure core on top of them. Files that do
+# (coordination against a real Redis and etcd), keystoneauth1 again for listing Glance's images
+# (capacity's upstream order), and the pure core on top of them. Files that do
 # not exist yet are skipped.
 shopt -s nullglob
 tests=(
-  tests/test_config.py tests/test_cli.py tests/test_startup.py tests/test_api.py
+  tests/test_config.py tests/test_cli.py tests/test_read_only_imports.py tests/test_api.py
   tests/test_glance.py tests/test_fetch.py tests/test_hashing.py tests/test_locks.py
   tests/test_policy.py tests/test_executor.py tests/test_scan.py tests/test_formats.py
   tests/test_metrics*.py tests/test_logging*.py tests/test_packaging.py tests/test_libvirt*.py
-  tests/test_coordination.py
+  tests/test_coordination.py tests/test_upstream.py tests/test_capacity*.py tests/test_pins.py
 )
 exec $venv/bin/python -m pytest -q -p no:cacheprovider -m "not slow" "${tests[@]}" "$@"
