@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import stat
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["MAX_BYTES", "JsonFileError", "read_json", "read_json_at"]
@@ -89,16 +90,26 @@ def read_json(path: str, *, max_bytes: int = MAX_BYTES, follow_symlinks: bool = 
         raise JsonFileError(f"not valid JSON: {exc}", corrupt=True) from None
 
 
-def read_json_at(dir_fd: int, name: str, *, max_bytes: int) -> Any:
+def read_json_at(
+    dir_fd: int,
+    name: str,
+    *,
+    max_bytes: int,
+    object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None,
+) -> Any:
     """The JSON of the regular file ``name`` in the open directory ``dir_fd`` (this project's
-    own records and manifests): stat first (a FIFO or a device is never opened), then
-    ``O_NOFOLLOW | O_NONBLOCK``, ``fstat`` again, at most ``max_bytes``.
+    own records, manifests and pins): stat first (a FIFO or a device is never opened; a symlink
+    is refused), then ``O_NOFOLLOW | O_NONBLOCK``, ``fstat`` again, at most ``max_bytes``;
+    ``object_pairs_hook`` as :func:`json.loads` takes it (to refuse duplicate keys, say).
 
     Raises:
         OSError: not a regular file of at most ``max_bytes``, or it cannot be read.
         ValueError: not UTF-8 JSON (``UnicodeDecodeError``, ``JSONDecodeError``).
     """
-    if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+    mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    if stat.S_ISLNK(mode):
+        raise OSError(errno.ELOOP, "a symlink: not followed", name)
+    if not stat.S_ISREG(mode):
         raise OSError(errno.EINVAL, "not a regular file", name)
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
@@ -114,4 +125,4 @@ def read_json_at(dir_fd: int, name: str, *, max_bytes: int) -> Any:
         os.close(fd)
     if size > max_bytes:
         raise OSError(errno.EFBIG, f"grew past {max_bytes} bytes while read", name)
-    return json.loads(b"".join(chunks).decode("utf-8"))
+    return json.loads(b"".join(chunks).decode("utf-8"), object_pairs_hook=object_pairs_hook)

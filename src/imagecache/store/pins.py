@@ -20,7 +20,6 @@ which entries are pinned is unknown, so nothing is removed), and a writer refuse
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -39,6 +38,7 @@ from imagecache.layout import Layout
 from imagecache.model import Pin, Problem, ProblemCode
 from imagecache.plan import iso
 from imagecache.store import fsops
+from imagecache.store.jsonfile import read_json_at
 
 __all__ = ["MAX_IMAGE", "PINS_FILE", "SCHEMA", "PinsError", "check_image", "pin", "read_pins",
            "unpin"]  # fmt: skip
@@ -257,39 +257,18 @@ def _read_at(dir_fd: int, ref: str) -> tuple[Pin, ...]:
             is larger than :data:`MAX_BYTES`, cannot be read, or is not a pins document.
     """
     try:
-        data = _read_bytes(dir_fd)
+        doc = read_json_at(dir_fd, PINS_FILE, max_bytes=MAX_BYTES,
+                           object_pairs_hook=_no_duplicates)  # fmt: skip
     except FileNotFoundError:
         return ()
     except OSError as exc:
         raise PinsError(f"{ref}: {exc.strerror or exc}") from exc
-    try:
-        return _pins_from(json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise PinsError(f"{ref}: not a pins document: {str(exc)[:200]}") from exc
-
-
-def _read_bytes(dir_fd: int) -> bytes:
-    # stat first: a FIFO or a device is never opened (opening a FIFO wakes its writer, a
-    # device can act); then no symlink followed, no open blocked, fstat again, a size cap.
-    mode = os.stat(PINS_FILE, dir_fd=dir_fd, follow_symlinks=False).st_mode
-    if stat.S_ISLNK(mode):
-        raise OSError(errno.ELOOP, "a symlink: not followed")
-    if not stat.S_ISREG(mode):
-        raise OSError(errno.EINVAL, "not a regular file")
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    fd = os.open(PINS_FILE, flags, dir_fd=dir_fd)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        chunks, size = [], 0
-        while size <= MAX_BYTES and (chunk := os.read(fd, min(1 << 20, MAX_BYTES + 1 - size))):
-            chunks.append(chunk)
-            size += len(chunk)
-    finally:
-        os.close(fd)
-    if size > MAX_BYTES:
-        raise OSError(errno.EFBIG, f"larger than {MAX_BYTES} bytes")
-    return b"".join(chunks)
+        return _pins_from(doc)
+    except ValueError as exc:
+        raise PinsError(f"{ref}: not a pins document: {str(exc)[:200]}") from exc
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
