@@ -104,6 +104,26 @@ def test_deleted_and_deactivated_images_go_first_though_used_more_recently(
 
 
 @pytest.mark.glance
+def test_a_clean_lists_the_image_service_once_whatever_its_batches(
+    tmp_path: Path,
+    images: Images,
+    glance_server: GlanceServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The observations under the entry locks reuse the pass's listing (it only orders the
+    evictions): throttled, each eviction is a batch of its own, and each would list Glance."""
+    host = cached_host(tmp_path, images, glance_server.endpoint, evict_deleted_images_first="true",
+                       remove_max_bytes_per_second=1e12, quarantine_seconds=0)  # fmt: skip
+    before = list_requests(glance_server)
+    argv = ["--config-file", str(host.config), "--inventory", str(host.inventory), "--json"]
+    assert main([*argv, "clean"], clock=lambda: NOW) == 0
+    gone = {o["name"] for o in json.loads(capsys.readouterr().out)["outcomes"]
+            if o["result"] == "removed"}  # fmt: skip
+    assert gone == {cache_name(images.deleted), cache_name(images.deactivated)}
+    assert list_requests(glance_server) - before == 2  # one listing: visible, then hidden
+
+
+@pytest.mark.glance
 def test_with_the_option_off_plain_lru_order_holds(
     tmp_path: Path,
     images: Images,

@@ -28,6 +28,7 @@ from imagecache.model import (
     ProblemCode,
     ProblemSource,
     Source,
+    Upstream,
 )
 from imagecache.plan import Action, Plan, Reason
 from imagecache.results import Report, Result
@@ -63,13 +64,17 @@ def observe(
     inventory_files: Iterable[str] = (),
     now: float | None = None,
     members: tuple[str, ...] | None = None,
+    listed: tuple[Upstream | None] | None = None,
 ) -> Inventory:
     """Read-only observation of the host the settings describe, with the configuration's own
     warnings (a non-blocking problem: Nova's manager still enabled on this cache).
 
     ``now``: the time the view is for, to tell its peers' live manifests from stale ones (the
     instance directories live peers own are then not scanned); None: every one is scanned.
-    ``members``: the coordination group's, when one was consulted.
+    ``members``: the coordination group's, when one was consulted. ``listed``: the image
+    service's listing this pass already made, as a 1-tuple (the executor's observations under
+    the entry locks reuse it: it only orders evictions, and listing Glance once per batch would
+    be a request per entry when throttled); None: list it here, if the policy wants it.
     """
     files = (*settings.clean.inventory_files, *inventory_files)
     shared = None if now is None else sources.SharedView(settings.policy, now, members)
@@ -89,7 +94,9 @@ def observe(
             "not run this pass"
         )
         warnings += (Problem(ProblemCode.FILESYSTEM_UNSTATABLE, settings.cache_dir, message),)
-    if policy.evict_deleted_first and policy.capacity_limited:
+    if listed is not None:
+        inventory = dataclasses.replace(inventory, upstream=listed[0])
+    elif policy.evict_deleted_first and policy.capacity_limited:
         from imagecache.images.upstream import observe_upstream  # plan alone needs no client
 
         upstream, noted = observe_upstream(settings.glance)
@@ -236,7 +243,8 @@ def apply_plan(
         done = _apply(settings, plan, files, clock=clock,
                       problems=(*registered, *cleaner.problems),
                       should_stop=lambda: should_stop() or cleaner.lost(),
-                      collect_lock_files=cleaner.leading)  # fmt: skip
+                      collect_lock_files=cleaner.leading,
+                      upstream=inventory.upstream)  # fmt: skip
         return _after(settings, done, inventory, fresh, cleaner, now=clock.wall(), since=now)
 
 
@@ -250,13 +258,17 @@ def _apply(
     should_stop: Callable[[], bool],
     housekeeping: bool = True,
     collect_lock_files: bool = True,
+    upstream: Upstream | None = None,
 ) -> Report:
     from imagecache import executor  # only what acts loads it: plan and status never do
+
+    def again() -> Inventory:
+        return observe(settings, inventory_files=files, now=clock.wall(), listed=(upstream,))
 
     done = executor.apply(
         plan,
         layout=settings.layout,
-        observe=lambda: observe(settings, inventory_files=files, now=clock.wall()),
+        observe=again,
         policy=settings.policy,
         clock=clock,
         audit=AuditLog(settings.clean.audit_log, host=settings.host),
@@ -296,7 +308,8 @@ def run_pass(
             plan = policy.touch_only(plan)  # another host cleans the storage now
         done = _apply(settings, plan, files, clock=clock, problems=registered,
                       should_stop=lambda: should_stop() or cleaner.lost(),
-                      collect_lock_files=cleaner.leading)  # fmt: skip
+                      collect_lock_files=cleaner.leading,
+                      upstream=inventory.upstream)  # fmt: skip
         done = _after(settings, done, inventory, plan, cleaner, now=clock.wall(), since=now)
     _forget_removed(settings, done, now=clock.wall())
     return plan, done
