@@ -394,8 +394,11 @@ def test_a_cleaner_killed_mid_pass_is_taken_over_and_nothing_is_half_done(
     while (p.cache / names[-1]).exists():  # the killed cleaner's lock expires after its TTL
         assert time.monotonic() < deadline, "host A never took over"
         p.old(names[-1])
-        code, _, err = p.nodes["ha"].run("clean")
-        assert code == 0, err
+        code, doc, err = p.nodes["ha"].run("clean")
+        # Exit 0, or 1 only for a lock lost on the way (a loaded machine can let a 2 s lease
+        # lapse): removals stop, the next pass goes on.
+        lost = {q["code"] for q in doc.get("problems", []) if q["blocking"]}
+        assert code == 0 or (code == 1 and lost == {"coordination-unavailable"}), err
         time.sleep(0.3)
     left = {q.name for q in p.cache.iterdir()} - {".imagecache"}
     assert left == set(), left  # no temp file, nothing of B's half-way
