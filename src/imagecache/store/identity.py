@@ -46,7 +46,7 @@ def storage_id(layout: Layout) -> str:
             pass  # another host made it first: theirs it is
         finally:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp, dir_fd=fd)
+                fsops.remove(temp, dir_fd=fd)
         fsops.fsync_dir(fd)
         return _read(fd)
     finally:

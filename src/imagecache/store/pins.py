@@ -206,7 +206,7 @@ def _drop_dead_temps(dir_fd: int) -> None:
         if _TEMP.fullmatch(name):
             with contextlib.suppress(OSError):
                 if stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-                    os.unlink(name, dir_fd=dir_fd)
+                    fsops.remove(name, dir_fd=dir_fd)
 
 
 def _encode(pins: tuple[Pin, ...]) -> bytes:
