@@ -22,6 +22,7 @@ from imagecache.errors import UsageError
 from imagecache.model import (
     CacheEntry,
     FileType,
+    FsUsage,
     Integrity,
     Kind,
     Problem,
@@ -213,8 +214,7 @@ class Capacity:
     def used_percent(self) -> float | None:
         if self.fs_used_bytes is None or self.fs_available_bytes is None:
             return None
-        total = self.fs_used_bytes + self.fs_available_bytes
-        return 100.0 * self.fs_used_bytes / total if total > 0 else 0.0
+        return FsUsage(self.fs_used_bytes, self.fs_available_bytes).used_percent
 
 
 @dataclass(frozen=True, slots=True)
