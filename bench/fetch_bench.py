@@ -51,6 +51,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from plan_bench import child_env
+
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 
@@ -216,6 +218,7 @@ def bench_size(work: Path, endpoint: str, osc: Path, size_mib: int, runs: int) -
         f"[glance]\napi_servers = {endpoint}\n"
     )
     cli = [sys.executable, "-m", "imagecache", "--config-file", str(conf), "precache"]
+    env = child_env(work)  # our children have their bytecode, as an installed package has
     # No Keystone in front of the test Glance: keystoneauth's "none" plugin with its endpoint.
     save = [str(osc), "--os-auth-type", "none", "--os-endpoint", endpoint, "image", "save"]
 
@@ -247,13 +250,13 @@ def bench_size(work: Path, endpoint: str, osc: Path, size_mib: int, runs: int) -
             "with c.open_stream(sys.argv[2]) as chunks:\n"
             "    for chunk in chunks: os.write(fd, chunk)\n"
         )
-        return child([sys.executable, "-c", code, endpoint, image_id, os.devnull])
+        return child([sys.executable, "-c", code, endpoint, image_id, os.devnull], env=env)
 
     def curl_null() -> int:
         return child(["curl", "-sf", "-o", os.devnull, url])
 
     def precache() -> int:
-        return child([*cli, image_id])
+        return child([*cli, image_id], env=env)
 
     runners = {
         "curl": curl, "sync": curl_sync, "sha": curl_sha, "osc1m": osc_1m,
