@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 
 _IN_ACCESS = 0x00000001  # a read
+_IN_CLOSE_NOWRITE = 0x00000010
 _IN_OPEN = 0x00000020
 _IN_MOVED_TO = 0x00000080
 _IN_CREATE = 0x00000100
@@ -34,7 +35,10 @@ class OpenWatch:
     def __enter__(self) -> OpenWatch:
         self._fd = _check(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
         for path in self._paths:
-            wd = _check(_libc.inotify_add_watch(self._fd, os.fsencode(path), self._mask))
+            # Closes are watched too, only so that two opens in a row are two events: the kernel
+            # merges an event identical to the one queued before it.
+            mask = self._mask | _IN_CLOSE_NOWRITE
+            wd = _check(_libc.inotify_add_watch(self._fd, os.fsencode(path), mask))
             self._by_wd[wd] = path
         return self
 
@@ -48,7 +52,11 @@ class OpenWatch:
 
     def opened(self) -> set[Path]:
         """The watched paths opened since the watch started (or since the last call)."""
-        found: set[Path] = set()
+        return set(self.events())
+
+    def events(self) -> list[Path]:
+        """The watched path of every open (or read) since the start or the last call, in order."""
+        found: list[Path] = []
         while True:
             try:
                 data = os.read(self._fd, 65536)
@@ -59,7 +67,7 @@ class OpenWatch:
                 wd, mask, _, length = _EVENT.unpack_from(data, at)
                 at += _EVENT.size + length
                 if mask & self._mask:
-                    found.add(self._by_wd[wd])
+                    found.append(self._by_wd[wd])
 
 
 class DirWatch:

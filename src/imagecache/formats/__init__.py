@@ -14,7 +14,7 @@ from imagecache.formats.chain import (
     stat_names,
 )
 from imagecache.formats.header import HEAD_BYTES, Extent, ImageHeader
-from imagecache.formats.probe import parse_header, read_header, read_header_stat
+from imagecache.formats.probe import parse_header, read_header, read_header_data, read_header_stat
 
 __all__ = [
     "DATA_FILE",
@@ -28,6 +28,7 @@ __all__ = [
     "follow_chain",
     "parse_header",
     "read_header",
+    "read_header_data",
     "read_header_stat",
     "resolve_chain",
     "stat_names",

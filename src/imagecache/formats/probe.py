@@ -9,7 +9,7 @@ from imagecache.errors import UnsafeImageError
 from imagecache.formats import qcow2, vmdk
 from imagecache.formats.header import HEAD_BYTES, RAW, ByteSource, ImageHeader, ReadAt
 
-__all__ = ["parse_header", "read_header", "read_header_stat"]
+__all__ = ["parse_header", "read_header", "read_header_data", "read_header_stat"]
 
 # O_NONBLOCK: opening a FIFO must not wait for a writer. O_NOCTTY: opening a tty must not make it
 # our controlling terminal. Neither changes how regular files or block devices are read.
@@ -68,16 +68,29 @@ def read_header_stat(path: str | os.PathLike[str]) -> tuple[ImageHeader, os.stat
     from a header, ``stat`` first (as :class:`~imagecache.formats.chain.HeaderCache` does).
     Raises as :func:`read_header`.
     """
+    header, st, _ = read_header_data(path)
+    return header, st
+
+
+def read_header_data(
+    path: str | os.PathLike[str],
+) -> tuple[ImageHeader, os.stat_result, bytes]:
+    """:func:`read_header_stat`, with the first bytes that were read (b"" for what is not read).
+
+    The whole file when it is short (a ``disk.info``): the scan reads every file of an instance
+    directory anyway, and this saves opening the small ones a second time.
+    """
     fd = os.open(path, _OPEN_FLAGS)
     try:
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            return RAW, st
+            return RAW, st, b""
         data = os.read(fd, _FIRST_READ)
         if data[:4] == qcow2.MAGIC and (header := qcow2.parse_common(data)) is not None:
-            return header, st  # nearly every instance disk (see tests/test_fastpath.py)
+            return header, st, data  # nearly every instance disk (see tests/test_fastpath.py)
         if len(data) == _FIRST_READ and data[:4] not in _BINARY_MAGICS:
             data += os.read(fd, HEAD_BYTES - _FIRST_READ)
-        return parse_header(data, read_at=lambda offset, length: os.pread(fd, length, offset)), st
+        header = parse_header(data, read_at=lambda offset, length: os.pread(fd, length, offset))
+        return header, st, data
     finally:
         os.close(fd)

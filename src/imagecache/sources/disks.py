@@ -7,13 +7,14 @@ parsed makes the view incomplete (so nothing is removed) and the scan goes on.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Container, Iterator
 
 from imagecache import naming
 from imagecache.errors import ImageFormatError
-from imagecache.formats import DATA_FILE, BackingChain, follow_chain, read_header_stat, stat_names
+from imagecache.formats import DATA_FILE, BackingChain, follow_chain, read_header_data, stat_names
 from imagecache.formats.chain import HeaderCache
 from imagecache.layout import CACHE_PREFIX, DISK_INFO, Layout
 from imagecache.model import Disk, Kind, Problem, ProblemCode
@@ -207,10 +208,15 @@ class _Scan:
                 files.append(entry)  # an LVM or loop device as a disk: read as qemu reads it
             # Anything else (a FIFO, a character device, a socket) is never opened.
         guest = _GuestWritten(path, {f.name for f in files})
-        for entry in files:
-            disk, problem = _inspect_disk(
+        # disk.info first, whose bytes (read as any file's header) say which disks are raw; the
+        # results are kept in name order all the same.
+        found: list[tuple[Disk | None, Problem | None]] = [(None, None)] * len(files)
+        for i in sorted(range(len(files)), key=lambda i: files[i].name != DISK_INFO):
+            entry = files[i]
+            found[i] = _inspect_disk(
                 entry.path, instance, self.headers, guest=guest, layout=self.layout, entry=entry,
             )  # fmt: skip
+        for disk, problem in found:
             if disk is not None:
                 self.disks.append(disk)
             if problem is not None:
@@ -302,15 +308,34 @@ class _GuestWritten(Container[str]):
     The console log, and every disk ``disk.info`` records as raw (Nova writes it when it creates
     the disk and drives libvirt's format from it, so a guest cannot change it; bug 1221190). An
     unreadable or malformed ``disk.info`` protects nothing: the headers are then believed. It is
-    read only when a question needs it, once per directory (most directories have one).
+    parsed only when a question needs it, once per directory (most directories have one), from
+    the bytes its header read gave (:meth:`offer`) when those are the whole of the file listed,
+    else read again as JSON.
     """
 
-    __slots__ = ("_directory", "_has_info", "_raw")
+    __slots__ = ("_directory", "_has_info", "_info", "_raw")
 
     def __init__(self, directory: str, names: Container[str]) -> None:
         self._directory = directory
         self._has_info = DISK_INFO in names
+        self._info: bytes | None = None
         self._raw: frozenset[str] | None = None
+
+    def offer(self, entry: os.DirEntry[str], st: os.stat_result, data: bytes) -> None:
+        """What reading ``entry``'s header gave: the whole ``disk.info``, maybe.
+
+        Taken only from the regular file listed under that name (not a symlink: the JSON reader
+        never follows one; the inode opened is the one listed, so nothing was swapped in) when
+        the read got all of it; anything else is read again as JSON, as before.
+        """
+        if (
+            entry.name == DISK_INFO
+            and entry.is_file(follow_symlinks=False)
+            and stat.S_ISREG(st.st_mode)
+            and st.st_ino == entry.inode()
+            and len(data) == st.st_size
+        ):
+            self._info = data
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
@@ -318,7 +343,12 @@ class _GuestWritten(Container[str]):
         if name.startswith(_CONSOLE_LOG) and (name == _CONSOLE_LOG or name[11] == "."):
             return True
         if self._raw is None:
-            self._raw = _raw_per_disk_info(self._directory) if self._has_info else frozenset()
+            if not self._has_info:
+                self._raw = frozenset()
+            elif self._info is not None:
+                self._raw = _raw_per_info(_parse_info(self._info))
+            else:
+                self._raw = _raw_per_disk_info(self._directory)
         return name in self._raw
 
 
@@ -327,6 +357,18 @@ def _raw_per_disk_info(directory: str) -> frozenset[str]:
         info = read_json(os.path.join(directory, DISK_INFO), max_bytes=_DISK_INFO_MAX)
     except JsonFileError:
         return frozenset()
+    return _raw_per_info(info)
+
+
+def _parse_info(data: bytes) -> object:
+    """``disk.info``'s bytes as :func:`read_json` takes them: UTF-8 JSON, else nothing."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
+def _raw_per_info(info: object) -> frozenset[str]:
     if not isinstance(info, dict):
         return frozenset()
     return frozenset(os.path.basename(str(k)) for k, v in info.items() if v == "raw")
@@ -415,7 +457,7 @@ def _inspect_disk(
     if declared is not _UNDECLARED and declared in (None, "raw"):
         guest = frozenset({name})
     try:
-        header, st = read_header_stat(path)
+        header, st, data = read_header_data(path)
     except FileNotFoundError:
         message = "vanished while the instance was scanned"
         return None, Problem(ProblemCode.DISK_VANISHED, path, message)
@@ -426,6 +468,8 @@ def _inspect_disk(
         problem = Problem(ProblemCode.HEADER_GARBAGE, path, f"unparsable image header: {exc}")
         return None, _excused(problem, name, guest)
     if not header.is_disk_image:
+        if isinstance(guest, _GuestWritten) and entry is not None:
+            guest.offer(entry, st, data)
         return _raw_disk(path, instance, st, entry), None
     if declared is not _UNDECLARED and header.format != declared:
         guest = frozenset({name})
