@@ -220,8 +220,61 @@ def test_unset_my_ip_and_host_interpolate_real_values(tmp_path: Path) -> None:
     # `_base_$my_ip` with no my_ip must name the real per-host cache, never "_base_".
     s = load_settings([conf(tmp_path, "[image_cache]\nsubdirectory_name = _base_$my_ip\n"
                                       "[DEFAULT]\nstate_path = /srv/$host\n")])  # fmt: skip
-    assert s.cache_dir.startswith(s.instances_path + "/_base_")
+    assert s.cache_dir == f"{s.instances_path}/_base_{_machine_ip()}"
     assert s.host and s.instances_path == f"/srv/{s.host}/instances"
+
+
+def _machine_ip() -> str:
+    from oslo_utils import netutils
+
+    ip = str(netutils.get_my_ipv4())
+    assert ip
+    return ip
+
+
+@pytest.mark.parametrize(
+    ("text", "env"),
+    [
+        ("[image_cache]\nsubdirectory_name = _base_${my_ip}\n", {}),
+        # through the environment, which oslo.config reads as a source of its own
+        ("[DEFAULT]\n", {"OS_IMAGE_CACHE__SUBDIRECTORY_NAME": "_base_$my_ip"}),
+    ],
+)
+def test_my_ip_is_found_however_a_value_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, env: dict[str, str]
+) -> None:
+    # Finding the address is skipped when nothing names it: nothing that names it may be missed.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    s = load_settings([conf(tmp_path, text)])
+    assert s.cache_dir == f"{s.instances_path}/_base_{_machine_ip()}"
+
+
+def test_my_ip_named_by_another_option_is_found(tmp_path: Path) -> None:
+    s = load_settings([conf(tmp_path, "[DEFAULT]\nstate_path = /srv/$my_ip\n")])
+    assert s.instances_path == f"/srv/{_machine_ip()}/instances"
+
+
+def test_my_ip_in_a_config_dir_is_found(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    conf(tmp_path / "d", "[image_cache]\nsubdirectory_name = _base_$my_ip\n", "10-cache.conf")
+    s = load_settings([conf(tmp_path, "[DEFAULT]\n")], [str(tmp_path / "d")])
+    assert s.cache_dir == f"{s.instances_path}/_base_{_machine_ip()}"
+
+
+def test_the_address_is_not_looked_up_when_nothing_names_it(tmp_path: Path) -> None:
+    # psutil (through oslo_utils.netutils) is the most costly import of a pass that needs no IP.
+    path = conf(tmp_path, "[DEFAULT]\nhost = h1\n[image_cache]\nsubdirectory_name = _base\n")
+    code = (
+        "import sys\nfrom imagecache.config import load_settings\n"
+        f"load_settings([{path!r}])\n"
+        "print(sorted(m for m in ('psutil', 'oslo_utils.netutils') if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
+    argv = [sys.executable, "-c", code]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_inventory_files_option(tmp_path: Path) -> None:

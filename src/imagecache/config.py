@@ -750,16 +750,19 @@ def load_settings(
         raise ConfigError(f"configuration error: {exc}") from exc
     except (OSError, UnicodeDecodeError) as exc:  # a directory, EACCES, a file not in UTF-8
         raise ConfigError(f"cannot read configuration: {_unreadable(exc)}") from exc
-    _warn_unknown(_files_read(config_files, config_dirs))
+    raw = _raw_files(_files_read(config_files, config_dirs))
+    _warn_unknown(raw)
     if instances_path is not None:
         conf.set_override("instances_path", instances_path)
     if host is not None:
         conf.set_override("host", host)
     # Defaults that need the machine, set before any option is read: `_base_$my_ip` must
-    # interpolate the real address, not an empty string.
+    # interpolate the real address, not an empty string. Finding the address costs more than
+    # the rest of reading the configuration (oslo_utils.netutils imports psutil): it is looked up
+    # only when some value may name it.
     if conf.host is None:
         conf.set_default("host", socket.gethostname())
-    if conf.my_ip is None:
+    if conf.my_ip is None and _may_name_my_ip(raw, (instances_path, host)):
         conf.set_default("my_ip", _default_ip())
 
     sections = (*_SECTIONS, "layout", "libvirt", "coordination", "")
@@ -783,7 +786,7 @@ def load_settings(
         # Three passes missed (an interval of 0 means a pass a minute).
         fields["policy"]["peer_stale_seconds"] = 3 * (daemon["manager_interval"] or 60)
     cache_name = fields["layout"]["cache_name"]
-    fields["layout"]["cache_per_host"] = _cache_per_host(_files_read(config_files, config_dirs))
+    fields["layout"]["cache_per_host"] = _cache_per_host(raw)
     if not naming.valid_entry_name(cache_name):
         raise ConfigError(
             "[image_cache] subdirectory_name: must be a directory name under instances_path, "
@@ -859,7 +862,25 @@ def _files_read(config_files: Sequence[str], config_dirs: Sequence[str]) -> list
     return found
 
 
-def _warn_unknown(paths: Sequence[str]) -> None:
+_RawFile = dict[str, dict[str, list[str]]]  # section -> option -> its values, in file order
+
+
+def _raw_files(paths: Sequence[str]) -> list[tuple[str, _RawFile]]:
+    """Each file oslo.config read, parsed once more as text, before interpolation: what the
+    checks below ask of the option text itself. A file it cannot parse is left out (oslo.config
+    already read or refused it)."""
+    found = []
+    for path in paths:
+        sections: _RawFile = {}
+        try:
+            cfg.ConfigParser(path, sections).parse()
+        except (OSError, UnicodeDecodeError, cfg.ParseError):
+            continue
+        found.append((path, sections))
+    return found
+
+
+def _warn_unknown(files: Sequence[tuple[str, _RawFile]]) -> None:
     """Warn about options in ``[imagecache]`` that no option declares: typos, most likely.
 
     Nova's groups are shared with nova-compute, so options imagecache does not read are expected
@@ -868,12 +889,7 @@ def _warn_unknown(paths: Sequence[str]) -> None:
     """
     options = (*_OPTIONS, *_LIBVIRT_OPTIONS, _COORDINATION_OPTION)
     known = sorted(o.opt.dest for o in options if o.group == "imagecache")
-    for path in paths:
-        sections: dict[str, dict[str, list[str]]] = {}
-        try:
-            cfg.ConfigParser(path, sections).parse()
-        except (OSError, UnicodeDecodeError, cfg.ParseError):
-            continue  # oslo.config itself already read or refused it
+    for path, sections in files:
         for name in sorted(sections.get("imagecache", {})):
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1)
@@ -881,20 +897,26 @@ def _warn_unknown(paths: Sequence[str]) -> None:
                 LOG.warning("%s: [imagecache] %s is not an imagecache option%s", path, name, hint)
 
 
+def _may_name_my_ip(files: Sequence[tuple[str, _RawFile]], overrides: Sequence[str | None]) -> bool:
+    """Whether any value could interpolate ``$my_ip``: a file's, an override's, or one given
+    through the environment (oslo.config reads ``OS_<GROUP>__<OPTION>``). Any mention at all
+    counts, however it is spelt; missing one would name a cache ``_base_`` on every host."""
+    texts = [v for _, sections in files for opts in sections.values() for vs in opts.values()
+             for v in vs]  # fmt: skip
+    texts += [v for v in overrides if v is not None]
+    texts += [v for k, v in os.environ.items() if k.startswith("OS_")]
+    return any("my_ip" in text for text in texts)
+
+
 _PER_HOST = re.compile(r"\$\{?(my_ip|host)\b")
 
 
-def _cache_per_host(paths: Sequence[str]) -> bool:
+def _cache_per_host(files: Sequence[tuple[str, _RawFile]]) -> bool:
     """Whether the cache's name is made per host (``_base_$my_ip``): then the hosts of
     ``compute_nodes`` share the instances path but not this cache. Read from the raw option
     text (the last file that sets it wins, as for oslo.config), before interpolation."""
     raw: str | None = None
-    for path in paths:
-        sections: dict[str, dict[str, list[str]]] = {}
-        try:
-            cfg.ConfigParser(path, sections).parse()
-        except (OSError, UnicodeDecodeError, cfg.ParseError):
-            continue
+    for _, sections in files:
         for group, name in (("DEFAULT", "image_cache_subdirectory_name"),
                             ("image_cache", "subdirectory_name")):  # fmt: skip
             values = sections.get(group, {}).get(name)
