@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import hashlib
 import itertools
@@ -138,6 +139,34 @@ def test_raw_image_is_cached_byte_exact_once_then_touched(
     again = ensure_cached(image_id, source=glance, options=opts)
     assert again.outcome is Result.EXISTING and got.path.stat().st_mtime > 1000
     assert glance_server.downloads(image_id) == 1
+
+
+@pytest.mark.glance
+def test_a_download_asks_glance_for_the_metadata_once(
+    glance: GlanceClient, glance_server: GlanceServer, tmp_path: Path
+) -> None:
+    image_id = glance_server.upload(pattern(MIB))
+    asked = glance_server.access_log.read_text().count(f"GET /v2/images/{image_id} ")  # upload's
+    got = ensure_cached(image_id, source=glance, options=options(tmp_path))
+    assert got.outcome is Result.CACHED
+    log = glance_server.access_log.read_text()
+    asked = log.count(f"GET /v2/images/{image_id} ") - asked
+    assert (asked, glance_server.downloads(image_id)) == (1, 1)
+
+
+@pytest.mark.glance
+def test_a_status_given_with_the_stream_is_the_one_checked(
+    glance: GlanceClient, glance_server: GlanceServer
+) -> None:
+    # What the caller just read is what decides: a deactivated image is not downloaded.
+    image_id = glance_server.upload(pattern(MIB))
+    meta = glance.get(image_id)
+    gone = dataclasses.replace(meta, status="deactivated")
+    with pytest.raises(ImageUnavailable, match="deactivated"), glance.open_stream(image_id, gone):
+        pass
+    assert glance_server.downloads(image_id) == 0
+    with glance.open_stream(image_id, meta) as chunks:
+        assert b"".join(chunks) == pattern(MIB)
 
 
 @pytest.mark.glance

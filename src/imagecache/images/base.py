@@ -65,9 +65,12 @@ class ImageSource(Protocol):
         """Metadata; raises ImageNotFound, ImageServiceUnreachable or ImageServiceError."""
         ...
 
-    def open_stream(self, image_ref: str) -> AbstractContextManager[Iterator[bytes]]:
+    def open_stream(
+        self, image_ref: str, meta: ImageMeta | None = None
+    ) -> AbstractContextManager[Iterator[bytes]]:
         """The image's bytes in chunks of at most CHUNK_SIZE; raises as ``get``, and
-        ImageUnavailable when the image exists but has no downloadable data."""
+        ImageUnavailable when the image exists but has no downloadable data. ``meta``: what
+        ``get`` just gave for it, so as not to ask the service again."""
         ...
 
     def close(self) -> None: ...

@@ -218,7 +218,7 @@ def _prepared(
     try:
         with fsops.temp_file(options.cache_dir, name) as (temp, stream):
             made.append(temp)
-            with source.open_stream(image_ref) as chunks:
+            with source.open_stream(image_ref, meta) as chunks:
                 digest = _copy_verified(chunks, stream, meta, on_bytes=on_bytes)
         found = admission.check_format(
             temp, claimed=meta.disk_format, vmdk_allowed_types=options.vmdk_allowed_types

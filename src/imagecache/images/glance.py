@@ -199,14 +199,18 @@ class GlanceClient:
             return _image_meta(resp.json(), what)
 
     @contextlib.contextmanager
-    def open_stream(self, image_ref: str) -> Iterator[Iterator[bytes]]:
+    def open_stream(
+        self, image_ref: str, meta: ImageMeta | None = None
+    ) -> Iterator[Iterator[bytes]]:
         """The image's bytes, in chunks of at most CHUNK_SIZE, streamed from Glance.
 
         Raises as :meth:`get`, and ImageUnavailable when the image is not ``active``
-        (deactivated, queued, saving, killed). Status is checked in the metadata, not by the
-        download's HTTP code: Glance lets admin contexts download deactivated images.
+        (deactivated, queued, saving, killed). Status is checked in the metadata (``meta``, when
+        the caller has just read it: one request less per download), not by the download's HTTP
+        code: Glance lets admin contexts download deactivated images.
         """
-        meta = self.get(image_ref)
+        if meta is None:
+            meta = self.get(image_ref)
         what = f"glance image {image_ref}"
         if meta.status != "active":
             raise ImageUnavailable(f"{what} is {meta.status}, not active")

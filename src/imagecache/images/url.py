@@ -86,8 +86,11 @@ class UrlSource:
         return ImageMeta(id=image_ref, status="active", name=name, size=size)
 
     @contextlib.contextmanager
-    def open_stream(self, image_ref: str) -> Iterator[Iterator[bytes]]:
-        """The URL's bytes in chunks of at most CHUNK_SIZE; raises as :meth:`get`."""
+    def open_stream(
+        self, image_ref: str, meta: ImageMeta | None = None
+    ) -> Iterator[Iterator[bytes]]:
+        """The URL's bytes in chunks of at most CHUNK_SIZE; raises as :meth:`get`. A URL has
+        no metadata but its size: ``meta`` changes nothing."""
         what = redacted(image_ref)
         if url_scheme(image_ref) == "file":
             with mapped(what):
