@@ -1,7 +1,5 @@
 """``python -m imagecache``: the command line."""
 
-import sys
+from imagecache.cli import run
 
-from imagecache.cli import main
-
-sys.exit(main())
+run()
