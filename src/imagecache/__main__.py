@@ -1,5 +1,7 @@
 """``python -m imagecache``: the command line."""
 
-from imagecache.cli import run
+import sys
 
-run()
+from imagecache.cli import main
+
+sys.exit(main())

@@ -601,51 +601,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     return parser, commands
 
 
-def run() -> None:
-    """The ``imagecache`` command (``python -m imagecache`` too): :func:`main`, then exit.
-
-    After a command that changes nothing (``plan``, ``status``, ...) the interpreter is not
-    torn down: with its output flushed and its log handlers closed, it exits at once
-    (``os._exit``). Freeing one by one the hundreds of thousands of values a big host's plan
-    holds does nothing and cost a measurable part of ``plan`` (README, Benchmark). A command
-    that acts exits the usual way, so that no ``atexit`` work of a library is skipped.
-    """
-    sys.exit(main(exit_at_once=True))
-
-
-def main(
-    argv: Sequence[str] | None = None,
-    *,
-    clock: Callable[[], float] = time.time,
-    exit_at_once: bool = False,
-) -> int:
-    """Run the command line; ``clock`` is the one clock every command reads (tests pass theirs).
-
-    ``exit_at_once``: after a read-only command, leave the process from here (see :func:`run`).
-    """
+def main(argv: Sequence[str] | None = None, *, clock: Callable[[], float] = time.time) -> int:
+    """Run the command line; ``clock`` is the one clock every command reads (tests pass theirs)."""
     parser, commands = build_parser()
     args = parser.parse_args(argv)
-    code = _dispatch(args, commands, clock)
-    if exit_at_once and args.command in _READ_ONLY:
-        _exit_at_once(code)
-    return code
-
-
-def _exit_at_once(code: int) -> None:
-    """Leave now, without the interpreter's teardown, once everything written is out; when the
-    output cannot be flushed (a closed pipe), return: the usual exit reports it as before."""
-    logging.shutdown()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        return
-    os._exit(code)
-
-
-def _dispatch(
-    args: argparse.Namespace, commands: dict[str, Command], clock: Callable[[], float]
-) -> int:
     _tolerant(sys.stdout)
     _tolerant(sys.stderr)
     handler = logging.StreamHandler(sys.stderr)
