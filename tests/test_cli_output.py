@@ -3,15 +3,19 @@ goes away, one line on stderr and status 1. Real processes, real pipes."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from imagecache import naming
+from imagecache import cli, naming
 from tests.test_executor import make_host, put
 
 NOW_AGE = 30 * 86400.0
@@ -69,3 +73,25 @@ def test_a_closed_pipe_still_ends_the_command(tmp_path: Path, command: str) -> N
     assert done.returncode == 1
     assert "standard output closed by its reader" in done.stderr
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+
+
+def _collector_while_running(argv: list[str]) -> set[bool]:
+    """Whether the cyclic collector was enabled, each time the command read the clock."""
+    seen: set[bool] = set()
+
+    def clock() -> float:
+        seen.add(gc.isenabled())
+        return time.time()
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        cli.main(argv, clock=clock)
+    return seen
+
+
+def test_a_read_only_command_runs_without_the_cyclic_collector(tmp_path: Path) -> None:
+    config = str(_host_with_entries(tmp_path, 20))
+    assert gc.isenabled()
+    assert _collector_while_running(["--config-file", config, "plan", "--json"]) == {False}
+    assert gc.isenabled()  # and it is back after
+    # A command that acts (it may run for hours) collects as usual, but for its passes.
+    assert True in _collector_while_running(["--config-file", config, "clean", "--json"])

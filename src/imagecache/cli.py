@@ -615,27 +615,32 @@ def main(argv: Sequence[str] | None = None, *, clock: Callable[[], float] = time
         # oslo.config warns once per deprecated option name on every run: with an older
         # nova.conf that is cron mail from every hypervisor. Shown with -v.
         logging.getLogger("oslo_config.cfg").setLevel(logging.ERROR)
-    try:
-        settings = _load(args)
-        _oslo_logging(args, settings)
-        ctx = Context(
-            settings=settings,
-            args=args,
-            inventory_files=tuple(args.inventory or ()),
-            clock=Clock(wall=clock, monotonic=time.monotonic, sleep=time.sleep),
-        )
-        return commands[args.command](ctx)
-    except ImageCacheError as exc:
-        return _fail(args, str(exc), exc.exit_code)
-    except OSError as exc:
-        # The library maps what it expects; anything else at the edge is still one clear line
-        # (say, `plan -o` into a directory that does not exist), never a traceback.
-        where = f": {exc.filename}" if exc.filename else ""
-        return _fail(args, f"{exc.strerror or exc}{where}", 1)
-    except KeyboardInterrupt:
-        # Every mutation is atomic and each lock is released on the way out: what was done is
-        # in the audit log, nothing is half done.
-        return _fail(args, "interrupted (actions already taken are in the audit log)", 130)
+    # A read-only command is short and its values (a plan's) are acyclic: the collector would
+    # walk them again and again for nothing (measured: 14 % of a big host's plan). A command
+    # that acts may run for hours (a throttled clean, the daemon): it collects as usual.
+    paused = manager.cyclic_gc_paused() if args.command in _READ_ONLY else contextlib.nullcontext()
+    with paused:
+        try:
+            settings = _load(args)
+            _oslo_logging(args, settings)
+            ctx = Context(
+                settings=settings,
+                args=args,
+                inventory_files=tuple(args.inventory or ()),
+                clock=Clock(wall=clock, monotonic=time.monotonic, sleep=time.sleep),
+            )
+            return commands[args.command](ctx)
+        except ImageCacheError as exc:
+            return _fail(args, str(exc), exc.exit_code)
+        except OSError as exc:
+            # The library maps what it expects; anything else at the edge is still one clear line
+            # (say, `plan -o` into a directory that does not exist), never a traceback.
+            where = f": {exc.filename}" if exc.filename else ""
+            return _fail(args, f"{exc.strerror or exc}{where}", 1)
+        except KeyboardInterrupt:
+            # Every mutation is atomic and each lock is released on the way out: what was done is
+            # in the audit log, nothing is half done.
+            return _fail(args, "interrupted (actions already taken are in the audit log)", 130)
 
 
 def _load(args: argparse.Namespace) -> Settings:

@@ -125,8 +125,9 @@ def config_problems(settings: Settings) -> tuple[Problem, ...]:
 
 
 @contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a pass builds its values.
+def cyclic_gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a pass builds its values (and, on the command
+    line, for the whole of a read-only command: rendering the plan is the same values).
 
     A pass on a large host allocates a few hundred thousand small, acyclic, immutable values;
     the collector finds nothing among them yet spends about a fifth of the pass walking them.
@@ -154,7 +155,7 @@ def _observe_and_decide(
     members: tuple[str, ...] | None = None,
     extra: tuple[Problem, ...] = (),
 ) -> tuple[Inventory, Plan]:
-    with _cyclic_gc_paused():
+    with cyclic_gc_paused():
         inventory = observe(settings, inventory_files=files, now=now, members=members)
         if extra:
             inventory = dataclasses.replace(inventory, problems=(*inventory.problems, *extra))
