@@ -18,6 +18,7 @@ from imagecache.formats import DATA_FILE, BackingChain, follow_chain, read_heade
 from imagecache.formats.chain import HeaderCache
 from imagecache.layout import CACHE_PREFIX, DISK_INFO, Layout
 from imagecache.model import Disk, Kind, Problem, ProblemCode
+from imagecache.sources import split
 from imagecache.store.jsonfile import JsonFileError, read_json
 
 __all__ = ["MAX_TREE_DEPTH", "disk_of", "inspect_file", "scan_instances"]
@@ -90,7 +91,10 @@ def _dir_id(path: str) -> tuple[int, int] | None:
 
 
 def scan_instances(
-    layout: Layout, *, skip: Container[str] = frozenset()
+    layout: Layout,
+    *,
+    skip: Container[str] = frozenset(),
+    split_at: int | None = split.MIN_DIRECTORIES,
 ) -> tuple[tuple[Disk, ...], tuple[Problem, ...]]:
     """Every disk image under every instance directory, with everything it uses.
 
@@ -126,7 +130,9 @@ def scan_instances(
     other (an external snapshot on a volume not mounted now) hides what lies behind it: blocking.
 
     ``skip``: names of instance directories not scanned (on shared storage, those a live peer
-    owns: its manifest says what their disks use).
+    owns: its manifest says what their disks use). ``split_at``: from how many directories on
+    the second half is scanned by a second process (:mod:`imagecache.sources.split`; None:
+    never); the result is the same either way.
     """
     instances_path = layout.instances_path
     try:
@@ -141,9 +147,23 @@ def scan_instances(
     scan.problems.extend(dir_problems)
     # A disk parked directly in instances_path (not in an instance directory) is a disk too.
     scan.files_of(instances_path, "-")
-    for directory in dirs:
-        if directory.name not in skip:  # shared storage: owned and scanned by a live peer
-            scan.tree(directory.path, directory.name)
+    # Shared storage: a live peer's directories are owned and scanned by it.
+    todo = [d for d in dirs if d.name not in skip]
+    half = len(todo) // 2 if split.worth_splitting(len(todo), at=split_at) else len(todo)
+    first, second = todo[:half], todo[half:]
+    child = split.start(lambda: scan.trees(second)) if second else None
+    entered = set(scan.known)
+    scan.trees(first)
+    found = split.collect(child) if child is not None else None
+    # The child scanned the second half from the state the parent had before the first: what
+    # it found is what the parent would find next, unless the two halves met one directory (a
+    # bind mount in both), which the sequential scan scans once, for the first half.
+    if found is not None and not (found.known & (scan.known - entered)):
+        scan.disks += found.disks
+        scan.problems += found.problems
+        scan.known |= found.known
+    elif second:
+        scan.trees(second)
     return tuple(scan.disks), tuple(scan.problems)
 
 
@@ -169,6 +189,14 @@ class _Scan:
         before = len(self.disks)
         self._directory(path, instance, 0, descend=False)
         self.disks[before:] = [d for d in self.disks[before:] if d.format not in ("raw", "unknown")]
+
+    def trees(self, directories: list[os.DirEntry[str]]) -> split.Found:
+        """:meth:`tree` of each instance directory, in order: what it added (a :class:`Found`)."""
+        disks, problems, entered = len(self.disks), len(self.problems), set(self.known)
+        for directory in directories:
+            self.tree(directory.path, directory.name)
+        added = self.known - entered
+        return split.Found(self.disks[disks:], self.problems[problems:], added)
 
     def tree(self, root: str, instance: str) -> None:
         """Every directory of one instance, depth first in name order, down to the bound."""
