@@ -298,11 +298,15 @@ def summary(decisions: Iterable[Decision], trash: Iterable[TrashDecision] = ()) 
 # exactly (epoch floats as JSON numbers round-trip bit for bit) and read back.
 
 
-def _user(u: User) -> dict[str, str]:
-    out = {"source": str(u.source), "ref": u.ref}
-    if u.detail:
-        out["detail"] = u.detail
-    return out
+def _users(users: Iterable[User]) -> list[dict[str, str]]:
+    # One comprehension for all of an entry's users, not a call per user: a large host has tens
+    # of thousands of them (performance issue 14). ``detail`` is left out when empty.
+    return [
+        {"source": str(u.source), "ref": u.ref, "detail": u.detail}
+        if u.detail
+        else {"source": str(u.source), "ref": u.ref}
+        for u in users
+    ]
 
 
 def problem_to_dict(p: Problem) -> dict[str, Any]:
@@ -351,7 +355,7 @@ def _entry(d: Decision) -> dict[str, Any]:
         "age_seconds": d.age_seconds,
         "threshold_seconds": d.threshold,
         "in_use": d.in_use,
-        "users": [_user(u) for u in d.users],
+        "users": _users(d.users),
         "action": str(d.action),
         "reason": str(d.reason),
         "last_used": iso(d.last_used),
@@ -371,7 +375,7 @@ def _trash(t: TrashDecision) -> dict[str, Any]:
         "inode": e.inode,
         "quarantined_at": iso(e.quarantined_at),
         "quarantined_at_epoch": e.quarantined_at,
-        "users": [_user(u) for u in t.users],
+        "users": _users(t.users),
         "action": str(t.action),
         "reason": str(t.reason),
         "purge_at": iso(t.purge_at),
