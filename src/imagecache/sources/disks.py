@@ -157,7 +157,11 @@ def scan_instances(
     found = split.collect(child) if child is not None else None
     # The child scanned the second half from the state the parent had before the first: what
     # it found is what the parent would find next, unless the two halves met one directory (a
-    # bind mount in both), which the sequential scan scans once, for the first half.
+    # bind mount in both), which the sequential scan scans once, for the first half. ``known``
+    # is the only state that decides what a directory yields (the header cache only saves
+    # reads), and each half adds to it every directory it enters that was not in it: a
+    # directory the parent's half added that the sequential scan would skip in the second half
+    # is one the child entered and added too. No common addition: the same answers throughout.
     if found is not None and not (found.known & (scan.known - entered)):
         scan.disks += found.disks
         scan.problems += found.problems

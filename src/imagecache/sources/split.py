@@ -63,9 +63,21 @@ def worth_splitting(directories: int, *, at: int | None = MIN_DIRECTORIES) -> bo
     """Whether a scan of ``directories`` is split (``at`` None: never), given this process."""
     if at is None or directories < max(2, at):
         return False
-    if threading.active_count() != 1 or not hasattr(os, "fork"):
+    if not hasattr(os, "fork") or not _one_thread():
         return False
-    return len(os.sched_getaffinity(0)) >= 2
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux: the CPUs this process may use
+    return (len(affinity(0)) if affinity is not None else os.cpu_count() or 1) >= 2
+
+
+def _one_thread() -> bool:
+    """Whether this process runs one thread: in Python's count, and the kernel's where it has one
+    (a thread a C library started is in no Python count, and may hold a lock the child needs)."""
+    if threading.active_count() != 1:
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return True  # no /proc: Python's count is all there is
 
 
 def start(scan: Callable[[], Found]) -> Child | None:
