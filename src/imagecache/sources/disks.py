@@ -153,7 +153,12 @@ def scan_instances(
     first, second = todo[:half], todo[half:]
     child = split.start(lambda: scan.trees(second)) if second else None
     entered = set(scan.known)
-    scan.trees(first)
+    try:
+        scan.trees(first)
+    except BaseException:
+        if child is not None:  # an interrupt in the parent's half: no child left behind
+            split.abandon(child)
+        raise
     found = split.collect(child) if child is not None else None
     # The child scanned the second half from the state the parent had before the first: what
     # it found is what the parent would find next, unless the two halves met one directory (a

@@ -23,6 +23,7 @@ encoding, about 1 µs per disk: below :data:`MIN_DIRECTORIES` a second process d
 
 from __future__ import annotations
 
+import contextlib
 import marshal
 import os
 import signal
@@ -33,7 +34,7 @@ from typing import Any
 
 from imagecache.model import Disk, Problem, ProblemCode
 
-__all__ = ["MIN_DIRECTORIES", "Child", "Found", "collect", "start", "worth_splitting"]
+__all__ = ["MIN_DIRECTORIES", "Child", "Found", "abandon", "collect", "start", "worth_splitting"]
 
 #: Fewer instance directories than this are scanned in one process (measured: the fork and the
 #: answer cost about as much as 500 directories' scan; below a few thousand the gain is noise).
@@ -114,6 +115,16 @@ def _child(scan: Callable[[], Found], read_end: int, write_end: int) -> None:
         os._exit(status)
 
 
+def abandon(child: Child) -> None:
+    """End a child whose answer is no longer wanted (the parent's half raised): killed, its
+    pipe closed, reaped, so that neither a zombie nor a child blocked writing is left."""
+    os.close(child.answer)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(child.pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(child.pid, 0)
+
+
 def collect(child: Child) -> Found | None:
     """The child's findings, or None when it failed in any way (the caller scans its half).
 
@@ -122,13 +133,16 @@ def collect(child: Child) -> Found | None:
     chunks = []
     size = 0
     try:
-        while size <= _ANSWER_LIMIT and (chunk := os.read(child.answer, 1 << 20)):
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError:
-        chunks = []
-    finally:
-        os.close(child.answer)
+        try:
+            while size <= _ANSWER_LIMIT and (chunk := os.read(child.answer, 1 << 20)):
+                chunks.append(chunk)
+                size += len(chunk)
+        except OSError:
+            chunks = []
+    except BaseException:  # an interrupt while reading: no child is left behind either
+        abandon(child)
+        raise
+    os.close(child.answer)
     if size > _ANSWER_LIMIT:
         os.kill(child.pid, signal.SIGKILL)
     try:
