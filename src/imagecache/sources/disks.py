@@ -152,9 +152,8 @@ def scan_instances(
     half = len(todo) // 2 if split.worth_splitting(len(todo), at=split_at) else len(todo)
     first, second = todo[:half], todo[half:]
     child = split.start(lambda: scan.trees(second)) if second else None
-    entered = set(scan.known)
     try:
-        scan.trees(first)
+        mine = scan.trees(first)
     except BaseException:
         if child is not None:  # an interrupt in the parent's half: no child left behind
             split.abandon(child)
@@ -167,7 +166,7 @@ def scan_instances(
     # reads), and each half adds to it every directory it enters that was not in it: a
     # directory the parent's half added that the sequential scan would skip in the second half
     # is one the child entered and added too. No common addition: the same answers throughout.
-    if found is not None and not (found.known & (scan.known - entered)):
+    if found is not None and not (found.known & mine.known):
         scan.disks += found.disks
         scan.problems += found.problems
         scan.known |= found.known
